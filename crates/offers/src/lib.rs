@@ -1,1 +1,47 @@
-//! placeholder
+//! Pure domain rules of Clientele's offer and reward engine.
+//!
+//! Nothing in this crate performs I/O: every function takes the state it needs
+//! and returns a value, so the gRPC service and its PostgreSQL store can be
+//! layered on top and tested separately.
+//!
+//! * [`ledger`] — the append-only points ledger ([`ledger::PointsLedger`]):
+//!   accrual in expiring batches, FIFO redemption, expiry, refunds, manual
+//!   adjustments and idempotent command handling.
+//! * [`earning`] — how many points an order or event earns ([`earning::EarningRules`]).
+//! * [`tiers`] — loyalty tier qualification with grace-period downgrades
+//!   ([`tiers::evaluate_tier`]).
+//! * [`catalogue`] — the offer catalogue and its eligibility data.
+//! * [`decision`] — which offers a customer may receive right now ([`decision::decide`]).
+//! * [`money`] — integer money in minor units with an ISO 4217 code.
+//!
+//! Money is never a float: amounts are `i64` minor units, multipliers and
+//! percentages are integer basis points (10 000 = 100 % = ×1.0).
+
+pub mod catalogue;
+pub mod decision;
+pub mod earning;
+pub mod ledger;
+pub mod money;
+pub mod tiers;
+
+pub use money::{CurrencyCode, Money};
+
+/// Any error this crate's rules can return, for callers that want one type.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OffersError {
+    /// A points-ledger command was refused.
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    /// Points could not be computed for an order or event.
+    #[error(transparent)]
+    Earning(#[from] earning::EarningError),
+    /// Tier configuration or history is invalid.
+    #[error(transparent)]
+    Tier(#[from] tiers::TierError),
+    /// The offer catalogue is invalid.
+    #[error(transparent)]
+    Catalogue(#[from] catalogue::CatalogueError),
+    /// A money value was malformed.
+    #[error(transparent)]
+    Money(#[from] money::MoneyError),
+}

@@ -1,0 +1,125 @@
+//! Assembles the services a `--target` names into one gRPC host, in the manner of Grafana
+//! Loki's monolithic (`all`) and microservices (one target per process) modes.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clientele_runtime::Settings;
+use clientele_runtime::db::DatabaseTarget;
+use clientele_runtime::server::{self, Mount};
+use clientele_runtime::settings::TokenConfig;
+
+/// Which services a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// Every service in one process.
+    All,
+    /// IngestService.
+    Ingest,
+    /// ProfileService.
+    Profiles,
+    /// SegmentationService.
+    Segmentation,
+    /// OfferService.
+    Offers,
+    /// ExperimentService.
+    Experiments,
+}
+
+/// Command-line arguments of `clienteled`.
+#[derive(Debug, clap::Parser)]
+#[command(name = "clienteled", version, about = "Clientele server")]
+pub struct Args {
+    /// Services to run.
+    #[arg(long, value_enum, default_value = "all", env = "CLIENTELE_TARGET")]
+    pub target: Target,
+    /// Settings file (TOML). Also `CLIENTELE_CONFIG`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// With no tokens configured on the embedded default, creates a development token with every
+/// scope in `<data_dir>/dev-token` (mode 0600) so a laptop install works out of the box. The
+/// token itself is never logged. With PostgreSQL, tokens must be configured.
+fn ensure_tokens(settings: &mut Settings) -> anyhow::Result<()> {
+    if !settings.tokens.is_empty() {
+        return Ok(());
+    }
+    if settings.database_url.as_deref().is_some_and(|u| !u.starts_with("sqlite:")) {
+        anyhow::bail!("no tokens configured: set `tokens` in the settings file or CLIENTELE_TOKENS");
+    }
+    let path = settings.data_dir.join("dev-token");
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) => t.trim().to_string(),
+        Err(_) => {
+            std::fs::create_dir_all(&settings.data_dir)?;
+            let t = format!("dev-{}", uuid::Uuid::new_v4().simple());
+            std::fs::write(&path, &t)?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            t
+        }
+    };
+    tracing::warn!(path = %path.display(), "no tokens configured; using a development token with every scope");
+    settings.tokens.push(TokenConfig {
+        client: "dev".into(),
+        token: token.clone(),
+        scopes: vec!["*".into()],
+    });
+    if settings.service_token.is_none() {
+        settings.service_token = Some(token);
+    }
+    Ok(())
+}
+
+/// Runs the server until SIGTERM / Ctrl-C.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut settings = Settings::load(args.config.as_deref())?;
+    let _telemetry = clientele_runtime::telemetry::init(
+        &settings,
+        &format!("clientele-{:?}", args.target).to_lowercase(),
+    )?;
+    ensure_tokens(&mut settings)?;
+    let mut mount = Mount::default();
+    let wants = |t: Target| args.target == Target::All || args.target == t;
+    if wants(Target::Profiles) {
+        let target = DatabaseTarget::for_service(&settings, "profiles");
+        clientele_profiles::setup::build(&settings, &target)
+            .await
+            .context("starting the profile service")?
+            .mount(&mut mount);
+    }
+    for (t, name) in [
+        (Target::Ingest, "ingest"),
+        (Target::Segmentation, "segmentation"),
+        (Target::Offers, "offers"),
+        (Target::Experiments, "experiments"),
+    ] {
+        if args.target == t {
+            anyhow::bail!("the {name} service is not part of this build yet");
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(settings.grpc_addr)
+        .await
+        .with_context(|| format!("binding {}", settings.grpc_addr))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_addr = settings.metrics_addr;
+    let mut metrics_stop = stop_rx.clone();
+    let metrics = tokio::spawn(async move {
+        clientele_runtime::metrics::serve(metrics_addr, async move {
+            let _ = metrics_stop.wait_for(|s| *s).await;
+        })
+        .await
+    });
+    let shutdown = async move {
+        server::termination_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    server::serve(&settings, mount, listener, shutdown).await?;
+    metrics.abort();
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,1107 @@
+//! Profile persistence behind one trait, [`ProfileStore`], with one SQL implementation that
+//! runs on PostgreSQL and on SQLite through `sqlx::Any`.
+//!
+//! Concurrency: on PostgreSQL every write transaction first takes transaction-scoped advisory
+//! locks on the identifier keys and profile ids it touches (sorted, so two writers never wait
+//! on each other in a cycle), which is what makes concurrent `resolve` calls on the same
+//! identifiers produce one profile. Changes-feed rows are inserted under one more advisory
+//! lock held until commit, so sequence order is commit order and a feed reader never skips a
+//! change. On SQLite a process-wide mutex serialises write transactions. A deadlock or
+//! serialisation failure reported by PostgreSQL is retried.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use clientele_runtime::db::{Backend, Database};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+use crate::identifiers::{IdentifierHasher, IdentifierKey};
+use crate::model::{
+    AggregateDelta, ApplyOutcome, ChangeKind, ChangeRecord, ConsentRecord, EraseOutcome,
+    IdentifierRecord, ProfileRecord, ResolveOutcome, SpendRecord, TraitRecord, TraitValue,
+};
+use crate::stitching::{self, KnownIdentifier};
+
+/// Most traits one profile may hold.
+pub const MAX_TRAITS_PER_PROFILE: i64 = 256;
+/// Most hops followed through merged-profile aliases.
+const MAX_ALIAS_HOPS: usize = 64;
+/// Advisory lock key serialising changes-feed inserts (PostgreSQL).
+const CHANGES_LOCK: i64 = 0x636c_6e74_6368_6773;
+/// Parameters per statement when looking up many identifiers at once.
+const LOOKUP_CHUNK: usize = 300;
+
+/// Store failures. `NotFound` and `Erased` carry the profile id the caller asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No profile has this id.
+    #[error("profile `{0}` not found")]
+    NotFound(String),
+    /// The profile was erased.
+    #[error("profile `{0}` was erased")]
+    Erased(String),
+    /// A limit on stored data would be exceeded.
+    #[error("{field}: {message}")]
+    Limit {
+        /// The request field responsible.
+        field: &'static str,
+        /// What limit.
+        message: String,
+    },
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Stored data could not be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Db(sqlx::Error::Database(e)) => {
+                matches!(e.code().as_deref(), Some("40P01" | "40001"))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Result type of the store.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Everything ProfileService persists. Implementations must make each call atomic: on error
+/// nothing it would have written is visible.
+#[async_trait]
+pub trait ProfileStore: Send + Sync + std::fmt::Debug {
+    /// Resolves one normalised identifier set (deduplicated, 1..=32 keys).
+    async fn resolve(&self, keys: &[IdentifierKey], now: i64) -> StoreResult<ResolveOutcome>;
+    /// Read-only fast path for batches: for each set, the profile when every identifier is
+    /// already known, not tombstoned-checked, and on one profile; `None` otherwise.
+    async fn resolve_known(&self, sets: &[Vec<IdentifierKey>]) -> StoreResult<Vec<Option<String>>>;
+    /// The profile `id` (or the survivor it merged into).
+    async fn get(&self, id: &str) -> StoreResult<ProfileRecord>;
+    /// Sets and removes traits.
+    async fn update_traits(
+        &self,
+        id: &str,
+        set: &[(String, TraitValue)],
+        remove: &[String],
+        now: i64,
+    ) -> StoreResult<ProfileRecord>;
+    /// Appends a consent decision.
+    async fn record_consent(&self, id: &str, consent: &ConsentRecord, now: i64) -> StoreResult<ProfileRecord>;
+    /// Consent decisions, newest first; `purpose` filters when given.
+    async fn consent_history(&self, id: &str, purpose: Option<i64>) -> StoreResult<Vec<ConsentRecord>>;
+    /// Applies aggregate deltas, each exactly once per key.
+    async fn apply_aggregates(&self, deltas: &[AggregateDelta], now: i64) -> StoreResult<ApplyOutcome>;
+    /// Erases a person and tombstones their identifiers. Idempotent.
+    async fn erase(&self, id: &str, reason: &str, now: i64) -> StoreResult<EraseOutcome>;
+    /// Everything held about a person, as JSON.
+    async fn export(&self, id: &str) -> StoreResult<serde_json::Value>;
+    /// For each set: does any identifier belong to an erased person?
+    async fn any_erased(&self, sets: &[Vec<IdentifierKey>]) -> StoreResult<Vec<bool>>;
+    /// Up to `limit` changes with sequence above `after`, in order.
+    async fn changes_after(&self, after: i64, limit: i64) -> StoreResult<Vec<ChangeRecord>>;
+}
+
+/// The SQL implementation of [`ProfileStore`] for PostgreSQL and SQLite.
+#[derive(Debug, Clone)]
+pub struct SqlProfileStore {
+    db: Database,
+    hasher: IdentifierHasher,
+    cap: i64,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+struct WriteTx<'a> {
+    tx: Tx,
+    _serial: Option<tokio::sync::MutexGuard<'a, ()>>,
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl SqlProfileStore {
+    /// A store over `db`. `hasher` computes tombstone hashes; `max_profiles_per_identifier`
+    /// is the over-merge cap.
+    pub fn new(db: Database, hasher: IdentifierHasher, max_profiles_per_identifier: u32) -> Self {
+        Self {
+            db,
+            hasher,
+            cap: i64::from(max_profiles_per_identifier.max(1)),
+            write_lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    async fn begin_write(&self) -> StoreResult<WriteTx<'_>> {
+        let serial = match self.db.backend {
+            Backend::Sqlite => Some(self.write_lock.lock().await),
+            Backend::Postgres => None,
+        };
+        let tx = self.db.pool.begin().await?;
+        Ok(WriteTx {
+            tx,
+            _serial: serial,
+        })
+    }
+
+    async fn lock(&self, conn: &mut AnyConnection, keys: impl IntoIterator<Item = String>) -> StoreResult<()> {
+        if self.db.backend != Backend::Postgres {
+            return Ok(());
+        }
+        let keys: BTreeSet<String> = keys.into_iter().collect();
+        for k in keys {
+            sqlx::query("SELECT 1 FROM pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(k)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn record_change(
+        &self,
+        conn: &mut AnyConnection,
+        profile_id: &str,
+        kind: ChangeKind,
+        merged: &[String],
+        now: i64,
+    ) -> StoreResult<()> {
+        if self.db.backend == Backend::Postgres {
+            sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
+                .bind(CHANGES_LOCK)
+                .execute(&mut *conn)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(profile_id)
+        .bind(kind as i64)
+        .bind(merged.join(","))
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn bump(&self, conn: &mut AnyConnection, id: &str, now: i64) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "UPDATE profiles SET version = version + 1, updated_at = $1 WHERE id = $2 RETURNING version",
+        )
+        .bind(now)
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn retry<T, F, Fut>(&self, mut f: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match f().await {
+                Err(e) if e.is_retryable() && attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %e, "retrying after lock conflict");
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn resolve_once(&self, keys: &[IdentifierKey], now: i64) -> StoreResult<ResolveOutcome> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        self.lock(conn, keys.iter().map(IdentifierKey::lock_key)).await?;
+        if self.tombstoned(conn, keys).await? {
+            return Ok(ResolveOutcome {
+                erased: true,
+                ..ResolveOutcome::default()
+            });
+        }
+        let found = lookup_identifiers(conn, keys).await?;
+        // Follow aliases and lock the profiles involved until the picture is stable.
+        let mut locked: BTreeSet<String> = BTreeSet::new();
+        let known = loop {
+            let mut known: Vec<Option<KnownIdentifier>> = Vec::with_capacity(keys.len());
+            let mut wanted = BTreeSet::new();
+            for key in keys {
+                match found.get(key) {
+                    Some((pid, links)) => match survivor(conn, pid).await? {
+                        Some(s) if s.erased_at.is_none() => {
+                            wanted.insert(s.id.clone());
+                            known.push(Some(KnownIdentifier {
+                                profile_id: s.id,
+                                profile_created_at: s.created_at,
+                                links: *links,
+                            }));
+                        }
+                        _ => known.push(None),
+                    },
+                    None => known.push(None),
+                }
+            }
+            let new: Vec<String> = wanted.difference(&locked).cloned().collect();
+            if new.is_empty() {
+                break known;
+            }
+            self.lock(conn, new.iter().map(|p| format!("p:{p}"))).await?;
+            locked.extend(new);
+        };
+        let kinds: Vec<_> = keys.iter().map(|k| k.kind).collect();
+        let plan = stitching::plan(&kinds, &known, self.cap);
+
+        let mut out = ResolveOutcome {
+            refused: plan.refused.clone(),
+            ..ResolveOutcome::default()
+        };
+        let survivor_id = match &plan.survivor {
+            Some(s) => s.clone(),
+            None => {
+                let id = uuid::Uuid::now_v7().to_string();
+                sqlx::query(
+                    "INSERT INTO profiles (id, created_at, updated_at, version) VALUES ($1, $2, $3, 0)",
+                )
+                .bind(&id)
+                .bind(now)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+                out.created = true;
+                id
+            }
+        };
+        for (loser, via) in &plan.merge {
+            merge_profiles(conn, loser, &survivor_id, &keys[*via], now).await?;
+            out.merged.push(loser.clone());
+        }
+        for &i in &plan.bump_links {
+            let k = &keys[i];
+            sqlx::query(
+                "UPDATE identifiers SET links = links + 1 WHERE id_type = $1 AND namespace = $2 AND stored_value = $3",
+            )
+            .bind(k.kind.code())
+            .bind(&k.namespace)
+            .bind(&k.stored_value)
+            .execute(&mut *conn)
+            .await?;
+        }
+        for &i in &plan.attach {
+            let k = &keys[i];
+            sqlx::query(
+                "INSERT INTO identifiers (id_type, namespace, stored_value, profile_id, first_seen_at, links) \
+                 VALUES ($1, $2, $3, $4, $5, 1) ON CONFLICT DO NOTHING",
+            )
+            .bind(k.kind.code())
+            .bind(&k.namespace)
+            .bind(&k.stored_value)
+            .bind(&survivor_id)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if out.created || !plan.attach.is_empty() || !plan.merge.is_empty() || !plan.bump_links.is_empty() {
+            out.version = Some(self.bump(conn, &survivor_id, now).await?);
+            let kind = if out.created {
+                ChangeKind::Created
+            } else if !out.merged.is_empty() {
+                ChangeKind::Merged
+            } else {
+                ChangeKind::Updated
+            };
+            self.record_change(conn, &survivor_id, kind, &out.merged, now).await?;
+        }
+        w.tx.commit().await?;
+        out.profile_id = survivor_id;
+        Ok(out)
+    }
+
+    async fn tombstoned(&self, conn: &mut AnyConnection, keys: &[IdentifierKey]) -> StoreResult<bool> {
+        for chunk in keys.chunks(LOOKUP_CHUNK) {
+            let mut sql = String::from("SELECT COUNT(*) FROM tombstones WHERE ");
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push_str(" OR ");
+                }
+                let b = i * 3;
+                sql.push_str(&format!(
+                    "(id_type = ${} AND namespace = ${} AND value_hash = ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3
+                ));
+            }
+            let mut q = sqlx::query(&sql);
+            for k in chunk {
+                q = q
+                    .bind(k.kind.code())
+                    .bind(k.namespace.clone())
+                    .bind(self.hasher.tombstone_hash(k));
+            }
+            let n: i64 = q.fetch_one(&mut *conn).await?.try_get(0)?;
+            if n > 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Follows aliases to the live profile and locks it; errors when missing or erased.
+    async fn lock_live(&self, conn: &mut AnyConnection, id: &str) -> StoreResult<String> {
+        let mut current = id.to_string();
+        for _ in 0..MAX_ALIAS_HOPS {
+            let s = survivor(conn, &current)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            if s.erased_at.is_some() {
+                return Err(StoreError::Erased(id.to_string()));
+            }
+            self.lock(conn, [format!("p:{}", s.id)]).await?;
+            // A merge may have committed while we waited for the lock.
+            let again = survivor(conn, &s.id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            if again.id == s.id {
+                if again.erased_at.is_some() {
+                    return Err(StoreError::Erased(id.to_string()));
+                }
+                return Ok(s.id);
+            }
+            current = again.id;
+        }
+        Err(corrupt(format!("alias chain of {id} too long")))
+    }
+
+    async fn load(&self, conn: &mut AnyConnection, requested: &str) -> StoreResult<ProfileRecord> {
+        let s = survivor(conn, requested)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(requested.to_string()))?;
+        if s.erased_at.is_some() {
+            return Err(StoreError::Erased(requested.to_string()));
+        }
+        let id = s.id;
+        let row = sqlx::query(
+            "SELECT created_at, updated_at, version, first_order_at, last_order_at, last_seen_at, \
+             order_count, refund_count FROM profiles WHERE id = $1",
+        )
+        .bind(&id)
+        .fetch_one(&mut *conn)
+        .await?;
+        let merged_ids = sqlx::query("SELECT id FROM profiles WHERE merged_into = $1 ORDER BY id")
+            .bind(&id)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let identifiers = sqlx::query(
+            "SELECT id_type, namespace, stored_value, first_seen_at FROM identifiers \
+             WHERE profile_id = $1 ORDER BY id_type, namespace, stored_value",
+        )
+        .bind(&id)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(IdentifierRecord {
+                id_type: r.try_get(0)?,
+                namespace: r.try_get(1)?,
+                stored_value: r.try_get(2)?,
+                first_seen_at: r.try_get(3)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let mut traits = BTreeMap::new();
+        for r in sqlx::query("SELECT name, value, updated_at FROM traits WHERE profile_id = $1")
+            .bind(&id)
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            let name: String = r.try_get(0)?;
+            let raw: String = r.try_get(1)?;
+            let value: TraitValue = serde_json::from_str(&raw).map_err(corrupt)?;
+            traits.insert(
+                name,
+                TraitRecord {
+                    value,
+                    updated_at: r.try_get(2)?,
+                },
+            );
+        }
+        let history = consent_rows(conn, &id, None).await?;
+        let mut consents: Vec<ConsentRecord> = Vec::new();
+        for c in history {
+            if !consents.iter().any(|x| x.purpose == c.purpose) {
+                consents.push(c);
+            }
+        }
+        consents.sort_by_key(|c| c.purpose);
+        let spend = sqlx::query(
+            "SELECT currency, gross_minor, refunded_minor FROM spend WHERE profile_id = $1 ORDER BY currency",
+        )
+        .bind(&id)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(SpendRecord {
+                currency: r.try_get(0)?,
+                gross_minor: r.try_get(1)?,
+                refunded_minor: r.try_get(2)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let engagement = sqlx::query("SELECT kind, count FROM engagement WHERE profile_id = $1")
+            .bind(&id)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<BTreeMap<String, i64>, sqlx::Error>>()?;
+        Ok(ProfileRecord {
+            id,
+            merged_ids,
+            identifiers,
+            traits,
+            consents,
+            created_at: row.try_get(0)?,
+            updated_at: row.try_get(1)?,
+            version: row.try_get(2)?,
+            first_order_at: row.try_get(3)?,
+            last_order_at: row.try_get(4)?,
+            last_seen_at: row.try_get(5)?,
+            order_count: row.try_get(6)?,
+            refund_count: row.try_get(7)?,
+            spend,
+            engagement,
+        })
+    }
+}
+
+struct Survivor {
+    id: String,
+    created_at: i64,
+    erased_at: Option<i64>,
+}
+
+async fn survivor(conn: &mut AnyConnection, id: &str) -> StoreResult<Option<Survivor>> {
+    let mut current = id.to_string();
+    for _ in 0..MAX_ALIAS_HOPS {
+        let Some(row) =
+            sqlx::query("SELECT merged_into, created_at, erased_at FROM profiles WHERE id = $1")
+                .bind(&current)
+                .fetch_optional(&mut *conn)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let merged_into: Option<String> = row.try_get(0)?;
+        match merged_into {
+            Some(next) => current = next,
+            None => {
+                return Ok(Some(Survivor {
+                    id: current,
+                    created_at: row.try_get(1)?,
+                    erased_at: row.try_get(2)?,
+                }));
+            }
+        }
+    }
+    Err(corrupt(format!("alias chain of {id} too long")))
+}
+
+async fn lookup_identifiers(
+    conn: &mut AnyConnection,
+    keys: &[IdentifierKey],
+) -> StoreResult<HashMap<IdentifierKey, (String, i64)>> {
+    let mut out = HashMap::new();
+    for chunk in keys.chunks(LOOKUP_CHUNK) {
+        let mut sql = String::from(
+            "SELECT id_type, namespace, stored_value, profile_id, links FROM identifiers WHERE ",
+        );
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(" OR ");
+            }
+            let b = i * 3;
+            sql.push_str(&format!(
+                "(id_type = ${} AND namespace = ${} AND stored_value = ${})",
+                b + 1,
+                b + 2,
+                b + 3
+            ));
+        }
+        let mut q = sqlx::query(&sql);
+        for k in chunk {
+            q = q
+                .bind(k.kind.code())
+                .bind(k.namespace.clone())
+                .bind(k.stored_value.clone());
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            let code: i64 = r.try_get(0)?;
+            let kind = crate::identifiers::IdKind::from_code(code)
+                .ok_or_else(|| corrupt(format!("identifier type {code}")))?;
+            let key = IdentifierKey {
+                kind,
+                namespace: r.try_get(1)?,
+                stored_value: r.try_get(2)?,
+            };
+            out.insert(key, (r.try_get(3)?, r.try_get(4)?));
+        }
+    }
+    Ok(out)
+}
+
+async fn consent_rows(
+    conn: &mut AnyConnection,
+    id: &str,
+    purpose: Option<i64>,
+) -> StoreResult<Vec<ConsentRecord>> {
+    let rows: Vec<AnyRow> = match purpose {
+        Some(p) => {
+            sqlx::query(
+                "SELECT purpose, status, decided_at, source FROM consents WHERE profile_id = $1 \
+                 AND purpose = $2 ORDER BY decided_at DESC, seq DESC",
+            )
+            .bind(id)
+            .bind(p)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+        None => {
+            sqlx::query(
+                "SELECT purpose, status, decided_at, source FROM consents WHERE profile_id = $1 \
+                 ORDER BY decided_at DESC, seq DESC",
+            )
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?
+        }
+    };
+    rows.iter()
+        .map(|r| {
+            Ok(ConsentRecord {
+                purpose: r.try_get(0)?,
+                status: r.try_get(1)?,
+                decided_at: r.try_get(2)?,
+                source: r.try_get(3)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
+/// Merges `loser` into `survivor`. Per-field rules: identifiers, consent history and merge
+/// records move to the survivor; per trait name the most recently set value wins (the
+/// survivor's on a tie); counts and spend add up; first order takes the earlier time, last
+/// order and last seen the later; engagement counters add up. The loser stays as an alias.
+async fn merge_profiles(
+    conn: &mut AnyConnection,
+    loser: &str,
+    survivor: &str,
+    via: &IdentifierKey,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query("UPDATE identifiers SET profile_id = $1 WHERE profile_id = $2")
+        .bind(survivor)
+        .bind(loser)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "DELETE FROM traits WHERE profile_id = $1 AND EXISTS (SELECT 1 FROM traits t2 \
+         WHERE t2.profile_id = $2 AND t2.name = traits.name AND t2.updated_at >= traits.updated_at)",
+    )
+    .bind(loser)
+    .bind(survivor)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "DELETE FROM traits WHERE profile_id = $1 AND EXISTS (SELECT 1 FROM traits t2 \
+         WHERE t2.profile_id = $2 AND t2.name = traits.name)",
+    )
+    .bind(survivor)
+    .bind(loser)
+    .execute(&mut *conn)
+    .await?;
+    for table in ["traits", "consents"] {
+        sqlx::query(&format!("UPDATE {table} SET profile_id = $1 WHERE profile_id = $2"))
+            .bind(survivor)
+            .bind(loser)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO spend (profile_id, currency, gross_minor, refunded_minor) \
+         SELECT $1, currency, gross_minor, refunded_minor FROM spend WHERE profile_id = $2 \
+         ON CONFLICT (profile_id, currency) DO UPDATE SET \
+         gross_minor = spend.gross_minor + excluded.gross_minor, \
+         refunded_minor = spend.refunded_minor + excluded.refunded_minor",
+    )
+    .bind(survivor)
+    .bind(loser)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO engagement (profile_id, kind, count) \
+         SELECT $1, kind, count FROM engagement WHERE profile_id = $2 \
+         ON CONFLICT (profile_id, kind) DO UPDATE SET count = engagement.count + excluded.count",
+    )
+    .bind(survivor)
+    .bind(loser)
+    .execute(&mut *conn)
+    .await?;
+    for table in ["spend", "engagement"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE profile_id = $1"))
+            .bind(loser)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let row = sqlx::query(
+        "SELECT first_order_at, last_order_at, last_seen_at, order_count, refund_count \
+         FROM profiles WHERE id = $1",
+    )
+    .bind(loser)
+    .fetch_one(&mut *conn)
+    .await?;
+    let (first, last, seen): (Option<i64>, Option<i64>, Option<i64>) =
+        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    let (orders, refunds): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
+    let srow = sqlx::query("SELECT first_order_at, last_order_at, last_seen_at FROM profiles WHERE id = $1")
+        .bind(survivor)
+        .fetch_one(&mut *conn)
+        .await?;
+    let pick = |a: Option<i64>, b: Option<i64>, earliest: bool| match (a, b) {
+        (Some(x), Some(y)) => Some(if earliest { x.min(y) } else { x.max(y) }),
+        (x, y) => x.or(y),
+    };
+    let first = pick(srow.try_get(0)?, first, true);
+    let last = pick(srow.try_get(1)?, last, false);
+    let seen = pick(srow.try_get(2)?, seen, false);
+    sqlx::query(
+        "UPDATE profiles SET order_count = order_count + $1, refund_count = refund_count + $2, \
+         first_order_at = $3, last_order_at = $4, last_seen_at = $5 WHERE id = $6",
+    )
+    .bind(orders)
+    .bind(refunds)
+    .bind(first)
+    .bind(last)
+    .bind(seen)
+    .bind(survivor)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE profiles SET merged_into = $1, updated_at = $2, version = version + 1, \
+         order_count = 0, refund_count = 0 WHERE id = $3 OR merged_into = $4",
+    )
+    .bind(survivor)
+    .bind(now)
+    .bind(loser)
+    .bind(loser)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE merges SET survivor_id = $1 WHERE survivor_id = $2")
+        .bind(survivor)
+        .bind(loser)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "INSERT INTO merges (survivor_id, merged_id, via_type, via_namespace, via_value, merged_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(survivor)
+    .bind(loser)
+    .bind(via.kind.code())
+    .bind(&via.namespace)
+    .bind(&via.stored_value)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl ProfileStore for SqlProfileStore {
+    async fn resolve(&self, keys: &[IdentifierKey], now: i64) -> StoreResult<ResolveOutcome> {
+        self.retry(|| self.resolve_once(keys, now)).await
+    }
+
+    async fn resolve_known(&self, sets: &[Vec<IdentifierKey>]) -> StoreResult<Vec<Option<String>>> {
+        let mut conn = self.db.pool.acquire().await?;
+        let all: Vec<IdentifierKey> = sets
+            .iter()
+            .flatten()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let found = lookup_identifiers(&mut conn, &all).await?;
+        let mut out = Vec::with_capacity(sets.len());
+        for set in sets {
+            let mut profile: Option<&str> = None;
+            let mut one = !set.is_empty();
+            for k in set {
+                match (found.get(k), profile) {
+                    (None, _) => one = false,
+                    (Some((p, _)), None) => profile = Some(p),
+                    (Some((p, _)), Some(q)) if p != q => one = false,
+                    _ => {}
+                }
+            }
+            out.push(if one { profile.map(str::to_string) } else { None });
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, id: &str) -> StoreResult<ProfileRecord> {
+        let mut conn = self.db.pool.acquire().await?;
+        self.load(&mut conn, id).await
+    }
+
+    async fn update_traits(
+        &self,
+        id: &str,
+        set: &[(String, TraitValue)],
+        remove: &[String],
+        now: i64,
+    ) -> StoreResult<ProfileRecord> {
+        let write = || async {
+            let mut w = self.begin_write().await?;
+            let conn: &mut AnyConnection = &mut w.tx;
+            let pid = self.lock_live(conn, id).await?;
+            for (name, value) in set {
+                sqlx::query(
+                    "INSERT INTO traits (profile_id, name, value, updated_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (profile_id, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                )
+                .bind(&pid)
+                .bind(name)
+                .bind(serde_json::to_string(value).map_err(corrupt)?)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            }
+            for name in remove {
+                sqlx::query("DELETE FROM traits WHERE profile_id = $1 AND name = $2")
+                    .bind(&pid)
+                    .bind(name)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            let n: i64 = sqlx::query("SELECT COUNT(*) FROM traits WHERE profile_id = $1")
+                .bind(&pid)
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get(0)?;
+            if n > MAX_TRAITS_PER_PROFILE {
+                return Err(StoreError::Limit {
+                    field: "set",
+                    message: format!("a profile holds at most {MAX_TRAITS_PER_PROFILE} traits"),
+                });
+            }
+            self.bump(conn, &pid, now).await?;
+            self.record_change(conn, &pid, ChangeKind::Updated, &[], now).await?;
+            let record = self.load(conn, &pid).await?;
+            w.tx.commit().await?;
+            Ok(record)
+        };
+        self.retry(write).await
+    }
+
+    async fn record_consent(&self, id: &str, consent: &ConsentRecord, now: i64) -> StoreResult<ProfileRecord> {
+        let write = || async {
+            let mut w = self.begin_write().await?;
+            let conn: &mut AnyConnection = &mut w.tx;
+            let pid = self.lock_live(conn, id).await?;
+            sqlx::query(
+                "INSERT INTO consents (profile_id, purpose, status, decided_at, source) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&pid)
+            .bind(consent.purpose)
+            .bind(consent.status)
+            .bind(consent.decided_at)
+            .bind(&consent.source)
+            .execute(&mut *conn)
+            .await?;
+            self.bump(conn, &pid, now).await?;
+            self.record_change(conn, &pid, ChangeKind::Updated, &[], now).await?;
+            let record = self.load(conn, &pid).await?;
+            w.tx.commit().await?;
+            Ok(record)
+        };
+        self.retry(write).await
+    }
+
+    async fn consent_history(&self, id: &str, purpose: Option<i64>) -> StoreResult<Vec<ConsentRecord>> {
+        let mut conn = self.db.pool.acquire().await?;
+        let s = survivor(&mut conn, id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        if s.erased_at.is_some() {
+            return Err(StoreError::Erased(id.to_string()));
+        }
+        consent_rows(&mut conn, &s.id, purpose).await
+    }
+
+    async fn apply_aggregates(&self, deltas: &[AggregateDelta], now: i64) -> StoreResult<ApplyOutcome> {
+        let write = || async {
+            let mut w = self.begin_write().await?;
+            let conn: &mut AnyConnection = &mut w.tx;
+            // Resolve survivors first and lock them in order, so batches never deadlock.
+            let mut live: HashMap<&str, Option<String>> = HashMap::new();
+            for d in deltas {
+                if !live.contains_key(d.profile_id.as_str()) {
+                    let s = survivor(conn, &d.profile_id).await?;
+                    live.insert(
+                        d.profile_id.as_str(),
+                        s.filter(|s| s.erased_at.is_none()).map(|s| s.id),
+                    );
+                }
+            }
+            let ids: BTreeSet<String> = live.values().flatten().cloned().collect();
+            self.lock(conn, ids.iter().map(|p| format!("p:{p}"))).await?;
+            let mut out = ApplyOutcome::default();
+            let mut touched: BTreeSet<String> = BTreeSet::new();
+            for d in deltas {
+                let inserted = sqlx::query(
+                    "INSERT INTO applied_deltas (idempotency_key, profile_id, applied_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(&d.key)
+                .bind(&d.profile_id)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    out.duplicates += 1;
+                    continue;
+                }
+                let Some(Some(pid)) = live.get(d.profile_id.as_str()) else {
+                    out.unknown_profiles += 1;
+                    continue;
+                };
+                let pid = pid.clone();
+                let order = i64::from(d.orders > 0);
+                sqlx::query(
+                    "UPDATE profiles SET order_count = order_count + $1, refund_count = refund_count + $2, \
+                     first_order_at = CASE WHEN CAST($3 AS BIGINT) = 1 AND (first_order_at IS NULL OR first_order_at > $4) THEN $4 ELSE first_order_at END, \
+                     last_order_at = CASE WHEN CAST($3 AS BIGINT) = 1 AND (last_order_at IS NULL OR last_order_at < $4) THEN $4 ELSE last_order_at END, \
+                     last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < $4 THEN $4 ELSE last_seen_at END \
+                     WHERE id = $5",
+                )
+                .bind(d.orders)
+                .bind(d.refunds)
+                .bind(order)
+                .bind(d.occurred_at)
+                .bind(&pid)
+                .execute(&mut *conn)
+                .await?;
+                for (money, gross) in [(&d.gross, true), (&d.refunded, false)] {
+                    if let Some((currency, amount)) = money {
+                        let (g, r) = if gross { (*amount, 0) } else { (0, *amount) };
+                        sqlx::query(
+                            "INSERT INTO spend (profile_id, currency, gross_minor, refunded_minor) VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (profile_id, currency) DO UPDATE SET \
+                             gross_minor = spend.gross_minor + excluded.gross_minor, \
+                             refunded_minor = spend.refunded_minor + excluded.refunded_minor",
+                        )
+                        .bind(&pid)
+                        .bind(currency)
+                        .bind(g)
+                        .bind(r)
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                }
+                for (kind, n) in &d.engagement {
+                    sqlx::query(
+                        "INSERT INTO engagement (profile_id, kind, count) VALUES ($1, $2, $3) \
+                         ON CONFLICT (profile_id, kind) DO UPDATE SET count = engagement.count + excluded.count",
+                    )
+                    .bind(&pid)
+                    .bind(kind)
+                    .bind(*n)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                out.applied += 1;
+                touched.insert(pid);
+            }
+            for pid in &touched {
+                let v = self.bump(conn, pid, now).await?;
+                out.touched.push((pid.clone(), v));
+            }
+            for pid in &touched {
+                self.record_change(conn, pid, ChangeKind::Updated, &[], now).await?;
+            }
+            w.tx.commit().await?;
+            Ok(out)
+        };
+        self.retry(write).await
+    }
+
+    async fn erase(&self, id: &str, reason: &str, now: i64) -> StoreResult<EraseOutcome> {
+        let write = || async {
+            let mut w = self.begin_write().await?;
+            let conn: &mut AnyConnection = &mut w.tx;
+            let s = survivor(conn, id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            self.lock(conn, [format!("p:{}", s.id)]).await?;
+            let pid = s.id;
+            let aliases: Vec<String> = sqlx::query("SELECT id FROM profiles WHERE merged_into = $1")
+                .bind(&pid)
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            let mut ids = vec![pid.clone()];
+            ids.extend(aliases);
+            if let Some(at) = s.erased_at {
+                return Ok(EraseOutcome {
+                    identifiers_tombstoned: 0,
+                    erased_at: at,
+                    profile_ids: ids,
+                });
+            }
+            let rows = sqlx::query(
+                "SELECT id_type, namespace, stored_value FROM identifiers WHERE profile_id = $1",
+            )
+            .bind(&pid)
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut n = 0u32;
+            for r in rows {
+                let code: i64 = r.try_get(0)?;
+                let kind = crate::identifiers::IdKind::from_code(code)
+                    .ok_or_else(|| corrupt(format!("identifier type {code}")))?;
+                let key = IdentifierKey {
+                    kind,
+                    namespace: r.try_get(1)?,
+                    stored_value: r.try_get(2)?,
+                };
+                sqlx::query(
+                    "INSERT INTO tombstones (id_type, namespace, value_hash, erased_at, reason) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                )
+                .bind(code)
+                .bind(&key.namespace)
+                .bind(self.hasher.tombstone_hash(&key))
+                .bind(now)
+                .bind(reason)
+                .execute(&mut *conn)
+                .await?;
+                n += 1;
+            }
+            for table in ["identifiers", "traits", "consents", "spend", "engagement"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE profile_id = $1"))
+                    .bind(&pid)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            sqlx::query("DELETE FROM merges WHERE survivor_id = $1 OR merged_id = $2")
+                .bind(&pid)
+                .bind(&pid)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(
+                "UPDATE profiles SET erased_at = $1, updated_at = $2, version = version + 1, \
+                 first_order_at = NULL, last_order_at = NULL, last_seen_at = NULL, \
+                 order_count = 0, refund_count = 0 WHERE id = $3 OR merged_into = $4",
+            )
+            .bind(now)
+            .bind(now)
+            .bind(&pid)
+            .bind(&pid)
+            .execute(&mut *conn)
+            .await?;
+            self.record_change(conn, &pid, ChangeKind::Erased, &[], now).await?;
+            w.tx.commit().await?;
+            Ok(EraseOutcome {
+                identifiers_tombstoned: n,
+                erased_at: now,
+                profile_ids: ids,
+            })
+        };
+        self.retry(write).await
+    }
+
+    async fn export(&self, id: &str) -> StoreResult<serde_json::Value> {
+        let mut conn = self.db.pool.acquire().await?;
+        let p = self.load(&mut conn, id).await?;
+        let history = consent_rows(&mut conn, &p.id, None).await?;
+        let merges = sqlx::query(
+            "SELECT merged_id, via_type, via_namespace, via_value, merged_at FROM merges \
+             WHERE survivor_id = $1 ORDER BY merged_at",
+        )
+        .bind(&p.id)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(serde_json::json!({
+                "merged_profile_id": r.try_get::<String, _>(0)?,
+                "via_identifier_type": r.try_get::<i64, _>(1)?,
+                "via_namespace": r.try_get::<String, _>(2)?,
+                "via_stored_value": r.try_get::<String, _>(3)?,
+                "merged_at_micros": r.try_get::<i64, _>(4)?,
+            }))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(serde_json::json!({
+            "format": "clientele.profile-export.v1",
+            "profile": p,
+            "consent_history": history,
+            "merges": merges,
+        }))
+    }
+
+    async fn any_erased(&self, sets: &[Vec<IdentifierKey>]) -> StoreResult<Vec<bool>> {
+        let mut conn = self.db.pool.acquire().await?;
+        let mut out = Vec::with_capacity(sets.len());
+        for set in sets {
+            out.push(self.tombstoned(&mut conn, set).await?);
+        }
+        Ok(out)
+    }
+
+    async fn changes_after(&self, after: i64, limit: i64) -> StoreResult<Vec<ChangeRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, profile_id, kind, merged_ids, changed_at FROM changes WHERE seq > $1 \
+             ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let merged: String = r.try_get(3)?;
+                Ok(ChangeRecord {
+                    seq: r.try_get(0)?,
+                    profile_id: r.try_get(1)?,
+                    kind: r.try_get(2)?,
+                    merged_ids: merged
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                    changed_at: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+}

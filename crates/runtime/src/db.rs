@@ -1,0 +1,187 @@
+//! Database connections. PostgreSQL in production (each service in its own schema, created and
+//! migrated at start), embedded SQLite otherwise (each service in its own file under the data
+//! folder). Both go through `sqlx::Any`, so one store implementation serves both backends;
+//! [`Backend`] tells the store which dialect-specific statements (locks) to use.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, ConnectOptions, Executor};
+
+use crate::metrics::METRICS;
+use crate::settings::Settings;
+
+/// Which database engine a pool talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL: concurrent writers, serialised where needed with advisory locks.
+    Postgres,
+    /// SQLite: one writer at a time (the store serialises its write transactions).
+    Sqlite,
+}
+
+/// A service's connection pool and its backend.
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// The pool.
+    pub pool: AnyPool,
+    /// The engine behind it.
+    pub backend: Backend,
+}
+
+/// Connecting or migrating failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// Could not connect or run a statement.
+    #[error("database: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The data folder could not be created.
+    #[error("data folder: {0}")]
+    Io(#[from] std::io::Error),
+    /// The schema name is not a plain identifier.
+    #[error("invalid schema name `{0}`")]
+    Schema(String),
+}
+
+/// Where a service's data lives.
+#[derive(Debug, Clone)]
+pub enum DatabaseTarget {
+    /// PostgreSQL at `url`, in schema `schema`.
+    Postgres {
+        /// `postgres://…`
+        url: String,
+        /// Schema the service's tables live in.
+        schema: String,
+    },
+    /// SQLite file at `path`.
+    Sqlite {
+        /// The database file.
+        path: std::path::PathBuf,
+    },
+}
+
+impl DatabaseTarget {
+    /// The target for `service` under `settings`: its schema in `database_url`, or
+    /// `<data_dir>/<service>.db`.
+    pub fn for_service(settings: &Settings, service: &str) -> Self {
+        match &settings.database_url {
+            Some(url) if !url.starts_with("sqlite:") => DatabaseTarget::Postgres {
+                url: url.clone(),
+                schema: service.to_string(),
+            },
+            _ => DatabaseTarget::Sqlite {
+                path: settings.data_dir.join(format!("{service}.db")),
+            },
+        }
+    }
+}
+
+fn valid_schema(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+/// Opens (creating if needed) and migrates a service database. `postgres` and `sqlite` are
+/// the service's migrations for each engine. `service` labels the pool metrics.
+pub async fn open(
+    target: &DatabaseTarget,
+    max_connections: u32,
+    postgres: &Migrator,
+    sqlite: &Migrator,
+    service: &'static str,
+) -> Result<Database, DbError> {
+    sqlx::any::install_default_drivers();
+    let db = match target {
+        DatabaseTarget::Postgres { url, schema } => {
+            if !valid_schema(schema) {
+                return Err(DbError::Schema(schema.clone()));
+            }
+            let opts = AnyConnectOptions::from_str(url)?;
+            let mut conn = opts.connect().await?;
+            conn.execute(format!("CREATE SCHEMA IF NOT EXISTS {schema}").as_str())
+                .await?;
+            drop(conn);
+            let set_path: Arc<str> = format!("SET search_path TO {schema}").into();
+            let pool = AnyPoolOptions::new()
+                .max_connections(max_connections)
+                .after_connect(move |conn, _| {
+                    let set_path = set_path.clone();
+                    Box::pin(async move {
+                        conn.execute(&*set_path).await?;
+                        Ok(())
+                    })
+                })
+                .connect_with(opts)
+                .await?;
+            postgres.run(&pool).await?;
+            Database {
+                pool,
+                backend: Backend::Postgres,
+            }
+        }
+        DatabaseTarget::Sqlite { path } => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let url = format!("sqlite://{}?mode=rwc", path.display());
+            let opts = AnyConnectOptions::from_str(&url)?;
+            let pool = AnyPoolOptions::new()
+                .max_connections(max_connections.clamp(1, 8))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        // WAL lets readers run beside the writer; FULL makes every
+                        // acknowledged commit survive power loss; the busy timeout waits for
+                        // the writer instead of failing.
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                        )
+                        .await?;
+                        Ok(())
+                    })
+                })
+                .connect_with(opts)
+                .await?;
+            sqlite.run(&pool).await?;
+            Database {
+                pool,
+                backend: Backend::Sqlite,
+            }
+        }
+    };
+    let pool = db.pool.clone();
+    METRICS.on_scrape(Arc::new(move || {
+        let idle = i64::try_from(pool.num_idle()).unwrap_or(i64::MAX);
+        let size = i64::from(pool.size());
+        METRICS
+            .db_pool
+            .with_label_values(&[service, "idle"])
+            .set(idle);
+        METRICS
+            .db_pool
+            .with_label_values(&[service, "in_use"])
+            .set(size - idle);
+    }));
+    Ok(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_schema;
+
+    #[test]
+    fn schema_names_must_be_plain_identifiers() {
+        assert!(valid_schema("profiles"));
+        assert!(valid_schema("t_1234_profiles"));
+        assert!(!valid_schema("Profiles"));
+        assert!(!valid_schema("a;drop"));
+        assert!(!valid_schema("1abc"));
+    }
+}

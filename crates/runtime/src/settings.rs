@@ -1,0 +1,248 @@
+//! Layered settings: built-in defaults, then an optional TOML file (its path comes from the
+//! `--config` flag or `CLIENTELE_CONFIG`, never from the current directory), then
+//! `CLIENTELE_*` environment variables (`__` separates nested keys, so
+//! `CLIENTELE_IDENTITY__HASH_SECRET` sets `identity.hash_secret`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Everything a Clientele process can be configured with. See the README's configuration
+/// reference for each key, its environment variable and its default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address the gRPC server listens on. In `--target all` every service shares it.
+    pub grpc_addr: SocketAddr,
+    /// Address of the Prometheus `/metrics` HTTP endpoint.
+    pub metrics_addr: SocketAddr,
+    /// Folder for embedded SQLite databases and the development token.
+    pub data_dir: PathBuf,
+    /// `postgres://…` for PostgreSQL; unset means embedded SQLite files in `data_dir`.
+    pub database_url: Option<String>,
+    /// Connections per service pool.
+    pub database_max_connections: u32,
+    /// `redis://…`; unset means an in-process cache.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key this deployment writes (lets tests and tenants share a Redis).
+    pub redis_key_prefix: String,
+    /// Time to live of cached entries, seconds.
+    pub cache_ttl_secs: u64,
+    /// How long a cache call may take before it is treated as a miss, milliseconds.
+    pub cache_timeout_ms: u64,
+    /// Entries held by the in-process cache.
+    pub cache_capacity: u64,
+    /// `human` or `json` log lines.
+    pub log_format: LogFormat,
+    /// `tracing` filter directive (`info`, `clientele_profiles=debug,info`, …).
+    pub log_filter: String,
+    /// Bearer tokens accepted by the services and their scopes.
+    pub tokens: Vec<TokenConfig>,
+    /// Token this process presents when it calls other Clientele services.
+    pub service_token: Option<String>,
+    /// Where other services are reached; unset means this process's own `grpc_addr`.
+    pub endpoints: Endpoints,
+    /// Identity resolution settings.
+    pub identity: IdentitySettings,
+    /// Seconds SIGTERM waits for in-flight calls before the process exits anyway.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            data_dir: PathBuf::from("clientele-data"),
+            database_url: None,
+            database_max_connections: 10,
+            redis_url: None,
+            redis_key_prefix: "clientele:".into(),
+            cache_ttl_secs: 300,
+            cache_timeout_ms: 50,
+            cache_capacity: 100_000,
+            log_format: LogFormat::Human,
+            log_filter: "info".into(),
+            tokens: Vec::new(),
+            service_token: None,
+            endpoints: Endpoints::default(),
+            identity: IdentitySettings::default(),
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Coloured, one event per line, for terminals.
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// One accepted bearer token.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds the token (shown in logs and metrics instead of the token).
+    pub client: String,
+    /// The secret token itself. Never logged.
+    pub token: String,
+    /// Scopes granted, e.g. `profiles:read`, `ingest:write`, `profiles:*` or `*`.
+    pub scopes: Vec<String>,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("client", &self.client)
+            .field("token", &"<redacted>")
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+/// Where each service is reached by the others (`http://host:port`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Endpoints {
+    /// ProfileService endpoint.
+    pub profiles: Option<String>,
+    /// IngestService endpoint.
+    pub ingest: Option<String>,
+    /// SegmentationService endpoint.
+    pub segmentation: Option<String>,
+    /// OfferService endpoint.
+    pub offers: Option<String>,
+    /// ExperimentService endpoint.
+    pub experiments: Option<String>,
+}
+
+/// Identity resolution settings.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// Secret key of the HMAC-SHA256 that emails, phones and tombstones are stored under.
+    /// Changing it makes every stored hash unmatchable. Unset in production is refused;
+    /// the embedded default generates one into `data_dir`.
+    pub hash_secret: Option<String>,
+    /// Over-merge guard: the most profiles one identifier value may link together.
+    pub max_profiles_per_identifier: u32,
+    /// Region assumed for phone numbers written without `+country` (ISO 3166 alpha-2).
+    pub default_phone_region: String,
+}
+
+impl std::fmt::Debug for IdentitySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentitySettings")
+            .field("hash_secret", &self.hash_secret.as_ref().map(|_| "<redacted>"))
+            .field("max_profiles_per_identifier", &self.max_profiles_per_identifier)
+            .field("default_phone_region", &self.default_phone_region)
+            .finish()
+    }
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            hash_secret: None,
+            max_profiles_per_identifier: 5,
+            default_phone_region: "US".into(),
+        }
+    }
+}
+
+/// Settings could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid settings: {0}")]
+pub struct SettingsError(#[from] Box<figment::Error>);
+
+impl Settings {
+    /// Loads defaults, then `file` (if given, or `CLIENTELE_CONFIG` if set), then the
+    /// environment. A named file that does not exist is an error, not a silent default.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let from_env = std::env::var_os("CLIENTELE_CONFIG").map(PathBuf::from);
+        let file = file.map(Path::to_path_buf).or(from_env);
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(SettingsError(Box::new(figment::Error::from(format!(
+                    "settings file {} does not exist",
+                    path.display()
+                )))));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(
+            Env::prefixed("CLIENTELE_")
+                .ignore(&["CONFIG", "TOKEN", "ENDPOINT"])
+                .split("__"),
+        );
+        figment.extract().map_err(|e| SettingsError(Box::new(e)))
+    }
+
+    /// The endpoint for a service: its configured address or this process's own server.
+    pub fn endpoint(&self, configured: &Option<String>) -> String {
+        configured
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.grpc_addr))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                r#"
+                redis_url = "redis://file"
+                cache_ttl_secs = 9
+                [identity]
+                max_profiles_per_identifier = 3
+                [[tokens]]
+                client = "crm"
+                token = "secret"
+                scopes = ["profiles:read"]
+                "#,
+            )?;
+            jail.set_env("CLIENTELE_REDIS_URL", "redis://env");
+            jail.set_env("CLIENTELE_IDENTITY__DEFAULT_PHONE_REGION", "KR");
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(s.redis_url.as_deref(), Some("redis://env"));
+            assert_eq!(s.cache_ttl_secs, 9);
+            assert_eq!(s.identity.max_profiles_per_identifier, 3);
+            assert_eq!(s.identity.default_phone_region, "KR");
+            assert_eq!(s.tokens[0].scopes, vec!["profiles:read".to_string()]);
+            assert_eq!(s.grpc_addr, Settings::default().grpc_addr);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_named_settings_file_that_is_missing_is_an_error() {
+        figment::Jail::expect_with(|_jail| {
+            assert!(Settings::load(Some(Path::new("nope.toml"))).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let t = TokenConfig {
+            client: "c".into(),
+            token: "hunter2".into(),
+            scopes: vec![],
+        };
+        assert!(!format!("{t:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,763 @@
+//! k-means with greedy k-means++ seeding and Lloyd iterations.
+
+use rand::seq::index;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::{ClusteringError, Matrix, squared_euclidean};
+
+/// Rows per parallel work item. Fixed, so partial sums are always combined in the same order
+/// and results are identical whatever the number of threads.
+const CHUNK_ROWS: usize = 8192;
+
+/// Parameters of [`KMeans::fit`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KMeansConfig {
+    /// Number of clusters, `1 ≤ k ≤ rows`.
+    pub k: usize,
+    /// Independent restarts (each with its own k-means++ seeding); the run with the lowest
+    /// inertia is kept. Default 3.
+    pub n_init: usize,
+    /// Maximum Lloyd iterations per restart. Default 300 (as scikit-learn).
+    pub max_iter: usize,
+    /// Convergence tolerance, relative as in scikit-learn: iterations stop when the sum of
+    /// squared centroid moves is at most `tol × mean per-feature variance of the data`, or
+    /// when no label changes. Default 1e-4.
+    pub tol: f64,
+    /// Seed of the ChaCha8 generator; restart `i` uses stream `i` of this seed, so results
+    /// are reproducible across runs, platforms and thread counts.
+    pub seed: u64,
+    /// k-means++ seeding runs on a uniform sample (without replacement) of this many rows
+    /// when the data is larger; default 100 000. Seeding is `O(rows · k · (2 + ln k))`,
+    /// and on large bases a 100k sample places seeds practically as well as the full data
+    /// while Lloyd iterations (on all rows) correct any difference.
+    pub seeding_sample_size: usize,
+}
+
+impl Default for KMeansConfig {
+    fn default() -> Self {
+        Self {
+            k: 8,
+            n_init: 3,
+            max_iter: 300,
+            tol: 1e-4,
+            seed: 0,
+            seeding_sample_size: 100_000,
+        }
+    }
+}
+
+/// A fitted k-means model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KMeans {
+    centroids: Matrix,
+    labels: Vec<usize>,
+    inertia: f64,
+    n_iter: usize,
+    converged: bool,
+}
+
+/// Labels, per-cluster sums and counts of one assignment pass.
+struct Assignment {
+    sums: Vec<f64>,
+    counts: Vec<usize>,
+    inertia: f64,
+    changed: usize,
+}
+
+impl Assignment {
+    fn empty(k: usize, d: usize) -> Self {
+        Self {
+            sums: vec![0.0; k * d],
+            counts: vec![0; k],
+            inertia: 0.0,
+            changed: 0,
+        }
+    }
+
+    fn merge(&mut self, other: &Self) {
+        for (a, b) in self.sums.iter_mut().zip(&other.sums) {
+            *a += b;
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.inertia += other.inertia;
+        self.changed += other.changed;
+    }
+}
+
+/// Assignment of one chunk with the dimension known at compile time, so the distance loop is
+/// fully unrolled and the point stays in registers.
+fn assign_chunk_fixed<const D: usize>(points: &[f64], centers: &[f64], k: usize, labels: &mut [usize]) -> Assignment {
+    let centers: Vec<[f64; D]> = centers
+        .chunks_exact(D)
+        .map(|c| std::array::from_fn(|t| c[t]))
+        .collect();
+    let mut out = Assignment::empty(k, D);
+    for (p, label) in points.chunks_exact(D).zip(labels.iter_mut()) {
+        let p: [f64; D] = std::array::from_fn(|t| p[t]);
+        let mut best = f64::INFINITY;
+        let mut best_j = 0;
+        for (j, c) in centers.iter().enumerate() {
+            let mut dist = 0.0;
+            for t in 0..D {
+                let diff = p[t] - c[t];
+                dist += diff * diff;
+            }
+            if dist < best {
+                best = dist;
+                best_j = j;
+            }
+        }
+        if *label != best_j {
+            out.changed += 1;
+            *label = best_j;
+        }
+        out.inertia += best;
+        out.counts[best_j] += 1;
+        let sum = &mut out.sums[best_j * D..(best_j + 1) * D];
+        for t in 0..D {
+            sum[t] += p[t];
+        }
+    }
+    out
+}
+
+fn assign_chunk_dyn(points: &[f64], d: usize, centers: &[f64], k: usize, labels: &mut [usize]) -> Assignment {
+    let mut out = Assignment::empty(k, d);
+    for (p, label) in points.chunks_exact(d).zip(labels.iter_mut()) {
+        let mut best = f64::INFINITY;
+        let mut best_j = 0;
+        for (j, c) in centers.chunks_exact(d).enumerate() {
+            let dist = squared_euclidean(p, c);
+            if dist < best {
+                best = dist;
+                best_j = j;
+            }
+        }
+        if *label != best_j {
+            out.changed += 1;
+            *label = best_j;
+        }
+        out.inertia += best;
+        out.counts[best_j] += 1;
+        for (s, x) in out.sums[best_j * d..(best_j + 1) * d].iter_mut().zip(p) {
+            *s += x;
+        }
+    }
+    out
+}
+
+/// Assigns every point to its nearest center (first one on exact ties), in parallel chunks.
+fn assign(points: &[f64], d: usize, centers: &[f64], labels: &mut [usize]) -> Assignment {
+    let k = centers.len() / d;
+    let partials: Vec<Assignment> = points
+        .par_chunks(CHUNK_ROWS * d)
+        .zip(labels.par_chunks_mut(CHUNK_ROWS))
+        .map(|(p, l)| match d {
+            1 => assign_chunk_fixed::<1>(p, centers, k, l),
+            2 => assign_chunk_fixed::<2>(p, centers, k, l),
+            3 => assign_chunk_fixed::<3>(p, centers, k, l),
+            4 => assign_chunk_fixed::<4>(p, centers, k, l),
+            5 => assign_chunk_fixed::<5>(p, centers, k, l),
+            6 => assign_chunk_fixed::<6>(p, centers, k, l),
+            8 => assign_chunk_fixed::<8>(p, centers, k, l),
+            _ => assign_chunk_dyn(p, d, centers, k, l),
+        })
+        .collect();
+    let mut total = Assignment::empty(k, d);
+    for part in &partials {
+        total.merge(part);
+    }
+    total
+}
+
+/// Squared distance with the dimension known at compile time (`D > 0`) or at run time
+/// (`D == 0`, using `dim`).
+#[inline(always)]
+fn sqdist<const D: usize>(a: &[f64], b: &[f64], dim: usize) -> f64 {
+    if D == 0 {
+        squared_euclidean(&a[..dim], &b[..dim])
+    } else {
+        let (a, b) = (&a[..D], &b[..D]);
+        let mut s = 0.0;
+        for t in 0..D {
+            let diff = a[t] - b[t];
+            s += diff * diff;
+        }
+        s
+    }
+}
+
+/// Changes of per-cluster sums and counts caused by points that switched cluster in one
+/// chunk.
+struct Delta {
+    sums: Vec<f64>,
+    counts: Vec<i64>,
+    changed: usize,
+}
+
+/// Per-iteration quantities shared by all chunks of a Hamerly pass.
+struct PassContext<'a> {
+    centers: &'a [f64],
+    k: usize,
+    dim: usize,
+    /// Half the distance from each center to its nearest other center.
+    half_separation: &'a [f64],
+    /// How far each center moved in the last update.
+    drift: &'a [f64],
+    /// Index of the largest drift, the largest and the second largest drift.
+    max_drift: (usize, f64, f64),
+    /// Recompute every point (first pass, or after empty-cluster relocation).
+    full: bool,
+}
+
+/// One Hamerly (2010) assignment pass over a chunk: each point keeps an upper bound on the
+/// distance to its center and a lower bound on the distance to any other center; points whose
+/// bounds prove the assignment unchanged are skipped. Assignments are exactly those of a
+/// brute-force pass (up to exact ties), so iterations are Lloyd iterations.
+fn hamerly_chunk<const D: usize>(ctx: &PassContext<'_>, points: &[f64], labels: &mut [u32], upper: &mut [f64], lower: &mut [f64]) -> Delta {
+    let (k, dim) = (ctx.k, ctx.dim);
+    let mut delta = Delta {
+        sums: vec![0.0; k * dim],
+        counts: vec![0; k],
+        changed: 0,
+    };
+    let scan = |x: &[f64]| {
+        let (mut best, mut second, mut best_j) = (f64::INFINITY, f64::INFINITY, 0);
+        for j in 0..k {
+            let dist = sqdist::<D>(x, &ctx.centers[j * dim..], dim);
+            if dist < best {
+                second = best;
+                best = dist;
+                best_j = j;
+            } else if dist < second {
+                second = dist;
+            }
+        }
+        (best_j, best.sqrt(), second.sqrt())
+    };
+    let (max_j, max_drift, second_drift) = ctx.max_drift;
+    for (((x, label), u), l) in points.chunks_exact(dim).zip(labels.iter_mut()).zip(upper.iter_mut()).zip(lower.iter_mut()) {
+        let old = *label as usize;
+        let new = if ctx.full {
+            let (j, d1, d2) = scan(x);
+            *u = d1;
+            *l = d2;
+            j
+        } else {
+            *u += ctx.drift[old];
+            *l -= if old == max_j { second_drift } else { max_drift };
+            let bound = ctx.half_separation[old].max(*l);
+            if *u <= bound {
+                continue;
+            }
+            *u = sqdist::<D>(x, &ctx.centers[old * dim..], dim).sqrt();
+            if *u <= bound {
+                continue;
+            }
+            let (j, d1, d2) = scan(x);
+            *u = d1;
+            *l = d2;
+            j
+        };
+        if new != old {
+            delta.changed += 1;
+            *label = u32::try_from(new).unwrap_or(u32::MAX);
+            delta.counts[new] += 1;
+            for (s, v) in delta.sums[new * dim..(new + 1) * dim].iter_mut().zip(x) {
+                *s += v;
+            }
+            if old < k {
+                delta.counts[old] -= 1;
+                for (s, v) in delta.sums[old * dim..(old + 1) * dim].iter_mut().zip(x) {
+                    *s -= v;
+                }
+            }
+        }
+    }
+    delta
+}
+
+/// Runs a Hamerly pass over all points in parallel chunks and applies the changes to `sums`
+/// and `counts` in chunk order (deterministic). Returns the number of changed labels.
+fn hamerly_pass(ctx: &PassContext<'_>, points: &[f64], labels: &mut [u32], upper: &mut [f64], lower: &mut [f64], sums: &mut [f64], counts: &mut [i64]) -> usize {
+    let dim = ctx.dim;
+    let deltas: Vec<Delta> = points
+        .par_chunks(CHUNK_ROWS * dim)
+        .zip(labels.par_chunks_mut(CHUNK_ROWS))
+        .zip(upper.par_chunks_mut(CHUNK_ROWS))
+        .zip(lower.par_chunks_mut(CHUNK_ROWS))
+        .map(|(((p, lab), u), l)| match dim {
+            1 => hamerly_chunk::<1>(ctx, p, lab, u, l),
+            2 => hamerly_chunk::<2>(ctx, p, lab, u, l),
+            3 => hamerly_chunk::<3>(ctx, p, lab, u, l),
+            4 => hamerly_chunk::<4>(ctx, p, lab, u, l),
+            5 => hamerly_chunk::<5>(ctx, p, lab, u, l),
+            6 => hamerly_chunk::<6>(ctx, p, lab, u, l),
+            8 => hamerly_chunk::<8>(ctx, p, lab, u, l),
+            _ => hamerly_chunk::<0>(ctx, p, lab, u, l),
+        })
+        .collect();
+    let mut changed = 0;
+    for delta in &deltas {
+        for (s, v) in sums.iter_mut().zip(&delta.sums) {
+            *s += v;
+        }
+        for (c, v) in counts.iter_mut().zip(&delta.counts) {
+            *c += v;
+        }
+        changed += delta.changed;
+    }
+    changed
+}
+
+/// Half the distance from each center to its nearest other center (∞ when k = 1).
+fn half_separations(centers: &[f64], k: usize, dim: usize) -> Vec<f64> {
+    (0..k)
+        .map(|j| {
+            (0..k)
+                .filter(|&o| o != j)
+                .map(|o| squared_euclidean(&centers[j * dim..(j + 1) * dim], &centers[o * dim..(o + 1) * dim]))
+                .fold(f64::INFINITY, f64::min)
+                .sqrt()
+                / 2.0
+        })
+        .collect()
+}
+
+/// Moves each empty cluster onto the point farthest from its current center (distinct points
+/// for distinct empty clusters), as scikit-learn does; the point is relabelled and the sums
+/// and counts updated. Returns whether anything moved.
+fn relocate_empty_clusters(data: &Matrix, centers: &mut [f64], labels: &mut [u32], sums: &mut [f64], counts: &mut [i64]) -> bool {
+    let d = data.cols();
+    let empty: Vec<usize> = (0..counts.len()).filter(|&j| counts[j] <= 0).collect();
+    if empty.is_empty() {
+        return false;
+    }
+    let mut far: Vec<(f64, usize)> = data
+        .iter_rows()
+        .zip(labels.iter())
+        .enumerate()
+        .map(|(i, (x, &l))| {
+            let l = l as usize;
+            (squared_euclidean(x, &centers[l * d..(l + 1) * d]), i)
+        })
+        .collect();
+    // largest distance first; index breaks ties for determinism
+    far.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (&j, &(_, i)) in empty.iter().zip(&far) {
+        let x = data.row(i);
+        let old = labels[i] as usize;
+        counts[old] -= 1;
+        for (s, v) in sums[old * d..(old + 1) * d].iter_mut().zip(x) {
+            *s -= v;
+        }
+        counts[j] = 1;
+        sums[j * d..(j + 1) * d].copy_from_slice(x);
+        centers[j * d..(j + 1) * d].copy_from_slice(x);
+        labels[i] = u32::try_from(j).unwrap_or(u32::MAX);
+    }
+    true
+}
+
+/// Mean of the per-feature population variances, the scale of scikit-learn's `tol`.
+fn mean_variance(data: &Matrix) -> f64 {
+    let d = data.cols();
+    #[allow(clippy::cast_precision_loss)]
+    let n = data.rows() as f64;
+    let mut mean = vec![0.0; d];
+    for row in data.iter_rows() {
+        for (m, x) in mean.iter_mut().zip(row) {
+            *m += x;
+        }
+    }
+    for m in &mut mean {
+        *m /= n;
+    }
+    let mut var = 0.0;
+    for row in data.iter_rows() {
+        var += squared_euclidean(row, &mean);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let dims = d as f64;
+    var / n / dims
+}
+
+/// Lloyd iterations accelerated with Hamerly's bounds (identical assignments, far fewer
+/// distance computations once centers settle), followed by one brute-force pass that yields
+/// labels and inertia consistent with the returned centroids.
+fn lloyd(data: &Matrix, init: &Matrix, max_iter: usize, tol_abs: f64) -> KMeans {
+    let dim = data.cols();
+    let k = init.rows();
+    let n = data.rows();
+    let points = data.as_slice();
+    let mut centers = init.as_slice().to_vec();
+    let mut labels = vec![u32::MAX; n];
+    let mut upper = vec![0.0; n];
+    let mut lower = vec![0.0; n];
+    let mut sums = vec![0.0; k * dim];
+    let mut counts = vec![0_i64; k];
+    let mut drift = vec![0.0; k];
+    let mut max_drift = (0, 0.0, 0.0);
+    let mut full = true;
+    let mut n_iter = 0;
+    let mut converged = false;
+    for iteration in 0..max_iter {
+        n_iter = iteration + 1;
+        let half_separation = half_separations(&centers, k, dim);
+        let ctx = PassContext {
+            centers: &centers,
+            k,
+            dim,
+            half_separation: &half_separation,
+            drift: &drift,
+            max_drift,
+            full,
+        };
+        let changed = hamerly_pass(&ctx, points, &mut labels, &mut upper, &mut lower, &mut sums, &mut counts);
+        let mut new_centers = centers.clone();
+        full = relocate_empty_clusters(data, &mut new_centers, &mut labels, &mut sums, &mut counts);
+        for j in 0..k {
+            if counts[j] > 0 {
+                #[allow(clippy::cast_precision_loss)]
+                let count = counts[j] as f64;
+                for t in 0..dim {
+                    new_centers[j * dim + t] = sums[j * dim + t] / count;
+                }
+            }
+        }
+        let mut shift = 0.0;
+        max_drift = (0, 0.0, 0.0);
+        for j in 0..k {
+            let moved = squared_euclidean(&centers[j * dim..(j + 1) * dim], &new_centers[j * dim..(j + 1) * dim]);
+            shift += moved;
+            drift[j] = moved.sqrt();
+            if drift[j] > max_drift.1 {
+                max_drift = (j, drift[j], max_drift.1);
+            } else if drift[j] > max_drift.2 {
+                max_drift.2 = drift[j];
+            }
+        }
+        centers = new_centers;
+        if (changed == 0 && !full) || shift <= tol_abs {
+            converged = true;
+            break;
+        }
+    }
+    // Final brute-force pass so labels and inertia are exactly those of the returned centroids.
+    let mut final_labels = vec![usize::MAX; n];
+    let last = assign(points, dim, &centers, &mut final_labels);
+    KMeans {
+        centroids: Matrix {
+            data: centers,
+            rows: k,
+            cols: dim,
+        },
+        labels: final_labels,
+        inertia: last.inertia,
+        n_iter,
+        converged,
+    }
+}
+
+fn validate(data: &Matrix, k: usize) -> Result<(), ClusteringError> {
+    if k == 0 {
+        return Err(ClusteringError::InvalidParameter("k must be at least 1".into()));
+    }
+    if k > data.rows() {
+        return Err(ClusteringError::InvalidParameter(format!(
+            "k = {k} exceeds the number of rows ({})",
+            data.rows()
+        )));
+    }
+    data.check_finite()
+}
+
+/// Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, greedy variant as in
+/// scikit-learn): the first center is a uniformly chosen row; each further center is the
+/// best, by resulting potential (sum of squared distances to the nearest center), of
+/// `2 + ⌊ln k⌋` candidates drawn with probability proportional to the squared distance to the
+/// nearest existing center.
+///
+/// # Errors
+/// [`ClusteringError::InvalidParameter`] when `k` is 0 or exceeds the row count.
+pub fn kmeans_plus_plus<R: Rng + ?Sized>(data: &Matrix, k: usize, rng: &mut R) -> Result<Matrix, ClusteringError> {
+    validate(data, k)?;
+    let n = data.rows();
+    let d = data.cols();
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let n_trials = 2 + (k as f64).ln().floor() as usize;
+    let mut centers = Vec::with_capacity(k * d);
+    let first = rng.gen_range(0..n);
+    centers.extend_from_slice(data.row(first));
+    let mut closest: Vec<f64> = data.iter_rows().map(|x| squared_euclidean(x, data.row(first))).collect();
+    let mut cumulative = vec![0.0; n];
+    for _ in 1..k {
+        let mut acc = 0.0;
+        for (c, v) in cumulative.iter_mut().zip(&closest) {
+            acc += v;
+            *c = acc;
+        }
+        let potential = acc;
+        let mut best: Option<(f64, usize)> = None;
+        for _ in 0..n_trials {
+            let target = rng.r#gen::<f64>() * potential;
+            let candidate = cumulative.partition_point(|&c| c < target).min(n - 1);
+            let candidate_row = data.row(candidate);
+            let pot: f64 = data
+                .iter_rows()
+                .zip(&closest)
+                .map(|(x, &c)| c.min(squared_euclidean(x, candidate_row)))
+                .sum();
+            if best.is_none_or(|(p, _)| pot < p) {
+                best = Some((pot, candidate));
+            }
+        }
+        let chosen = best.map_or(0, |(_, i)| i);
+        let chosen_row = data.row(chosen);
+        for (c, x) in closest.iter_mut().zip(data.iter_rows()) {
+            *c = c.min(squared_euclidean(x, chosen_row));
+        }
+        centers.extend_from_slice(chosen_row);
+    }
+    Matrix::new(centers, d)
+}
+
+impl KMeans {
+    /// Fits k-means: for each of `n_init` restarts, greedy k-means++ seeding (on a sample of
+    /// `seeding_sample_size` rows for large data) then Lloyd iterations on all rows until
+    /// convergence (see [`KMeansConfig::tol`]) or `max_iter`; keeps the restart with the
+    /// lowest inertia (the first on ties). Deterministic for a given config and data.
+    ///
+    /// Empty clusters are re-seeded on the points farthest from their centers.
+    ///
+    /// # Errors
+    /// [`ClusteringError::InvalidParameter`] for `k` = 0, `k` > rows, `n_init` = 0,
+    /// `max_iter` = 0 or a negative/non-finite `tol`; [`ClusteringError::InvalidValue`] for
+    /// non-finite data.
+    pub fn fit(data: &Matrix, config: &KMeansConfig) -> Result<Self, ClusteringError> {
+        validate(data, config.k)?;
+        if config.n_init == 0 || config.max_iter == 0 {
+            return Err(ClusteringError::InvalidParameter("n_init and max_iter must be at least 1".into()));
+        }
+        if !config.tol.is_finite() || config.tol < 0.0 {
+            return Err(ClusteringError::InvalidParameter("tol must be finite and non-negative".into()));
+        }
+        let tol_abs = config.tol * mean_variance(data);
+        let mut best: Option<Self> = None;
+        for run in 0..config.n_init {
+            let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+            rng.set_stream(run as u64);
+            let init = if data.rows() > config.seeding_sample_size.max(config.k) {
+                let mut sample = index::sample(&mut rng, data.rows(), config.seeding_sample_size.max(config.k)).into_vec();
+                sample.sort_unstable();
+                kmeans_plus_plus(&data.select_rows(&sample), config.k, &mut rng)?
+            } else {
+                kmeans_plus_plus(data, config.k, &mut rng)?
+            };
+            let model = lloyd(data, &init, config.max_iter, tol_abs);
+            if best.as_ref().is_none_or(|b| model.inertia < b.inertia) {
+                best = Some(model);
+            }
+        }
+        best.ok_or_else(|| ClusteringError::InvalidParameter("n_init must be at least 1".into()))
+    }
+
+    /// Runs Lloyd iterations from the given initial centroids (no seeding, one run). Used to
+    /// compare with other implementations from identical starting points, or to warm-start
+    /// from the previous model's centroids.
+    ///
+    /// # Errors
+    /// As [`Self::fit`], plus [`ClusteringError::DimensionMismatch`] when the centroids'
+    /// width differs from the data's.
+    pub fn fit_from_centroids(data: &Matrix, initial: &Matrix, max_iter: usize, tol: f64) -> Result<Self, ClusteringError> {
+        validate(data, initial.rows())?;
+        initial.check_finite()?;
+        if initial.cols() != data.cols() {
+            return Err(ClusteringError::DimensionMismatch(format!(
+                "centroids have {} columns, data {}",
+                initial.cols(),
+                data.cols()
+            )));
+        }
+        if max_iter == 0 || !tol.is_finite() || tol < 0.0 {
+            return Err(ClusteringError::InvalidParameter("max_iter ≥ 1 and finite tol ≥ 0 required".into()));
+        }
+        Ok(lloyd(data, initial, max_iter, tol * mean_variance(data)))
+    }
+
+    /// Centroids, one row per cluster, in the space of the fitted data.
+    #[must_use]
+    pub fn centroids(&self) -> &Matrix {
+        &self.centroids
+    }
+
+    /// Number of clusters.
+    #[must_use]
+    pub fn k(&self) -> usize {
+        self.centroids.rows()
+    }
+
+    /// Cluster index (`0..k`) of every fitted row, consistent with [`Self::centroids`].
+    #[must_use]
+    pub fn labels(&self) -> &[usize] {
+        &self.labels
+    }
+
+    /// Consumes the model, returning the labels.
+    #[must_use]
+    pub fn into_labels(self) -> Vec<usize> {
+        self.labels
+    }
+
+    /// Sum of squared distances of the fitted rows to their centroids.
+    #[must_use]
+    pub fn inertia(&self) -> f64 {
+        self.inertia
+    }
+
+    /// Lloyd iterations run by the kept restart.
+    #[must_use]
+    pub fn n_iter(&self) -> usize {
+        self.n_iter
+    }
+
+    /// Whether the kept restart converged before `max_iter`.
+    #[must_use]
+    pub fn converged(&self) -> bool {
+        self.converged
+    }
+
+    /// Number of fitted rows per cluster.
+    #[must_use]
+    pub fn cluster_sizes(&self) -> Vec<usize> {
+        let mut sizes = vec![0; self.k()];
+        for &l in &self.labels {
+            sizes[l] += 1;
+        }
+        sizes
+    }
+
+    /// Nearest centroid of `point` (first on ties). `point` must have the fitted width.
+    #[must_use]
+    pub fn predict(&self, point: &[f64]) -> usize {
+        let mut best = f64::INFINITY;
+        let mut best_j = 0;
+        for (j, c) in self.centroids.iter_rows().enumerate() {
+            let dist = squared_euclidean(point, c);
+            if dist < best {
+                best = dist;
+                best_j = j;
+            }
+        }
+        best_j
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn blobs(per: usize, seed: u64) -> Matrix {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let centers = [[0.0, 0.0, 0.0], [5.0, 5.0, 0.0], [0.0, 5.0, 5.0]];
+        let mut data = Vec::new();
+        for c in &centers {
+            for _ in 0..per {
+                for x in c {
+                    data.push(x + rng.gen_range(-0.5..0.5));
+                }
+            }
+        }
+        Matrix::new(data, 3).unwrap()
+    }
+
+    #[test]
+    fn separated_blobs_are_recovered() {
+        let data = blobs(100, 1);
+        let model = KMeans::fit(&data, &KMeansConfig { k: 3, ..KMeansConfig::default() }).unwrap();
+        let labels = model.labels();
+        for b in 0..3 {
+            let first = labels[b * 100];
+            assert!(labels[b * 100..(b + 1) * 100].iter().all(|&l| l == first));
+        }
+        let mut sizes = model.cluster_sizes();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![100, 100, 100]);
+        assert!(model.converged());
+    }
+
+    #[test]
+    fn same_seed_gives_identical_model() {
+        let data = blobs(200, 2);
+        let config = KMeansConfig {
+            k: 5,
+            seeding_sample_size: 100,
+            ..KMeansConfig::default()
+        };
+        let a = KMeans::fit(&data, &config).unwrap();
+        let b = KMeans::fit(&data, &config).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn result_does_not_depend_on_thread_count() {
+        let data = blobs(20_000, 3);
+        let config = KMeansConfig { k: 4, ..KMeansConfig::default() };
+        let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let a = single.install(|| KMeans::fit(&data, &config)).unwrap();
+        let b = KMeans::fit(&data, &config).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn inertia_matches_labels_and_centroids() {
+        let data = blobs(50, 4);
+        let model = KMeans::fit(&data, &KMeansConfig { k: 4, ..KMeansConfig::default() }).unwrap();
+        let direct: f64 = data
+            .iter_rows()
+            .zip(model.labels())
+            .map(|(x, &l)| squared_euclidean(x, model.centroids().row(l)))
+            .sum();
+        assert!((direct - model.inertia()).abs() < 1e-9);
+        for (i, x) in data.iter_rows().enumerate() {
+            assert_eq!(model.predict(x), model.labels()[i]);
+        }
+    }
+
+    #[test]
+    fn duplicate_points_do_not_leave_empty_clusters() {
+        let mut rows = vec![[1.0, 1.0]; 10];
+        rows.push([2.0, 2.0]);
+        rows.push([3.0, 3.0]);
+        let data = Matrix::from_rows(&rows).unwrap();
+        let model = KMeans::fit(&data, &KMeansConfig { k: 3, ..KMeansConfig::default() }).unwrap();
+        assert!(model.cluster_sizes().iter().all(|&s| s > 0));
+        assert!(model.inertia().abs() < 1e-12);
+    }
+
+    #[test]
+    fn more_clusters_than_rows_is_rejected() {
+        let data = Matrix::from_rows(&[[1.0], [2.0]]).unwrap();
+        assert!(matches!(
+            KMeans::fit(&data, &KMeansConfig { k: 3, ..KMeansConfig::default() }),
+            Err(ClusteringError::InvalidParameter(_))
+        ));
+    }
+
+    #[test]
+    fn dynamic_dimension_path_matches_fixed_path() {
+        // d = 7 uses the generic loop; compare to a manual evaluation
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let data = Matrix::new((0..7 * 300).map(|_| rng.r#gen::<f64>()).collect(), 7).unwrap();
+        let model = KMeans::fit(&data, &KMeansConfig { k: 3, ..KMeansConfig::default() }).unwrap();
+        for (i, x) in data.iter_rows().enumerate() {
+            assert_eq!(model.predict(x), model.labels()[i]);
+        }
+    }
+}
