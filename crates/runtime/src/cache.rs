@@ -70,13 +70,20 @@ impl MemoryCache {
         }
     }
 
+    /// Same rule as the Redis script: a fill needs an absent or older entry, or a marker of the
+    /// same version; an invalidation (`value` = `None`) needs an entry that is not newer.
     async fn set_if_newer(&self, key: &str, version: i64, value: Option<Arc<[u8]>>) {
         self.inner
             .entry(key.to_string())
             .and_compute_with(|cur| {
-                let op = match cur {
-                    Some(e) if e.value().0 >= version => moka::ops::compute::Op::Nop,
-                    _ => moka::ops::compute::Op::Put((version, value)),
+                let keep = cur.is_some_and(|e| {
+                    let (v, data) = e.value();
+                    *v > version || (*v == version && data.is_some() && value.is_some())
+                });
+                let op = if keep {
+                    moka::ops::compute::Op::Nop
+                } else {
+                    moka::ops::compute::Op::Put((version, value))
                 };
                 std::future::ready(op)
             })
@@ -108,11 +115,17 @@ impl VersionedCache for MemoryCache {
     }
 }
 
-/// Fill only when the stored version is older; an invalidation stores a version without data.
+/// A fill (ARGV[4] = 0) lands when the entry is absent, older, or an invalidation marker of the
+/// same version; an invalidation (ARGV[4] = 1) replaces anything not newer with a data-less
+/// marker.
 const PUT_IF_NEWER: &str = r"
 local cur = redis.call('HGET', KEYS[1], 'v')
-if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
-if ARGV[2] == '' and ARGV[4] == '1' then
+if cur then
+  local c, v = tonumber(cur), tonumber(ARGV[1])
+  if c > v then return 0 end
+  if ARGV[4] == '0' and c == v and redis.call('HEXISTS', KEYS[1], 'd') == 1 then return 0 end
+end
+if ARGV[4] == '1' then
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 'v', ARGV[1])
 else
@@ -285,7 +298,12 @@ mod tests {
         cache.put_if_newer(key, 2, b"v2").await;
         assert_eq!(cache.get(key).await, None, "fill older than the invalidation ignored");
         cache.put_if_newer(key, 3, b"v3").await;
-        assert_eq!(cache.get(key).await.as_deref(), Some(&b"v3"[..]));
+        assert_eq!(cache.get(key).await.as_deref(), Some(&b"v3"[..]), "fill at the invalidated version lands");
+        cache.put_if_newer(key, 3, b"other").await;
+        assert_eq!(cache.get(key).await.as_deref(), Some(&b"v3"[..]), "same-version fill keeps the first");
+        cache.invalidate(key, i64::MAX).await;
+        cache.put_if_newer(key, 4, b"v4").await;
+        assert_eq!(cache.get(key).await, None, "erased entries never refill");
     }
 
     #[tokio::test]

@@ -83,3 +83,71 @@ impl Fixture {
         )))
     }
 }
+
+/// A ProfileService served on an ephemeral loopback port with two tokens: `admin-token`
+/// (every scope) and `reader-token` (`profiles:read`). Dropping the guard stops the server.
+pub struct Served {
+    pub endpoint: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+pub async fn serve(service: ProfileServiceImpl) -> Served {
+    use clientele_runtime::settings::TokenConfig;
+    let mut settings = clientele_runtime::Settings::default();
+    settings.tokens = vec![
+        TokenConfig {
+            client: "admin".into(),
+            token: "admin-token".into(),
+            scopes: vec!["*".into()],
+        },
+        TokenConfig {
+            client: "reader".into(),
+            token: "reader-token".into(),
+            scopes: vec!["profiles:read".into()],
+        },
+    ];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let mut mount = clientele_runtime::server::Mount::default();
+    service.mount(&mut mount);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        clientele_runtime::server::serve(&settings, mount, listener, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Served {
+        endpoint,
+        _stop: tx,
+    }
+}
+
+pub type Client = clientele_proto::v1::profile_service_client::ProfileServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        clientele_runtime::client::ClientInterceptor,
+    >,
+>;
+
+pub fn client(endpoint: &str, token: Option<&str>) -> Client {
+    let channel = clientele_runtime::client::lazy_channel(endpoint).unwrap();
+    let interceptor = clientele_runtime::client::ClientInterceptor::new(token).unwrap();
+    clientele_proto::v1::profile_service_client::ProfileServiceClient::with_interceptor(
+        channel,
+        interceptor,
+    )
+}
+
+pub fn id(kind: i32, value: &str) -> clientele_proto::v1::Identifier {
+    clientele_proto::v1::Identifier {
+        r#type: kind,
+        value: value.into(),
+        namespace: String::new(),
+    }
+}
+
+pub fn set(ids: Vec<clientele_proto::v1::Identifier>) -> Option<clientele_proto::v1::IdentifierSet> {
+    Some(clientele_proto::v1::IdentifierSet { identifiers: ids })
+}
