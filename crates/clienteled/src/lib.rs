@@ -45,8 +45,14 @@ fn ensure_tokens(settings: &mut Settings) -> anyhow::Result<()> {
     if !settings.tokens.is_empty() {
         return Ok(());
     }
-    if settings.database_url.as_deref().is_some_and(|u| !u.starts_with("sqlite:")) {
-        anyhow::bail!("no tokens configured: set `tokens` in the settings file or CLIENTELE_TOKENS");
+    if settings
+        .database_url
+        .as_deref()
+        .is_some_and(|u| !u.starts_with("sqlite:"))
+    {
+        anyhow::bail!(
+            "no tokens configured: set `tokens` in the settings file or CLIENTELE_TOKENS"
+        );
     }
     let path = settings.data_dir.join("dev-token");
     let token = match std::fs::read_to_string(&path) {

@@ -81,7 +81,12 @@ pub struct IdentifierKey {
 impl IdentifierKey {
     /// A stable text form used for lock keys: `<code>:<namespace>:<value>`.
     pub fn lock_key(&self) -> String {
-        format!("i:{}:{}:{}", self.kind.code(), self.namespace, self.stored_value)
+        format!(
+            "i:{}:{}:{}",
+            self.kind.code(),
+            self.namespace,
+            self.stored_value
+        )
     }
 }
 
@@ -125,10 +130,12 @@ impl IdentifierHasher {
     pub fn new(secret: &[u8], phone_region: &str) -> Result<Self, IdentifierError> {
         let mac = Hmac::<Sha256>::new_from_slice(secret)
             .map_err(|_| bad("hash_secret", "unusable HMAC key"))?;
-        let phone_region = phone_region
-            .to_ascii_uppercase()
-            .parse()
-            .map_err(|_| bad("default_phone_region", format!("unknown region `{phone_region}`")))?;
+        let phone_region = phone_region.to_ascii_uppercase().parse().map_err(|_| {
+            bad(
+                "default_phone_region",
+                format!("unknown region `{phone_region}`"),
+            )
+        })?;
         Ok(Self { mac, phone_region })
     }
 
@@ -182,7 +189,10 @@ impl IdentifierHasher {
 
     /// E.164 form of a phone number (`+821012345678`).
     pub fn normalise_phone(&self, value: &str) -> Result<String, IdentifierError> {
-        let parsed = phonenumber::parse(Some(self.phone_region), value)
+        // A number written with `+country` is parsed on its own: giving a default region
+        // makes the parser reject valid foreign numbers (e.g. `+82 10…` with region US).
+        let region = (!value.trim_start().starts_with('+')).then_some(self.phone_region);
+        let parsed = phonenumber::parse(region, value)
             .map_err(|e| bad("value", format!("not a phone number: {e}")))?;
         if !phonenumber::is_valid(&parsed) {
             return Err(bad("value", "not a valid phone number"));
@@ -210,7 +220,9 @@ pub fn normalise_email(value: &str) -> Result<String, IdentifierError> {
     if local.is_empty() || local.len() > 64 {
         return Err(bad("value", "email local part must be 1 to 64 bytes"));
     }
-    if local.chars().any(|c| c.is_whitespace() || c == '@' || c == '"')
+    if local
+        .chars()
+        .any(|c| c.is_whitespace() || c == '@' || c == '"')
         || local.starts_with('.')
         || local.ends_with('.')
     {
@@ -231,7 +243,10 @@ pub fn normalise_email(value: &str) -> Result<String, IdentifierError> {
 
 fn validate_namespace(ns: &str) -> Result<(), IdentifierError> {
     if ns.is_empty() || ns.len() > 64 {
-        return Err(bad("namespace", "custom identifiers need a namespace of 1 to 64 bytes"));
+        return Err(bad(
+            "namespace",
+            "custom identifiers need a namespace of 1 to 64 bytes",
+        ));
     }
     if !ns.contains('.')
         || !ns
@@ -272,6 +287,15 @@ mod tests {
         let a = h.normalise(3, "010 1234 5678", "").unwrap();
         let b = h.normalise(3, "+82 10-1234-5678", "").unwrap();
         assert_eq!(a, b);
+        let us = IdentifierHasher::new(b"test-secret", "US").unwrap();
+        assert_eq!(
+            us.normalise_phone("+82 10-1234-5678").unwrap(),
+            "+821012345678"
+        );
+        assert_eq!(
+            us.normalise_phone("(415) 555-2671").unwrap(),
+            "+14155552671"
+        );
     }
 
     #[test]
@@ -286,15 +310,24 @@ mod tests {
     fn malformed_values_name_the_field() {
         let h = hasher();
         assert_eq!(h.normalise(2, "no-at-sign", "").unwrap_err().field, "value");
-        assert_eq!(h.normalise(2, "a@localhost", "").unwrap_err().field, "value");
+        assert_eq!(
+            h.normalise(2, "a@localhost", "").unwrap_err().field,
+            "value"
+        );
         assert_eq!(h.normalise(3, "12", "").unwrap_err().field, "value");
         assert_eq!(h.normalise(1, "   ", "").unwrap_err().field, "value");
-        assert_eq!(h.normalise(1, &"x".repeat(257), "").unwrap_err().field, "value");
+        assert_eq!(
+            h.normalise(1, &"x".repeat(257), "").unwrap_err().field,
+            "value"
+        );
         assert_eq!(h.normalise(0, "x", "").unwrap_err().field, "type");
         assert_eq!(h.normalise(99, "x", "").unwrap_err().field, "type");
         assert_eq!(h.normalise(6, "x", "nodot").unwrap_err().field, "namespace");
         assert_eq!(h.normalise(6, "x", "").unwrap_err().field, "namespace");
-        assert_eq!(h.normalise(1, "x", "pos.card").unwrap_err().field, "namespace");
+        assert_eq!(
+            h.normalise(1, "x", "pos.card").unwrap_err().field,
+            "namespace"
+        );
         assert!(h.normalise(6, "123", "pos.card").is_ok());
     }
 

@@ -89,8 +89,7 @@ fn parse_profile_id(field: &str, id: &str) -> Result<String, Status> {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
 }
 
@@ -205,8 +204,7 @@ impl ProfileServiceImpl {
     pub fn mount(self, mount: &mut Mount) {
         mount.add(
             "clientele.v1.ProfileService",
-            ProfileServiceServer::new(self)
-                .max_decoding_message_size(16 * 1024 * 1024),
+            ProfileServiceServer::new(self).max_decoding_message_size(16 * 1024 * 1024),
             &[
                 ("Resolve", "profiles:write"),
                 ("BatchResolve", "profiles:write"),
@@ -405,7 +403,11 @@ impl ProfileService for ProfileServiceImpl {
         }
         if req.set.len() > MAX_TRAITS_PER_CALL || req.remove.len() > MAX_TRAITS_PER_CALL {
             return Err(invalid_field(
-                if req.set.len() > MAX_TRAITS_PER_CALL { "set" } else { "remove" },
+                if req.set.len() > MAX_TRAITS_PER_CALL {
+                    "set"
+                } else {
+                    "remove"
+                },
                 format!("at most {MAX_TRAITS_PER_CALL} traits per call"),
             ));
         }
@@ -449,11 +451,18 @@ impl ProfileService for ProfileServiceImpl {
         let c = req
             .consent
             .ok_or_else(|| invalid_field("consent", "is required"))?;
-        if pb::ConsentPurpose::try_from(c.purpose).map_or(true, |p| p == pb::ConsentPurpose::Unspecified) {
+        if pb::ConsentPurpose::try_from(c.purpose)
+            .map_or(true, |p| p == pb::ConsentPurpose::Unspecified)
+        {
             return Err(invalid_field("consent.purpose", "must be a known purpose"));
         }
-        if pb::ConsentStatus::try_from(c.status).map_or(true, |s| s == pb::ConsentStatus::Unspecified) {
-            return Err(invalid_field("consent.status", "must be granted, denied or revoked"));
+        if pb::ConsentStatus::try_from(c.status)
+            .map_or(true, |s| s == pb::ConsentStatus::Unspecified)
+        {
+            return Err(invalid_field(
+                "consent.status",
+                "must be granted, denied or revoked",
+            ));
         }
         if c.source.trim().is_empty() || c.source.len() > 64 {
             return Err(invalid_field("consent.source", "must be 1 to 64 bytes"));
@@ -464,7 +473,10 @@ impl ProfileService for ProfileServiceImpl {
             Some(t) => micros(t)
                 .filter(|t| *t <= now + 300_000_000)
                 .ok_or_else(|| {
-                    invalid_field("consent.decided_at", "must be a valid time, not in the future")
+                    invalid_field(
+                        "consent.decided_at",
+                        "must be a valid time, not in the future",
+                    )
                 })?,
         };
         let record = self
@@ -509,13 +521,19 @@ impl ProfileService for ProfileServiceImpl {
     ) -> Result<Response<pb::ApplyAggregatesResponse>, Status> {
         let req = request.into_inner();
         if req.deltas.is_empty() || req.deltas.len() > MAX_DELTAS {
-            return Err(invalid_field("deltas", format!("1 to {MAX_DELTAS} deltas are required")));
+            return Err(invalid_field(
+                "deltas",
+                format!("1 to {MAX_DELTAS} deltas are required"),
+            ));
         }
         let mut deltas = Vec::with_capacity(req.deltas.len());
         for (i, d) in req.deltas.iter().enumerate() {
             let f = |s: &str| format!("deltas[{i}].{s}");
             if d.idempotency_key.is_empty() || d.idempotency_key.len() > 128 {
-                return Err(invalid_field(&f("idempotency_key"), "must be 1 to 128 bytes"));
+                return Err(invalid_field(
+                    &f("idempotency_key"),
+                    "must be 1 to 128 bytes",
+                ));
             }
             let profile_id = parse_profile_id(&f("profile_id"), &d.profile_id)?;
             let occurred_at = d
@@ -527,9 +545,15 @@ impl ProfileService for ProfileServiceImpl {
                 m.as_ref()
                     .map(|m| {
                         if !valid_currency(&m.currency) {
-                            Err(invalid_field(&f(&format!("{name}.currency")), "must be an ISO 4217 code"))
+                            Err(invalid_field(
+                                &f(&format!("{name}.currency")),
+                                "must be an ISO 4217 code",
+                            ))
                         } else if m.amount_minor < 0 && !allow_negative {
-                            Err(invalid_field(&f(&format!("{name}.amount_minor")), "must not be negative"))
+                            Err(invalid_field(
+                                &f(&format!("{name}.amount_minor")),
+                                "must not be negative",
+                            ))
                         } else {
                             Ok((m.currency.clone(), m.amount_minor))
                         }
@@ -581,7 +605,10 @@ impl ProfileService for ProfileServiceImpl {
         if req.reason.trim().is_empty() || req.reason.len() > 256 {
             return Err(invalid_field("reason", "must be 1 to 256 bytes"));
         }
-        let out = self.store.erase(&id, req.reason.trim(), now_micros()).await?;
+        let out = self
+            .store
+            .erase(&id, req.reason.trim(), now_micros())
+            .await?;
         for pid in &out.profile_ids {
             self.cache.invalidate(pid, i64::MAX).await;
         }
@@ -619,7 +646,10 @@ impl ProfileService for ProfileServiceImpl {
             .sets
             .iter()
             .enumerate()
-            .map(|(i, s)| self.normalise_set(&format!("sets[{i}]"), Some(s)).map(|(k, _)| k))
+            .map(|(i, s)| {
+                self.normalise_set(&format!("sets[{i}]"), Some(s))
+                    .map(|(k, _)| k)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let erased = self.store.any_erased(&sets).await?;
         Ok(Response::new(pb::CheckErasedResponse { erased }))

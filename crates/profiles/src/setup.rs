@@ -35,9 +35,12 @@ pub fn hash_secret(settings: &Settings, target: &DatabaseTarget) -> Result<Vec<u
     }
     match target {
         DatabaseTarget::Postgres { .. } => Err(SetupError::Secret(
-            "identity.hash_secret (CLIENTELE_IDENTITY__HASH_SECRET) must be set with PostgreSQL".into(),
+            "identity.hash_secret (CLIENTELE_IDENTITY__HASH_SECRET) must be set with PostgreSQL"
+                .into(),
         )),
-        DatabaseTarget::Sqlite { .. } => read_or_create_secret(&settings.data_dir.join("identity-secret")),
+        DatabaseTarget::Sqlite { .. } => {
+            read_or_create_secret(&settings.data_dir.join("identity-secret"))
+        }
     }
 }
 
@@ -64,7 +67,10 @@ fn read_or_create_secret(path: &Path) -> Result<Vec<u8>, SetupError> {
 }
 
 /// Opens the service's database at `target` and builds the service.
-pub async fn build(settings: &Settings, target: &DatabaseTarget) -> Result<ProfileServiceImpl, SetupError> {
+pub async fn build(
+    settings: &Settings,
+    target: &DatabaseTarget,
+) -> Result<ProfileServiceImpl, SetupError> {
     let secret = hash_secret(settings, target)?;
     let hasher = IdentifierHasher::new(&secret, &settings.identity.default_phone_region)
         .map_err(|e| SetupError::Secret(e.to_string()))?;

@@ -147,7 +147,11 @@ mod tests {
 
     #[test]
     fn a_new_identifier_attaches_to_the_known_profile() {
-        let p = plan(&[IdKind::Email, IdKind::DeviceId], &[known("a", 1, 1), None], 5);
+        let p = plan(
+            &[IdKind::Email, IdKind::DeviceId],
+            &[known("a", 1, 1), None],
+            5,
+        );
         assert_eq!(p.survivor.as_deref(), Some("a"));
         assert_eq!(p.attach, vec![1]);
     }

@@ -92,11 +92,24 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
         now: i64,
     ) -> StoreResult<ProfileRecord>;
     /// Appends a consent decision.
-    async fn record_consent(&self, id: &str, consent: &ConsentRecord, now: i64) -> StoreResult<ProfileRecord>;
+    async fn record_consent(
+        &self,
+        id: &str,
+        consent: &ConsentRecord,
+        now: i64,
+    ) -> StoreResult<ProfileRecord>;
     /// Consent decisions, newest first; `purpose` filters when given.
-    async fn consent_history(&self, id: &str, purpose: Option<i64>) -> StoreResult<Vec<ConsentRecord>>;
+    async fn consent_history(
+        &self,
+        id: &str,
+        purpose: Option<i64>,
+    ) -> StoreResult<Vec<ConsentRecord>>;
     /// Applies aggregate deltas, each exactly once per key.
-    async fn apply_aggregates(&self, deltas: &[AggregateDelta], now: i64) -> StoreResult<ApplyOutcome>;
+    async fn apply_aggregates(
+        &self,
+        deltas: &[AggregateDelta],
+        now: i64,
+    ) -> StoreResult<ApplyOutcome>;
     /// Erases a person and tombstones their identifiers. Idempotent.
     async fn erase(&self, id: &str, reason: &str, now: i64) -> StoreResult<EraseOutcome>;
     /// Everything held about a person, as JSON.
@@ -151,7 +164,11 @@ impl SqlProfileStore {
         })
     }
 
-    async fn lock(&self, conn: &mut AnyConnection, keys: impl IntoIterator<Item = String>) -> StoreResult<()> {
+    async fn lock(
+        &self,
+        conn: &mut AnyConnection,
+        keys: impl IntoIterator<Item = String>,
+    ) -> StoreResult<()> {
         if self.db.backend != Backend::Postgres {
             return Ok(());
         }
@@ -222,7 +239,8 @@ impl SqlProfileStore {
     async fn resolve_once(&self, keys: &[IdentifierKey], now: i64) -> StoreResult<ResolveOutcome> {
         let mut w = self.begin_write().await?;
         let conn: &mut AnyConnection = &mut w.tx;
-        self.lock(conn, keys.iter().map(IdentifierKey::lock_key)).await?;
+        self.lock(conn, keys.iter().map(IdentifierKey::lock_key))
+            .await?;
         if self.tombstoned(conn, keys).await? {
             return Ok(ResolveOutcome {
                 erased: true,
@@ -255,7 +273,8 @@ impl SqlProfileStore {
             if new.is_empty() {
                 break known;
             }
-            self.lock(conn, new.iter().map(|p| format!("p:{p}"))).await?;
+            self.lock(conn, new.iter().map(|p| format!("p:{p}")))
+                .await?;
             locked.extend(new);
         };
         let kinds: Vec<_> = keys.iter().map(|k| k.kind).collect();
@@ -310,7 +329,11 @@ impl SqlProfileStore {
             .execute(&mut *conn)
             .await?;
         }
-        if out.created || !plan.attach.is_empty() || !plan.merge.is_empty() || !plan.bump_links.is_empty() {
+        if out.created
+            || !plan.attach.is_empty()
+            || !plan.merge.is_empty()
+            || !plan.bump_links.is_empty()
+        {
             out.version = Some(self.bump(conn, &survivor_id, now).await?);
             let kind = if out.created {
                 ChangeKind::Created
@@ -319,14 +342,19 @@ impl SqlProfileStore {
             } else {
                 ChangeKind::Updated
             };
-            self.record_change(conn, &survivor_id, kind, &out.merged, now).await?;
+            self.record_change(conn, &survivor_id, kind, &out.merged, now)
+                .await?;
         }
         w.tx.commit().await?;
         out.profile_id = survivor_id;
         Ok(out)
     }
 
-    async fn tombstoned(&self, conn: &mut AnyConnection, keys: &[IdentifierKey]) -> StoreResult<bool> {
+    async fn tombstoned(
+        &self,
+        conn: &mut AnyConnection,
+        keys: &[IdentifierKey],
+    ) -> StoreResult<bool> {
         for chunk in keys.chunks(LOOKUP_CHUNK) {
             let mut sql = String::from("SELECT COUNT(*) FROM tombstones WHERE ");
             for i in 0..chunk.len() {
@@ -568,27 +596,24 @@ async fn consent_rows(
     id: &str,
     purpose: Option<i64>,
 ) -> StoreResult<Vec<ConsentRecord>> {
-    let rows: Vec<AnyRow> = match purpose {
-        Some(p) => {
-            sqlx::query(
+    let rows: Vec<AnyRow> =
+        match purpose {
+            Some(p) => sqlx::query(
                 "SELECT purpose, status, decided_at, source FROM consents WHERE profile_id = $1 \
                  AND purpose = $2 ORDER BY decided_at DESC, seq DESC",
             )
             .bind(id)
             .bind(p)
             .fetch_all(&mut *conn)
-            .await?
-        }
-        None => {
-            sqlx::query(
+            .await?,
+            None => sqlx::query(
                 "SELECT purpose, status, decided_at, source FROM consents WHERE profile_id = $1 \
                  ORDER BY decided_at DESC, seq DESC",
             )
             .bind(id)
             .fetch_all(&mut *conn)
-            .await?
-        }
-    };
+            .await?,
+        };
     rows.iter()
         .map(|r| {
             Ok(ConsentRecord {
@@ -635,11 +660,13 @@ async fn merge_profiles(
     .execute(&mut *conn)
     .await?;
     for table in ["traits", "consents"] {
-        sqlx::query(&format!("UPDATE {table} SET profile_id = $1 WHERE profile_id = $2"))
-            .bind(survivor)
-            .bind(loser)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(&format!(
+            "UPDATE {table} SET profile_id = $1 WHERE profile_id = $2"
+        ))
+        .bind(survivor)
+        .bind(loser)
+        .execute(&mut *conn)
+        .await?;
     }
     sqlx::query(
         "INSERT INTO spend (profile_id, currency, gross_minor, refunded_minor) \
@@ -677,10 +704,12 @@ async fn merge_profiles(
     let (first, last, seen): (Option<i64>, Option<i64>, Option<i64>) =
         (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
     let (orders, refunds): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
-    let srow = sqlx::query("SELECT first_order_at, last_order_at, last_seen_at FROM profiles WHERE id = $1")
-        .bind(survivor)
-        .fetch_one(&mut *conn)
-        .await?;
+    let srow = sqlx::query(
+        "SELECT first_order_at, last_order_at, last_seen_at FROM profiles WHERE id = $1",
+    )
+    .bind(survivor)
+    .fetch_one(&mut *conn)
+    .await?;
     let pick = |a: Option<i64>, b: Option<i64>, earliest: bool| match (a, b) {
         (Some(x), Some(y)) => Some(if earliest { x.min(y) } else { x.max(y) }),
         (x, y) => x.or(y),
@@ -758,7 +787,11 @@ impl ProfileStore for SqlProfileStore {
                     _ => {}
                 }
             }
-            out.push(if one { profile.map(str::to_string) } else { None });
+            out.push(if one {
+                profile.map(str::to_string)
+            } else {
+                None
+            });
         }
         Ok(out)
     }
@@ -810,7 +843,8 @@ impl ProfileStore for SqlProfileStore {
                 });
             }
             self.bump(conn, &pid, now).await?;
-            self.record_change(conn, &pid, ChangeKind::Updated, &[], now).await?;
+            self.record_change(conn, &pid, ChangeKind::Updated, &[], now)
+                .await?;
             let record = self.load(conn, &pid).await?;
             w.tx.commit().await?;
             Ok(record)
@@ -818,7 +852,12 @@ impl ProfileStore for SqlProfileStore {
         self.retry(write).await
     }
 
-    async fn record_consent(&self, id: &str, consent: &ConsentRecord, now: i64) -> StoreResult<ProfileRecord> {
+    async fn record_consent(
+        &self,
+        id: &str,
+        consent: &ConsentRecord,
+        now: i64,
+    ) -> StoreResult<ProfileRecord> {
         let write = || async {
             let mut w = self.begin_write().await?;
             let conn: &mut AnyConnection = &mut w.tx;
@@ -834,7 +873,8 @@ impl ProfileStore for SqlProfileStore {
             .execute(&mut *conn)
             .await?;
             self.bump(conn, &pid, now).await?;
-            self.record_change(conn, &pid, ChangeKind::Updated, &[], now).await?;
+            self.record_change(conn, &pid, ChangeKind::Updated, &[], now)
+                .await?;
             let record = self.load(conn, &pid).await?;
             w.tx.commit().await?;
             Ok(record)
@@ -842,7 +882,11 @@ impl ProfileStore for SqlProfileStore {
         self.retry(write).await
     }
 
-    async fn consent_history(&self, id: &str, purpose: Option<i64>) -> StoreResult<Vec<ConsentRecord>> {
+    async fn consent_history(
+        &self,
+        id: &str,
+        purpose: Option<i64>,
+    ) -> StoreResult<Vec<ConsentRecord>> {
         let mut conn = self.db.pool.acquire().await?;
         let s = survivor(&mut conn, id)
             .await?
@@ -853,7 +897,11 @@ impl ProfileStore for SqlProfileStore {
         consent_rows(&mut conn, &s.id, purpose).await
     }
 
-    async fn apply_aggregates(&self, deltas: &[AggregateDelta], now: i64) -> StoreResult<ApplyOutcome> {
+    async fn apply_aggregates(
+        &self,
+        deltas: &[AggregateDelta],
+        now: i64,
+    ) -> StoreResult<ApplyOutcome> {
         let write = || async {
             let mut w = self.begin_write().await?;
             let conn: &mut AnyConnection = &mut w.tx;
@@ -869,7 +917,8 @@ impl ProfileStore for SqlProfileStore {
                 }
             }
             let ids: BTreeSet<String> = live.values().flatten().cloned().collect();
-            self.lock(conn, ids.iter().map(|p| format!("p:{p}"))).await?;
+            self.lock(conn, ids.iter().map(|p| format!("p:{p}")))
+                .await?;
             let mut out = ApplyOutcome::default();
             let mut touched: BTreeSet<String> = BTreeSet::new();
             for d in deltas {
@@ -943,7 +992,8 @@ impl ProfileStore for SqlProfileStore {
                 out.touched.push((pid.clone(), v));
             }
             for pid in &touched {
-                self.record_change(conn, pid, ChangeKind::Updated, &[], now).await?;
+                self.record_change(conn, pid, ChangeKind::Updated, &[], now)
+                    .await?;
             }
             w.tx.commit().await?;
             Ok(out)
@@ -960,13 +1010,14 @@ impl ProfileStore for SqlProfileStore {
                 .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
             self.lock(conn, [format!("p:{}", s.id)]).await?;
             let pid = s.id;
-            let aliases: Vec<String> = sqlx::query("SELECT id FROM profiles WHERE merged_into = $1")
-                .bind(&pid)
-                .fetch_all(&mut *conn)
-                .await?
-                .iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<_, _>>()?;
+            let aliases: Vec<String> =
+                sqlx::query("SELECT id FROM profiles WHERE merged_into = $1")
+                    .bind(&pid)
+                    .fetch_all(&mut *conn)
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<_, _>>()?;
             let mut ids = vec![pid.clone()];
             ids.extend(aliases);
             if let Some(at) = s.erased_at {
@@ -1027,7 +1078,8 @@ impl ProfileStore for SqlProfileStore {
             .bind(&pid)
             .execute(&mut *conn)
             .await?;
-            self.record_change(conn, &pid, ChangeKind::Erased, &[], now).await?;
+            self.record_change(conn, &pid, ChangeKind::Erased, &[], now)
+                .await?;
             w.tx.commit().await?;
             Ok(EraseOutcome {
                 identifiers_tombstoned: n,

@@ -37,7 +37,10 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(violated_field(&err).as_deref(), Some("identifiers.identifiers[1].value"));
+    assert_eq!(
+        violated_field(&err).as_deref(),
+        Some("identifiers.identifiers[1].value")
+    );
     // nothing was written for the valid identifier either
     let r = c
         .resolve(pb::ResolveRequest {
@@ -49,21 +52,32 @@ async fn bad_input_names_the_field_and_writes_nothing() {
     assert!(r.created);
 
     let cases: Vec<(pb::ResolveRequest, &str)> = vec![
-        (pb::ResolveRequest { identifiers: None }, "identifiers.identifiers"),
         (
-            pb::ResolveRequest { identifiers: set(vec![id(42, "x")]) },
+            pb::ResolveRequest { identifiers: None },
+            "identifiers.identifiers",
+        ),
+        (
+            pb::ResolveRequest {
+                identifiers: set(vec![id(42, "x")]),
+            },
             "identifiers.identifiers[0].type",
         ),
         (
-            pb::ResolveRequest { identifiers: set(vec![id(3, "12")]) },
+            pb::ResolveRequest {
+                identifiers: set(vec![id(3, "12")]),
+            },
             "identifiers.identifiers[0].value",
         ),
         (
-            pb::ResolveRequest { identifiers: set(vec![id(1, &"x".repeat(300))]) },
+            pb::ResolveRequest {
+                identifiers: set(vec![id(1, &"x".repeat(300))]),
+            },
             "identifiers.identifiers[0].value",
         ),
         (
-            pb::ResolveRequest { identifiers: set((0..33).map(|i| id(1, &format!("c{i}"))).collect()) },
+            pb::ResolveRequest {
+                identifiers: set((0..33).map(|i| id(1, &format!("c{i}"))).collect()),
+            },
             "identifiers.identifiers",
         ),
     ];
@@ -76,15 +90,24 @@ async fn bad_input_names_the_field_and_writes_nothing() {
     let batch = c
         .batch_resolve(pb::BatchResolveRequest {
             sets: vec![
-                pb::IdentifierSet { identifiers: vec![id(1, "batch-new")] },
-                pb::IdentifierSet { identifiers: vec![id(2, "@@")] },
+                pb::IdentifierSet {
+                    identifiers: vec![id(1, "batch-new")],
+                },
+                pb::IdentifierSet {
+                    identifiers: vec![id(2, "@@")],
+                },
             ],
         })
         .await
         .unwrap_err();
-    assert_eq!(violated_field(&batch).as_deref(), Some("sets[1].identifiers[0].value"));
+    assert_eq!(
+        violated_field(&batch).as_deref(),
+        Some("sets[1].identifiers[0].value")
+    );
 
-    let long = pb::Value { kind: Some(pb::value::Kind::StringValue("x".repeat(2000))) };
+    let long = pb::Value {
+        kind: Some(pb::value::Kind::StringValue("x".repeat(2000))),
+    };
     let err = c
         .update_traits(pb::UpdateTraitsRequest {
             profile_id: r.profile_id.clone(),
@@ -96,13 +119,17 @@ async fn bad_input_names_the_field_and_writes_nothing() {
     assert_eq!(violated_field(&err).as_deref(), Some("set[\"bio\"]"));
 
     let err = c
-        .get_profile(pb::GetProfileRequest { profile_id: "nope".into() })
+        .get_profile(pb::GetProfileRequest {
+            profile_id: "nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(violated_field(&err).as_deref(), Some("profile_id"));
     let missing = "00000000-0000-7000-8000-000000000001";
     let err = c
-        .get_profile(pb::GetProfileRequest { profile_id: missing.into() })
+        .get_profile(pb::GetProfileRequest {
+            profile_id: missing.into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -113,11 +140,19 @@ async fn bad_input_names_the_field_and_writes_nothing() {
 async fn calls_need_a_token_with_the_right_scope_but_health_and_reflection_do_not() {
     let f = fixture(Engine::Sqlite, 5).await;
     let s = serve(f.service()).await;
-    let get = || pb::GetProfileRequest { profile_id: "00000000-0000-7000-8000-000000000001".into() };
+    let get = || pb::GetProfileRequest {
+        profile_id: "00000000-0000-7000-8000-000000000001".into(),
+    };
 
-    let err = client(&s.endpoint, None).get_profile(get()).await.unwrap_err();
+    let err = client(&s.endpoint, None)
+        .get_profile(get())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let err = client(&s.endpoint, Some("wrong")).get_profile(get()).await.unwrap_err();
+    let err = client(&s.endpoint, Some("wrong"))
+        .get_profile(get())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = client(&s.endpoint, Some("reader-token"))
         .erase_profile(pb::EraseProfileRequest {
@@ -128,17 +163,25 @@ async fn calls_need_a_token_with_the_right_scope_but_health_and_reflection_do_no
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     // a reader may read (NOT_FOUND, not a refusal)
-    let err = client(&s.endpoint, Some("reader-token")).get_profile(get()).await.unwrap_err();
+    let err = client(&s.endpoint, Some("reader-token"))
+        .get_profile(get())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
     let channel = clientele_runtime::client::lazy_channel(&s.endpoint).unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "clientele.v1.ProfileService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "clientele.v1.ProfileService".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(status.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -158,7 +201,10 @@ async fn calls_need_a_token_with_the_right_scope_but_health_and_reflection_do_no
         panic!("unexpected reflection answer");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"clientele.v1.ProfileService".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"clientele.v1.ProfileService".to_string()),
+        "{names:?}"
+    );
 }
 
 #[tokio::test]
@@ -169,48 +215,99 @@ async fn writes_invalidate_the_redis_copy_of_a_hot_profile() {
     let s = serve(f.service_with(cache)).await;
     let mut c = client(&s.endpoint, Some("admin-token"));
     let pid = c
-        .resolve(pb::ResolveRequest { identifiers: set(vec![id(1, "hot")]) })
+        .resolve(pb::ResolveRequest {
+            identifiers: set(vec![id(1, "hot")]),
+        })
         .await
         .unwrap()
         .into_inner()
         .profile_id;
-    let first = c.get_profile(pb::GetProfileRequest { profile_id: pid.clone() }).await.unwrap();
+    let first = c
+        .get_profile(pb::GetProfileRequest {
+            profile_id: pid.clone(),
+        })
+        .await
+        .unwrap();
     let redis = redis::Client::open(testing::redis_url()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let key = format!("{prefix}{pid}");
-    let cached: Option<Vec<u8>> = redis::cmd("HGET").arg(&key).arg("d").query_async(&mut conn).await.unwrap();
+    let cached: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("d")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(cached.is_some(), "a read fills the cache");
 
     c.update_traits(pb::UpdateTraitsRequest {
         profile_id: pid.clone(),
-        set: [("vip".to_string(), pb::Value { kind: Some(pb::value::Kind::BoolValue(true)) })].into(),
+        set: [(
+            "vip".to_string(),
+            pb::Value {
+                kind: Some(pb::value::Kind::BoolValue(true)),
+            },
+        )]
+        .into(),
         remove: vec![],
     })
     .await
     .unwrap();
-    let after = c.get_profile(pb::GetProfileRequest { profile_id: pid.clone() }).await.unwrap().into_inner();
+    let after = c
+        .get_profile(pb::GetProfileRequest {
+            profile_id: pid.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let after = after.profile.unwrap();
-    assert!(after.traits.contains_key("vip"), "the write is visible at once");
+    assert!(
+        after.traits.contains_key("vip"),
+        "the write is visible at once"
+    );
     assert!(after.version > first.into_inner().profile.unwrap().version);
 
-    c.erase_profile(pb::EraseProfileRequest { profile_id: pid.clone(), reason: "test".into() })
+    c.erase_profile(pb::EraseProfileRequest {
+        profile_id: pid.clone(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    let cached: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("d")
+        .query_async(&mut conn)
         .await
         .unwrap();
-    let cached: Option<Vec<u8>> = redis::cmd("HGET").arg(&key).arg("d").query_async(&mut conn).await.unwrap();
     assert!(cached.is_none(), "erasure removes the cached copy");
-    let err = c.get_profile(pb::GetProfileRequest { profile_id: pid }).await.unwrap_err();
+    let err = c
+        .get_profile(pb::GetProfileRequest { profile_id: pid })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
 async fn reads_and_writes_go_on_when_redis_goes_down() {
     let port = free_port();
     let mut redis_server = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--bind",
+            "127.0.0.1",
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("redis-server must be installed (see README)");
@@ -225,28 +322,48 @@ async fn reads_and_writes_go_on_when_redis_goes_down() {
     let s = serve(f.service_with(redis_cache(&url, "outage:"))).await;
     let mut c = client(&s.endpoint, Some("admin-token"));
     let pid = c
-        .resolve(pb::ResolveRequest { identifiers: set(vec![id(1, "outage")]) })
+        .resolve(pb::ResolveRequest {
+            identifiers: set(vec![id(1, "outage")]),
+        })
         .await
         .unwrap()
         .into_inner()
         .profile_id;
-    c.get_profile(pb::GetProfileRequest { profile_id: pid.clone() }).await.unwrap();
+    c.get_profile(pb::GetProfileRequest {
+        profile_id: pid.clone(),
+    })
+    .await
+    .unwrap();
 
     redis_server.kill().unwrap();
     redis_server.wait().unwrap();
 
     for _ in 0..3 {
-        let p = c.get_profile(pb::GetProfileRequest { profile_id: pid.clone() }).await;
+        let p = c
+            .get_profile(pb::GetProfileRequest {
+                profile_id: pid.clone(),
+            })
+            .await;
         assert!(p.is_ok(), "reads go on from the database: {p:?}");
     }
     c.update_traits(pb::UpdateTraitsRequest {
         profile_id: pid.clone(),
-        set: [("during_outage".to_string(), pb::Value { kind: Some(pb::value::Kind::IntValue(1)) })].into(),
+        set: [(
+            "during_outage".to_string(),
+            pb::Value {
+                kind: Some(pb::value::Kind::IntValue(1)),
+            },
+        )]
+        .into(),
         remove: vec![],
     })
     .await
     .unwrap();
-    let p = c.get_profile(pb::GetProfileRequest { profile_id: pid }).await.unwrap().into_inner();
+    let p = c
+        .get_profile(pb::GetProfileRequest { profile_id: pid })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(p.profile.unwrap().traits.contains_key("during_outage"));
 }
 
@@ -256,7 +373,9 @@ async fn watch_changes_streams_past_and_new_changes() {
     let s = serve(f.service()).await;
     let mut c = client(&s.endpoint, Some("admin-token"));
     let a = c
-        .resolve(pb::ResolveRequest { identifiers: set(vec![id(1, "w-a")]) })
+        .resolve(pb::ResolveRequest {
+            identifiers: set(vec![id(1, "w-a")]),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -267,14 +386,23 @@ async fn watch_changes_streams_past_and_new_changes() {
         .unwrap()
         .into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    assert_eq!((first.profile_id.as_str(), first.kind), (a.as_str(), pb::ProfileChangeKind::Created as i32));
+    assert_eq!(
+        (first.profile_id.as_str(), first.kind),
+        (a.as_str(), pb::ProfileChangeKind::Created as i32)
+    );
     let b = c
-        .resolve(pb::ResolveRequest { identifiers: set(vec![id(1, "w-b")]) })
+        .resolve(pb::ResolveRequest {
+            identifiers: set(vec![id(1, "w-b")]),
+        })
         .await
         .unwrap()
         .into_inner()
         .profile_id;
-    let second = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(second.profile_id, b);
     assert!(second.sequence > first.sequence);
 }
@@ -285,7 +413,9 @@ async fn export_returns_everything_held_about_the_person() {
     let s = serve(f.service()).await;
     let mut c = client(&s.endpoint, Some("admin-token"));
     let pid = c
-        .resolve(pb::ResolveRequest { identifiers: set(vec![id(1, "exp"), id(2, "Exp@Example.com")]) })
+        .resolve(pb::ResolveRequest {
+            identifiers: set(vec![id(1, "exp"), id(2, "Exp@Example.com")]),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -302,7 +432,9 @@ async fn export_returns_everything_held_about_the_person() {
     .await
     .unwrap();
     let json = c
-        .export_profile(pb::ExportProfileRequest { profile_id: pid.clone() })
+        .export_profile(pb::ExportProfileRequest {
+            profile_id: pid.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -311,5 +443,8 @@ async fn export_returns_everything_held_about_the_person() {
     assert_eq!(doc["profile"]["id"], pid.as_str());
     assert_eq!(doc["profile"]["identifiers"].as_array().unwrap().len(), 2);
     assert_eq!(doc["consent_history"][0]["source"], "web.signup");
-    assert!(!json.to_lowercase().contains("exp@example.com"), "raw emails are never held");
+    assert!(
+        !json.to_lowercase().contains("exp@example.com"),
+        "raw emails are never held"
+    );
 }

@@ -34,13 +34,25 @@ async fn resolving_unknown_identifiers_creates_one_profile(e: Engine) {
     assert_eq!(by_one.profile_id, first.profile_id);
     let p = f.store.get(&first.profile_id).await.unwrap();
     assert_eq!(p.identifiers.len(), 2);
-    assert!(p.identifiers.iter().all(|i| !i.stored_value.contains("a@x.io")));
+    assert!(
+        p.identifiers
+            .iter()
+            .all(|i| !i.stored_value.contains("a@x.io"))
+    );
 }
 
 async fn merging_two_profiles_keeps_all_orders(e: Engine) {
     let f = fixture(e, 5).await;
-    let anon = f.store.resolve(&[f.anonymous("cookie-1")], T0).await.unwrap();
-    let known = f.store.resolve(&[f.email("b@x.io")], T0 + 10).await.unwrap();
+    let anon = f
+        .store
+        .resolve(&[f.anonymous("cookie-1")], T0)
+        .await
+        .unwrap();
+    let known = f
+        .store
+        .resolve(&[f.email("b@x.io")], T0 + 10)
+        .await
+        .unwrap();
     f.store
         .apply_aggregates(
             &[
@@ -53,11 +65,21 @@ async fn merging_two_profiles_keeps_all_orders(e: Engine) {
         .await
         .unwrap();
     f.store
-        .update_traits(&anon.profile_id, &[("color".into(), TraitValue::String("red".into()))], &[], T0 + 300)
+        .update_traits(
+            &anon.profile_id,
+            &[("color".into(), TraitValue::String("red".into()))],
+            &[],
+            T0 + 300,
+        )
         .await
         .unwrap();
     f.store
-        .update_traits(&known.profile_id, &[("color".into(), TraitValue::String("blue".into()))], &[], T0 + 200)
+        .update_traits(
+            &known.profile_id,
+            &[("color".into(), TraitValue::String("blue".into()))],
+            &[],
+            T0 + 200,
+        )
         .await
         .unwrap();
 
@@ -78,7 +100,14 @@ async fn merging_two_profiles_keeps_all_orders(e: Engine) {
     assert_eq!(p.last_order_at, Some(T0 + 200));
     let usd = p.spend.iter().find(|s| s.currency == "USD").unwrap();
     assert_eq!(usd.gross_minor, 3500);
-    assert_eq!(p.spend.iter().find(|s| s.currency == "KRW").unwrap().gross_minor, 700);
+    assert_eq!(
+        p.spend
+            .iter()
+            .find(|s| s.currency == "KRW")
+            .unwrap()
+            .gross_minor,
+        700
+    );
     assert_eq!(p.identifiers.len(), 2);
     // the most recently set trait wins
     assert_eq!(p.traits["color"].value, TraitValue::String("red".into()));
@@ -90,24 +119,52 @@ async fn merging_two_profiles_keeps_all_orders(e: Engine) {
 async fn a_shared_device_links_at_most_the_cap(e: Engine) {
     let f = fixture(e, 2).await;
     let tablet = f.device("family-tablet");
-    let a = f.store.resolve(&[f.email("a@fam.io"), tablet.clone()], T0).await.unwrap();
-    let b = f.store.resolve(&[f.email("b@fam.io")], T0 + 1).await.unwrap();
-    let c = f.store.resolve(&[f.email("c@fam.io")], T0 + 2).await.unwrap();
+    let a = f
+        .store
+        .resolve(&[f.email("a@fam.io"), tablet.clone()], T0)
+        .await
+        .unwrap();
+    let b = f
+        .store
+        .resolve(&[f.email("b@fam.io")], T0 + 1)
+        .await
+        .unwrap();
+    let c = f
+        .store
+        .resolve(&[f.email("c@fam.io")], T0 + 2)
+        .await
+        .unwrap();
     // b logs in on the tablet: the tablet links a second profile (cap 2), so they merge
-    let ab = f.store.resolve(&[f.email("b@fam.io"), tablet.clone()], T0 + 3).await.unwrap();
+    let ab = f
+        .store
+        .resolve(&[f.email("b@fam.io"), tablet.clone()], T0 + 3)
+        .await
+        .unwrap();
     assert_eq!(ab.profile_id, a.profile_id);
     assert_eq!(ab.merged, vec![b.profile_id.clone()]);
     // c logs in on the tablet: the tablet is at the cap, so the link is refused
-    let refused = f.store.resolve(&[f.email("c@fam.io"), tablet], T0 + 4).await.unwrap();
+    let refused = f
+        .store
+        .resolve(&[f.email("c@fam.io"), tablet], T0 + 4)
+        .await
+        .unwrap();
     assert_eq!(refused.profile_id, c.profile_id);
     assert!(refused.merged.is_empty());
     assert_eq!(refused.refused, vec![1]);
-    assert_eq!(f.store.get(&c.profile_id).await.unwrap().identifiers.len(), 1);
+    assert_eq!(
+        f.store.get(&c.profile_id).await.unwrap().identifiers.len(),
+        1
+    );
 }
 
 async fn aggregates_count_each_event_once_in_any_order(e: Engine) {
     let f = fixture(e, 5).await;
-    let p = f.store.resolve(&[f.customer("agg")], T0).await.unwrap().profile_id;
+    let p = f
+        .store
+        .resolve(&[f.customer("agg")], T0)
+        .await
+        .unwrap()
+        .profile_id;
     let refund = AggregateDelta {
         key: "r1".into(),
         profile_id: p.clone(),
@@ -124,11 +181,22 @@ async fn aggregates_count_each_event_once_in_any_order(e: Engine) {
         ..AggregateDelta::default()
     };
     // refund arrives before its order; everything is then retried
-    let first = f.store.apply_aggregates(&[refund.clone(), view.clone()], T0).await.unwrap();
+    let first = f
+        .store
+        .apply_aggregates(&[refund.clone(), view.clone()], T0)
+        .await
+        .unwrap();
     assert_eq!(first.applied, 2);
     let o = order("o1", &p, T0 + 100, 1000, "USD");
-    f.store.apply_aggregates(&[o.clone()], T0).await.unwrap();
-    let retry = f.store.apply_aggregates(&[o, refund, view], T0).await.unwrap();
+    f.store
+        .apply_aggregates(std::slice::from_ref(&o), T0)
+        .await
+        .unwrap();
+    let retry = f
+        .store
+        .apply_aggregates(&[o, refund, view], T0)
+        .await
+        .unwrap();
     assert_eq!((retry.applied, retry.duplicates), (0, 3));
     let r = f.store.get(&p).await.unwrap();
     assert_eq!((r.order_count, r.refund_count), (1, 1));
@@ -141,40 +209,78 @@ async fn aggregates_count_each_event_once_in_any_order(e: Engine) {
 
 async fn consent_history_is_kept_and_the_latest_decision_counts(e: Engine) {
     let f = fixture(e, 5).await;
-    let p = f.store.resolve(&[f.customer("consent")], T0).await.unwrap().profile_id;
+    let p = f
+        .store
+        .resolve(&[f.customer("consent")], T0)
+        .await
+        .unwrap()
+        .profile_id;
     let c = |status, at| ConsentRecord {
         purpose: 1,
         status,
         decided_at: at,
         source: "web".into(),
     };
-    f.store.record_consent(&p, &c(1, T0 + 10), T0).await.unwrap();
-    f.store.record_consent(&p, &c(3, T0 + 20), T0).await.unwrap();
+    f.store
+        .record_consent(&p, &c(1, T0 + 10), T0)
+        .await
+        .unwrap();
+    f.store
+        .record_consent(&p, &c(3, T0 + 20), T0)
+        .await
+        .unwrap();
     // a late-arriving older decision does not override the newer one
     let r = f.store.record_consent(&p, &c(1, T0 + 5), T0).await.unwrap();
     assert_eq!(r.consents.len(), 1);
     assert_eq!(r.consents[0].status, 3);
     let h = f.store.consent_history(&p, Some(1)).await.unwrap();
-    assert_eq!(h.iter().map(|c| c.decided_at).collect::<Vec<_>>(), vec![T0 + 20, T0 + 10, T0 + 5]);
+    assert_eq!(
+        h.iter().map(|c| c.decided_at).collect::<Vec<_>>(),
+        vec![T0 + 20, T0 + 10, T0 + 5]
+    );
 }
 
 async fn erasure_removes_the_person_and_suppresses_their_identifiers(e: Engine) {
     let f = fixture(e, 5).await;
     let keys = vec![f.email("gone@x.io"), f.device("dev-9")];
     let p = f.store.resolve(&keys, T0).await.unwrap().profile_id;
-    let other = f.store.resolve(&[f.anonymous("anon-9")], T0).await.unwrap().profile_id;
-    f.store.resolve(&[f.email("gone@x.io"), f.anonymous("anon-9")], T0 + 1).await.unwrap();
+    let other = f
+        .store
+        .resolve(&[f.anonymous("anon-9")], T0)
+        .await
+        .unwrap()
+        .profile_id;
     f.store
-        .update_traits(&p, &[("tier".into(), TraitValue::String("gold".into()))], &[], T0)
+        .resolve(&[f.email("gone@x.io"), f.anonymous("anon-9")], T0 + 1)
         .await
         .unwrap();
-    let out = f.store.erase(&p, "gdpr-art17 ticket 42", T0 + 5).await.unwrap();
+    f.store
+        .update_traits(
+            &p,
+            &[("tier".into(), TraitValue::String("gold".into()))],
+            &[],
+            T0,
+        )
+        .await
+        .unwrap();
+    let out = f
+        .store
+        .erase(&p, "gdpr-art17 ticket 42", T0 + 5)
+        .await
+        .unwrap();
     assert_eq!(out.identifiers_tombstoned, 3);
     assert!(out.profile_ids.contains(&other));
     assert!(matches!(f.store.get(&p).await, Err(StoreError::Erased(_))));
-    assert!(matches!(f.store.get(&other).await, Err(StoreError::Erased(_))));
+    assert!(matches!(
+        f.store.get(&other).await,
+        Err(StoreError::Erased(_))
+    ));
     // later data for any erased identifier is suppressed, not recreated
-    let again = f.store.resolve(&[f.email("gone@x.io")], T0 + 6).await.unwrap();
+    let again = f
+        .store
+        .resolve(&[f.email("gone@x.io")], T0 + 6)
+        .await
+        .unwrap();
     assert!(again.erased);
     assert!(again.profile_id.is_empty());
     assert_eq!(
@@ -185,21 +291,48 @@ async fn erasure_removes_the_person_and_suppresses_their_identifiers(e: Engine) 
         vec![true, false]
     );
     // erasing twice is a no-op
-    assert_eq!(f.store.erase(&p, "again", T0 + 7).await.unwrap().identifiers_tombstoned, 0);
+    assert_eq!(
+        f.store
+            .erase(&p, "again", T0 + 7)
+            .await
+            .unwrap()
+            .identifiers_tombstoned,
+        0
+    );
 }
 
 async fn the_changes_feed_lists_every_write_in_order(e: Engine) {
     let f = fixture(e, 5).await;
-    let a = f.store.resolve(&[f.customer("feed-a")], T0).await.unwrap().profile_id;
-    let b = f.store.resolve(&[f.customer("feed-b")], T0).await.unwrap().profile_id;
-    f.store.resolve(&[f.customer("feed-a"), f.customer("feed-b")], T0).await.unwrap();
+    let a = f
+        .store
+        .resolve(&[f.customer("feed-a")], T0)
+        .await
+        .unwrap()
+        .profile_id;
+    let b = f
+        .store
+        .resolve(&[f.customer("feed-b")], T0)
+        .await
+        .unwrap()
+        .profile_id;
+    f.store
+        .resolve(&[f.customer("feed-a"), f.customer("feed-b")], T0)
+        .await
+        .unwrap();
     let changes = f.store.changes_after(0, 100).await.unwrap();
     let kinds: Vec<i64> = changes.iter().map(|c| c.kind).collect();
     assert_eq!(kinds, vec![1, 1, 3]);
     assert_eq!(changes[2].profile_id, a);
     assert_eq!(changes[2].merged_ids, vec![b]);
     assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
-    assert_eq!(f.store.changes_after(changes[1].seq, 100).await.unwrap().len(), 1);
+    assert_eq!(
+        f.store
+            .changes_after(changes[1].seq, 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 async fn concurrent_resolves_of_the_same_identifiers_create_one_profile(e: Engine) {
@@ -236,7 +369,9 @@ async fn a_missing_profile_is_not_found(e: Engine) {
     let id = "00000000-0000-7000-8000-000000000000";
     assert!(matches!(f.store.get(id).await, Err(StoreError::NotFound(x)) if x == id));
     assert!(matches!(
-        f.store.update_traits(id, &[("a".into(), TraitValue::Int(1))], &[], T0).await,
+        f.store
+            .update_traits(id, &[("a".into(), TraitValue::Int(1))], &[], T0)
+            .await,
         Err(StoreError::NotFound(_))
     ));
 }

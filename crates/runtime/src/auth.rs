@@ -132,7 +132,11 @@ impl Authenticator {
 
     /// Checks one call: `path` is the HTTP/2 path (`/pkg.Service/Method`), `authorization` the
     /// raw header value. Returns the caller, or `None` for open paths.
-    pub fn check(&self, path: &str, authorization: Option<&[u8]>) -> Result<Option<Caller>, AuthError> {
+    pub fn check(
+        &self,
+        path: &str,
+        authorization: Option<&[u8]>,
+    ) -> Result<Option<Caller>, AuthError> {
         if is_open(path) {
             return Ok(None);
         }
@@ -258,7 +262,10 @@ mod tests {
             ],
             [
                 ("/clientele.v1.ProfileService/GetProfile", "profiles:read"),
-                ("/clientele.v1.ProfileService/EraseProfile", "profiles:admin"),
+                (
+                    "/clientele.v1.ProfileService/EraseProfile",
+                    "profiles:admin",
+                ),
             ],
         )
     }
@@ -284,13 +291,22 @@ mod tests {
             "/clientele.v1.ProfileService/EraseProfile",
             Some(b"Bearer r-token"),
         );
-        assert!(matches!(r, Err(AuthError::PermissionDenied { scope: "profiles:admin", .. })));
+        assert!(matches!(
+            r,
+            Err(AuthError::PermissionDenied {
+                scope: "profiles:admin",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn admin_scope_covers_reads_and_health_needs_no_token() {
         let a = auth();
-        let r = a.check("/clientele.v1.ProfileService/GetProfile", Some(b"Bearer o-token"));
+        let r = a.check(
+            "/clientele.v1.ProfileService/GetProfile",
+            Some(b"Bearer o-token"),
+        );
         assert_eq!(r.ok().flatten().map(|c| c.client), Some("ops".to_string()));
         assert_eq!(a.check("/grpc.health.v1.Health/Check", None), Ok(None));
     }

@@ -51,10 +51,13 @@ pub fn from_settings(settings: &Settings, name: &'static str) -> Arc<dyn Version
     }
 }
 
+/// An entry: the record version and its bytes (`None` for an invalidation marker).
+type Versioned = (i64, Option<Arc<[u8]>>);
+
 /// In-process cache (moka), for the embedded single-process mode.
 #[derive(Debug)]
 pub struct MemoryCache {
-    inner: moka::future::Cache<String, (i64, Option<Arc<[u8]>>)>,
+    inner: moka::future::Cache<String, Versioned>,
     name: &'static str,
 }
 
@@ -107,7 +110,8 @@ impl VersionedCache for MemoryCache {
     }
 
     async fn put_if_newer(&self, key: &str, version: i64, value: &[u8]) {
-        self.set_if_newer(key, version, Some(Arc::from(value))).await;
+        self.set_if_newer(key, version, Some(Arc::from(value)))
+            .await;
     }
 
     async fn invalidate(&self, key: &str, version: i64) {
@@ -160,7 +164,13 @@ impl std::fmt::Debug for RedisCache {
 impl RedisCache {
     /// A cache at `url` whose keys all start with `prefix`. Calls taking longer than
     /// `timeout` count as misses.
-    pub fn new(url: &str, prefix: String, ttl: Duration, timeout: Duration, name: &'static str) -> Self {
+    pub fn new(
+        url: &str,
+        prefix: String,
+        ttl: Duration,
+        timeout: Duration,
+        name: &'static str,
+    ) -> Self {
         let client = match redis::Client::open(url) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -292,15 +302,31 @@ mod tests {
         cache.put_if_newer(key, 2, b"v2").await;
         assert_eq!(cache.get(key).await.as_deref(), Some(&b"v2"[..]));
         cache.put_if_newer(key, 1, b"v1").await;
-        assert_eq!(cache.get(key).await.as_deref(), Some(&b"v2"[..]), "older fill ignored");
+        assert_eq!(
+            cache.get(key).await.as_deref(),
+            Some(&b"v2"[..]),
+            "older fill ignored"
+        );
         cache.invalidate(key, 3).await;
         assert_eq!(cache.get(key).await, None);
         cache.put_if_newer(key, 2, b"v2").await;
-        assert_eq!(cache.get(key).await, None, "fill older than the invalidation ignored");
+        assert_eq!(
+            cache.get(key).await,
+            None,
+            "fill older than the invalidation ignored"
+        );
         cache.put_if_newer(key, 3, b"v3").await;
-        assert_eq!(cache.get(key).await.as_deref(), Some(&b"v3"[..]), "fill at the invalidated version lands");
+        assert_eq!(
+            cache.get(key).await.as_deref(),
+            Some(&b"v3"[..]),
+            "fill at the invalidated version lands"
+        );
         cache.put_if_newer(key, 3, b"other").await;
-        assert_eq!(cache.get(key).await.as_deref(), Some(&b"v3"[..]), "same-version fill keeps the first");
+        assert_eq!(
+            cache.get(key).await.as_deref(),
+            Some(&b"v3"[..]),
+            "same-version fill keeps the first"
+        );
         cache.invalidate(key, i64::MAX).await;
         cache.put_if_newer(key, 4, b"v4").await;
         assert_eq!(cache.get(key).await, None, "erased entries never refill");
@@ -316,7 +342,13 @@ mod tests {
     async fn redis_cache_refuses_fills_older_than_what_it_holds() {
         let url = crate::testing::redis_url();
         let prefix = crate::testing::unique_prefix();
-        let c = RedisCache::new(&url, prefix, Duration::from_secs(60), Duration::from_millis(500), "test");
+        let c = RedisCache::new(
+            &url,
+            prefix,
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            "test",
+        );
         contract(&c, "k").await;
     }
 

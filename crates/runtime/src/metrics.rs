@@ -3,7 +3,9 @@
 
 use std::sync::{Arc, LazyLock, Mutex};
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 /// Every metric a Clientele process exports.
 pub struct Metrics {
@@ -30,25 +32,37 @@ impl std::fmt::Debug for Metrics {
 fn build() -> Metrics {
     let registry = Registry::new();
     let grpc_handled = IntCounterVec::new(
-        Opts::new("grpc_server_handled_total", "gRPC calls completed, by method and status code"),
+        Opts::new(
+            "grpc_server_handled_total",
+            "gRPC calls completed, by method and status code",
+        ),
         &["method", "code"],
     )
     .expect("valid metric");
     let grpc_latency = HistogramVec::new(
-        HistogramOpts::new("grpc_server_handling_seconds", "gRPC call latency to response headers")
-            .buckets(vec![
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-            ]),
+        HistogramOpts::new(
+            "grpc_server_handling_seconds",
+            "gRPC call latency to response headers",
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+        ]),
         &["method"],
     )
     .expect("valid metric");
     let cache_requests = IntCounterVec::new(
-        Opts::new("cache_requests_total", "Cache look-ups by cache and result (hit, miss, error)"),
+        Opts::new(
+            "cache_requests_total",
+            "Cache look-ups by cache and result (hit, miss, error)",
+        ),
         &["cache", "result"],
     )
     .expect("valid metric");
     let db_pool = IntGaugeVec::new(
-        Opts::new("db_pool_connections", "Database pool connections by service and state"),
+        Opts::new(
+            "db_pool_connections",
+            "Database pool connections by service and state",
+        ),
         &["service", "state"],
     )
     .expect("valid metric");

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,9 @@ pub struct Mount {
 
 impl std::fmt::Debug for Mount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mount").field("services", &self.names).finish()
+        f.debug_struct("Mount")
+            .field("services", &self.names)
+            .finish()
     }
 }
 
@@ -152,16 +155,47 @@ pub async fn serve(
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, stopped);
     tokio::pin!(server);
+    // hyper keeps idle HTTP/2 connections open through a graceful shutdown (hyper#4170), so
+    // rather than wait for clients to hang up, exit once no call is in flight.
     tokio::select! {
         r = &mut server => r?,
         () = async {
             let _ = drain_rx.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
+            let deadline = Instant::now() + grace;
+            while IN_FLIGHT.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Let the last responses leave the socket buffers.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         } => {
-            tracing::warn!(grace_secs = grace.as_secs(), "drain grace period over; exiting with calls in flight");
+            let left = IN_FLIGHT.load(Ordering::SeqCst);
+            if left > 0 {
+                tracing::warn!(grace_secs = grace.as_secs(), in_flight = left, "drain grace period over; exiting with calls in flight");
+            } else {
+                tracing::info!("drained: no call in flight");
+            }
         }
     }
     Ok(())
+}
+
+/// Calls (unary, or streams until their response headers) currently being handled.
+static IN_FLIGHT: AtomicI64 = AtomicI64::new(0);
+
+/// Counts a call as in flight for as long as it lives, cancellation included.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Tower layer that opens a span per call (child of the caller's W3C trace context) and records
@@ -212,10 +246,12 @@ where
         );
         let _ = span.set_parent(parent);
         let started = Instant::now();
+        let in_flight = InFlight::enter();
         let fut = self.inner.call(req);
         Box::pin(
             async move {
                 let result = fut.await;
+                drop(in_flight);
                 // Errors from unary calls arrive as trailers-only responses, with the status in
                 // the headers; a response without it is OK (or reports its status in
                 // trailers, for streams).

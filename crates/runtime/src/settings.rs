@@ -140,8 +140,14 @@ pub struct IdentitySettings {
 impl std::fmt::Debug for IdentitySettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdentitySettings")
-            .field("hash_secret", &self.hash_secret.as_ref().map(|_| "<redacted>"))
-            .field("max_profiles_per_identifier", &self.max_profiles_per_identifier)
+            .field(
+                "hash_secret",
+                &self.hash_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "max_profiles_per_identifier",
+                &self.max_profiles_per_identifier,
+            )
             .field("default_phone_region", &self.default_phone_region)
             .finish()
     }
@@ -180,7 +186,14 @@ impl Settings {
         }
         figment = figment.merge(
             Env::prefixed("CLIENTELE_")
-                .ignore(&["CONFIG", "TOKEN", "ENDPOINT"])
+                .ignore(&[
+                    "CONFIG",
+                    "TARGET",
+                    "TOKEN",
+                    "ENDPOINT",
+                    "TEST_DATABASE_URL",
+                    "TEST_REDIS_URL",
+                ])
                 .split("__"),
         );
         figment.extract().map_err(|e| SettingsError(Box::new(e)))
@@ -195,7 +208,7 @@ impl Settings {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::result_large_err)]
 mod tests {
     use super::*;
 

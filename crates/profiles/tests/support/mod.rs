@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use clientele_profiles::identifiers::{IdentifierHasher, IdentifierKey};
-use clientele_profiles::{POSTGRES_MIGRATIONS, ProfileServiceImpl, SQLITE_MIGRATIONS, SqlProfileStore};
+use clientele_profiles::{
+    POSTGRES_MIGRATIONS, ProfileServiceImpl, SQLITE_MIGRATIONS, SqlProfileStore,
+};
 use clientele_runtime::cache::{MemoryCache, VersionedCache};
 use clientele_runtime::db::{self, DatabaseTarget};
 use clientele_runtime::testing;
@@ -46,9 +48,15 @@ pub async fn fixture(engine: Engine, cap: u32) -> Fixture {
             )
         }
     };
-    let database = db::open(&target, 20, &POSTGRES_MIGRATIONS, &SQLITE_MIGRATIONS, "profiles")
-        .await
-        .expect("test database (is PostgreSQL running? see README)");
+    let database = db::open(
+        &target,
+        20,
+        &POSTGRES_MIGRATIONS,
+        &SQLITE_MIGRATIONS,
+        "profiles",
+    )
+    .await
+    .expect("test database (is PostgreSQL running? see README)");
     let hasher = hasher();
     Fixture {
         store: Arc::new(SqlProfileStore::new(database, hasher.clone(), cap)),
@@ -93,19 +101,21 @@ pub struct Served {
 
 pub async fn serve(service: ProfileServiceImpl) -> Served {
     use clientele_runtime::settings::TokenConfig;
-    let mut settings = clientele_runtime::Settings::default();
-    settings.tokens = vec![
-        TokenConfig {
-            client: "admin".into(),
-            token: "admin-token".into(),
-            scopes: vec!["*".into()],
-        },
-        TokenConfig {
-            client: "reader".into(),
-            token: "reader-token".into(),
-            scopes: vec!["profiles:read".into()],
-        },
-    ];
+    let settings = clientele_runtime::Settings {
+        tokens: vec![
+            TokenConfig {
+                client: "admin".into(),
+                token: "admin-token".into(),
+                scopes: vec!["*".into()],
+            },
+            TokenConfig {
+                client: "reader".into(),
+                token: "reader-token".into(),
+                scopes: vec!["profiles:read".into()],
+            },
+        ],
+        ..Default::default()
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let mut mount = clientele_runtime::server::Mount::default();
@@ -148,6 +158,8 @@ pub fn id(kind: i32, value: &str) -> clientele_proto::v1::Identifier {
     }
 }
 
-pub fn set(ids: Vec<clientele_proto::v1::Identifier>) -> Option<clientele_proto::v1::IdentifierSet> {
+pub fn set(
+    ids: Vec<clientele_proto::v1::Identifier>,
+) -> Option<clientele_proto::v1::IdentifierSet> {
     Some(clientele_proto::v1::IdentifierSet { identifiers: ids })
 }
