@@ -47,6 +47,8 @@ pub struct Settings {
     pub endpoints: Endpoints,
     /// Identity resolution settings.
     pub identity: IdentitySettings,
+    /// Event ingestion settings.
+    pub ingest: IngestSettings,
     /// Seconds SIGTERM waits for in-flight calls before the process exits anyway.
     pub shutdown_grace_secs: u64,
 }
@@ -70,6 +72,7 @@ impl Default for Settings {
             service_token: None,
             endpoints: Endpoints::default(),
             identity: IdentitySettings::default(),
+            ingest: IngestSettings::default(),
             shutdown_grace_secs: 30,
         }
     }
@@ -159,6 +162,44 @@ impl Default for IdentitySettings {
             hash_secret: None,
             max_profiles_per_identifier: 5,
             default_phone_region: "US".into(),
+        }
+    }
+}
+
+/// Event ingestion settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSettings {
+    /// Days a (source, event_id) is remembered for deduplication; at least 30.
+    pub dedup_window_days: u32,
+    /// Seconds an event's `occurred_at` may lie in the future.
+    pub max_future_skew_secs: u64,
+    /// Days an event's `occurred_at` may lie in the past; 0 means back to 2000-01-01.
+    pub max_event_age_days: u32,
+    /// Batches (any RPC) processed at once; more wait up to `admission_timeout_ms`, then get
+    /// RESOURCE_EXHAUSTED.
+    pub max_in_flight_batches: u32,
+    /// How long a batch waits for a processing slot, milliseconds.
+    pub admission_timeout_ms: u64,
+    /// Batches an IngestStream producer may have sent but not seen acknowledged.
+    pub stream_max_unacked_batches: u32,
+    /// Target interval between IngestStream acknowledgements, milliseconds.
+    pub stream_ack_interval_ms: u32,
+    /// Aggregate deltas sent to ProfileService per ApplyAggregates call.
+    pub forward_batch_size: u32,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            dedup_window_days: 35,
+            max_future_skew_secs: 300,
+            max_event_age_days: 0,
+            max_in_flight_batches: 32,
+            admission_timeout_ms: 250,
+            stream_max_unacked_batches: 16,
+            stream_ack_interval_ms: 50,
+            forward_batch_size: 500,
         }
     }
 }
