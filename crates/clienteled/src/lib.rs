@@ -98,11 +98,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .context("starting the profile service")?
             .mount(&mut mount);
     }
+    if wants(Target::Ingest) {
+        let target = DatabaseTarget::for_service(&settings, "ingest");
+        clientele_ingest::setup::build(&settings, &target)
+            .await
+            .context("starting the ingest service")?
+            .mount(&mut mount);
+    }
+    if wants(Target::Experiments) {
+        let target = DatabaseTarget::for_service(&settings, "experiments");
+        let holdout = clientele_experiments::holdout::HoldoutConfig {
+            enabled: settings.holdout.fraction > 0.0,
+            fraction: settings.holdout.fraction,
+            seed: settings.holdout.seed.clone(),
+            ..Default::default()
+        };
+        clientele_experiments::setup::build_with_holdout(&settings, &target, holdout)
+            .await
+            .context("starting the experiment service")?
+            .mount(&mut mount);
+    }
     for (t, name) in [
-        (Target::Ingest, "ingest"),
         (Target::Segmentation, "segmentation"),
         (Target::Offers, "offers"),
-        (Target::Experiments, "experiments"),
     ] {
         if args.target == t {
             anyhow::bail!("the {name} service is not part of this build yet");

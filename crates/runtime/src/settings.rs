@@ -49,8 +49,30 @@ pub struct Settings {
     pub identity: IdentitySettings,
     /// Event ingestion settings.
     pub ingest: IngestSettings,
+    /// The global long-term holdout shared by experiments and offers.
+    pub holdout: HoldoutSettings,
     /// Seconds SIGTERM waits for in-flight calls before the process exits anyway.
     pub shutdown_grace_secs: u64,
+}
+
+/// The global long-term holdout: a fixed share of all units that no experiment treats and no
+/// offer reaches, so the programme's total effect can be measured against them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HoldoutSettings {
+    /// Share of units held out, 0 to 0.5; 0 disables the holdout.
+    pub fraction: f64,
+    /// Hash seed; changing it reshuffles who is held out.
+    pub seed: String,
+}
+
+impl Default for HoldoutSettings {
+    fn default() -> Self {
+        Self {
+            fraction: 0.0,
+            seed: "clientele-global-holdout".into(),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -73,6 +95,7 @@ impl Default for Settings {
             endpoints: Endpoints::default(),
             identity: IdentitySettings::default(),
             ingest: IngestSettings::default(),
+            holdout: HoldoutSettings::default(),
             shutdown_grace_secs: 30,
         }
     }

@@ -1,0 +1,988 @@
+//! Event storage: the [`EventStore`] trait and its two implementations.
+//!
+//! - [`PgEventStore`] (production): each batch is one transaction that writes with
+//!   `INSERT … SELECT … FROM UNNEST(…)` array statements (a constant number of round trips per
+//!   batch, never row by row) over a native `sqlx::PgPool`, because `sqlx::Any` cannot bind
+//!   arrays.
+//! - [`SqliteEventStore`] (the embedded default): the same transaction, statement by
+//!   statement, behind one writer lock.
+//!
+//! Both keep the same tables (see `migrations/`) and pass one conformance suite. A commit
+//! makes, atomically: the dedup keys, the events, one outbox row per aggregate-relevant event
+//! (delivered later to ProfileService.ApplyAggregates by [`crate::forwarder`]), and, for
+//! IngestStream, the producer's new sequence and the batch's result. Reads (timelines, the
+//! log, the outbox) are the same SQL on both engines and go through `sqlx::Any`.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use clientele_proto::v1 as pb;
+use clientele_runtime::db::Database;
+use prost::Message;
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use crate::validate::{Effect, timestamp};
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("database setup: {0}")]
+    Setup(#[from] clientele_runtime::db::DbError),
+    /// A stream batch's sequence does not follow the producer's durable sequence: another
+    /// stream of the same producer got there first.
+    #[error("producer `{producer_id}` is not at sequence {expected}")]
+    Sequence {
+        /// The producer.
+        producer_id: String,
+        /// The sequence this commit expected to follow.
+        expected: u64,
+    },
+    /// Stored data could not be decoded.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// Result of store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A validated, resolved event ready to commit.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Source, part of the key.
+    pub source: String,
+    /// Event id, part of the key.
+    pub event_id: String,
+    /// Payload hash.
+    pub hash: Vec<u8>,
+    /// Resolved profile id.
+    pub profile_id: String,
+    /// `EventKind` number.
+    pub kind: i32,
+    /// Custom event name, for custom events.
+    pub custom_name: Option<String>,
+    /// µs since the epoch.
+    pub occurred_at: i64,
+    /// Encoded redacted `Event`.
+    pub body: Vec<u8>,
+    /// `IdentifierType` numbers of the redacted identifiers.
+    pub redacted: Vec<i32>,
+    /// ApplyAggregates idempotency key.
+    pub aggregate_key: String,
+    /// What the event does to the profile's aggregates.
+    pub effect: Effect,
+}
+
+/// What a commit did with one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored now.
+    Accepted,
+    /// Already stored with the same payload; the stored event's profile id.
+    Duplicate(String),
+    /// Already stored with a different payload; the stored event's profile id.
+    Conflict(String),
+}
+
+/// Marks a commit as IngestStream batch `sequence` of `producer_id`; `result` encodes the
+/// batch's result from the outcomes and is stored with it.
+pub struct StreamMark<'a> {
+    /// The producer.
+    pub producer_id: &'a str,
+    /// The batch sequence; the producer must be durable through `sequence - 1`.
+    pub sequence: u64,
+    /// Builds the stored result from the commit's outcomes.
+    pub result: &'a (dyn Fn(&[Outcome]) -> Vec<u8> + Send + Sync),
+}
+
+impl std::fmt::Debug for StreamMark<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamMark")
+            .field("producer_id", &self.producer_id)
+            .field("sequence", &self.sequence)
+            .finish()
+    }
+}
+
+/// A stored event as read back.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    /// Log position.
+    pub seq: i64,
+    /// Profile id at ingestion.
+    pub profile_id: String,
+    /// `EventKind` number.
+    pub kind: i32,
+    /// µs.
+    pub occurred_at: i64,
+    /// µs.
+    pub ingested_at: i64,
+    /// Encoded redacted event.
+    pub body: Vec<u8>,
+    /// Redacted identifier types.
+    pub redacted: Vec<i32>,
+}
+
+impl StoredRow {
+    /// The protobuf form; `profile_id` overrides the stored one (merges).
+    pub fn to_proto(&self, profile_id: Option<&str>) -> StoreResult<pb::StoredEvent> {
+        let event = pb::Event::decode(self.body.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", self.seq)))?;
+        Ok(pb::StoredEvent {
+            event: Some(event),
+            kind: self.kind,
+            profile_id: profile_id.unwrap_or(&self.profile_id).to_string(),
+            ingested_at: Some(timestamp(self.ingested_at)),
+            redacted_identifier_types: self.redacted.clone(),
+        })
+    }
+}
+
+/// A page of a timeline.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// The profile and the profiles merged into it.
+    pub profile_ids: Vec<String>,
+    /// Kinds; empty means all.
+    pub kinds: Vec<i32>,
+    /// Custom event names; empty means all.
+    pub custom_names: Vec<String>,
+    /// Inclusive lower bound on `occurred_at`, µs.
+    pub start: Option<i64>,
+    /// Exclusive upper bound on `occurred_at`, µs.
+    pub end: Option<i64>,
+    /// Continue after this `(occurred_at, seq)`.
+    pub after: Option<(i64, i64)>,
+    /// Ascending instead of descending.
+    pub oldest_first: bool,
+    /// Rows to return.
+    pub limit: i64,
+}
+
+/// An outbox row: an encoded `AggregateDelta`.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Row id.
+    pub id: i64,
+    /// Encoded `pb::AggregateDelta`.
+    pub delta: Vec<u8>,
+}
+
+/// Storage of the event log and everything that makes ingestion exactly-once.
+#[async_trait::async_trait]
+pub trait EventStore: Send + Sync + std::fmt::Debug {
+    /// Commits `events` (keys unique within the call) in one transaction and returns one
+    /// outcome per event. With `stream`, also advances the producer to `stream.sequence` and
+    /// stores the batch result, or fails with [`StoreError::Sequence`] writing nothing.
+    async fn commit(
+        &self,
+        events: &[NewEvent],
+        stream: Option<StreamMark<'_>>,
+        now: i64,
+    ) -> StoreResult<Vec<Outcome>>;
+    /// The `sqlx::Any` pool the shared reads below run on.
+    fn database(&self) -> &Database;
+    /// The producer's highest durable sequence (0 if none).
+    async fn durable_sequence(&self, producer_id: &str) -> StoreResult<u64> {
+        any_durable_sequence(self.database(), producer_id).await
+    }
+    /// Stored results of the producer's batches in `from..=through`, in order.
+    async fn batch_results(
+        &self,
+        producer_id: &str,
+        from: u64,
+        through: u64,
+    ) -> StoreResult<Vec<(u64, Vec<u8>)>> {
+        any_batch_results(self.database(), producer_id, from, through).await
+    }
+    /// One page of a timeline.
+    async fn list(&self, q: &EventQuery) -> StoreResult<Vec<StoredRow>> {
+        any_list(self.database(), q).await
+    }
+    /// Up to `limit` log records after `after`, in log order.
+    async fn log_after(&self, after: i64, limit: i64) -> StoreResult<Vec<StoredRow>> {
+        any_log_after(self.database(), after, limit).await
+    }
+    /// The current end of the log (0 if empty).
+    async fn log_end(&self) -> StoreResult<i64> {
+        any_log_end(self.database()).await
+    }
+    /// Up to `limit` deliverable outbox rows, oldest first.
+    async fn outbox(&self, limit: i64) -> StoreResult<Vec<OutboxRow>> {
+        any_outbox(self.database(), limit).await
+    }
+    /// Removes delivered outbox rows.
+    async fn outbox_done(&self, ids: &[i64]) -> StoreResult<()> {
+        any_outbox_done(self.database(), ids).await
+    }
+    /// Parks an outbox row that ProfileService refused as invalid.
+    async fn outbox_dead(&self, id: i64) -> StoreResult<()> {
+        any_outbox_dead(self.database(), id).await
+    }
+    /// Forgets dedup keys accepted before `keys_before` and stream results created before
+    /// `results_before`; returns rows removed.
+    async fn prune(&self, keys_before: i64, results_before: i64) -> StoreResult<u64> {
+        any_prune(self.database(), keys_before, results_before).await
+    }
+}
+
+/// The outbox row an accepted event produces, decided from what the database already holds.
+struct OutboxPlan {
+    key: String,
+    delta: Vec<u8>,
+    ready: bool,
+    order_id: Option<String>,
+}
+
+fn delta(e: &NewEvent, orders: i64) -> Option<pb::AggregateDelta> {
+    let mut d = pb::AggregateDelta {
+        idempotency_key: e.aggregate_key.clone(),
+        profile_id: e.profile_id.clone(),
+        occurred_at: Some(timestamp(e.occurred_at)),
+        ..Default::default()
+    };
+    match &e.effect {
+        Effect::Order {
+            currency, amount, ..
+        } => {
+            d.orders = orders;
+            d.gross = Some(pb::Money {
+                amount_minor: *amount,
+                currency: currency.clone(),
+            });
+        }
+        Effect::Refund {
+            currency, amount, ..
+        } => {
+            d.orders = orders;
+            d.refunds = 1;
+            d.refunded = Some(pb::Money {
+                amount_minor: *amount,
+                currency: currency.clone(),
+            });
+        }
+        Effect::Engagement(name) => {
+            d.engagement.insert((*name).to_string(), 1);
+        }
+    }
+    Some(d)
+}
+
+/// Decides outbox rows. `won_orders`: order ids whose first ORDER_COMPLETED is `key`;
+/// `first_full`: keys of refunds that are the first full refund of their order; `known`:
+/// order ids with a counted order (after this commit).
+fn plan(
+    accepted: &[&NewEvent],
+    won_orders: &HashMap<String, String>,
+    first_full: &HashSet<String>,
+    known: &HashSet<String>,
+) -> Vec<OutboxPlan> {
+    let mut out = Vec::new();
+    for e in accepted {
+        let (d, ready, order_id) = match &e.effect {
+            Effect::Order { order_id, .. } => {
+                if won_orders.get(order_id) != Some(&e.aggregate_key) {
+                    // A second ORDER_COMPLETED for an order: stored, but it does not count.
+                    continue;
+                }
+                (delta(e, 1), true, None)
+            }
+            Effect::Refund { order_id, full, .. } => {
+                let reverse = *full && first_full.contains(&e.aggregate_key);
+                (
+                    delta(e, if reverse { -1 } else { 0 }),
+                    known.contains(order_id),
+                    Some(order_id.clone()),
+                )
+            }
+            Effect::Engagement(_) => (delta(e, 0), true, None),
+        };
+        if let Some(d) = d {
+            out.push(OutboxPlan {
+                key: e.aggregate_key.clone(),
+                delta: d.encode_to_vec(),
+                ready,
+                order_id,
+            });
+        }
+    }
+    out
+}
+
+fn join_ints(v: &[i32]) -> String {
+    v.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn split_ints(s: &str) -> Vec<i32> {
+    s.split(',').filter_map(|x| x.parse().ok()).collect()
+}
+
+fn outcomes_from(
+    events: &[NewEvent],
+    inserted: &HashSet<(String, String)>,
+    existing: &HashMap<(String, String), (Vec<u8>, String)>,
+) -> StoreResult<Vec<Outcome>> {
+    events
+        .iter()
+        .map(|e| {
+            let k = (e.source.clone(), e.event_id.clone());
+            if inserted.contains(&k) {
+                Ok(Outcome::Accepted)
+            } else if let Some((hash, pid)) = existing.get(&k) {
+                Ok(if *hash == e.hash {
+                    Outcome::Duplicate(pid.clone())
+                } else {
+                    Outcome::Conflict(pid.clone())
+                })
+            } else {
+                Err(StoreError::Corrupt(format!(
+                    "key {}/{} neither inserted nor found",
+                    e.source, e.event_id
+                )))
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared reads (sqlx::Any, same SQL on both engines)
+// ---------------------------------------------------------------------------------------------
+
+const ROW_COLUMNS: &str = "seq, profile_id, kind, occurred_at, ingested_at, body, redacted";
+
+fn stored_row(r: &sqlx::any::AnyRow) -> StoreResult<StoredRow> {
+    Ok(StoredRow {
+        seq: r.try_get(0)?,
+        profile_id: r.try_get(1)?,
+        kind: i32::try_from(r.try_get::<i64, _>(2)?).unwrap_or(0),
+        occurred_at: r.try_get(3)?,
+        ingested_at: r.try_get(4)?,
+        body: r.try_get(5)?,
+        redacted: split_ints(&r.try_get::<String, _>(6)?),
+    })
+}
+
+async fn any_durable_sequence(db: &Database, producer_id: &str) -> StoreResult<u64> {
+    let row = sqlx::query("SELECT last_sequence FROM producers WHERE producer_id = $1")
+        .bind(producer_id)
+        .fetch_optional(&db.pool)
+        .await?;
+    Ok(match row {
+        Some(r) => u64::try_from(r.try_get::<i64, _>(0)?).unwrap_or(0),
+        None => 0,
+    })
+}
+
+async fn any_batch_results(
+    db: &Database,
+    producer_id: &str,
+    from: u64,
+    through: u64,
+) -> StoreResult<Vec<(u64, Vec<u8>)>> {
+    let rows = sqlx::query(
+        "SELECT sequence, result FROM stream_batches WHERE producer_id = $1 AND sequence >= $2 \
+         AND sequence <= $3 ORDER BY sequence",
+    )
+    .bind(producer_id)
+    .bind(i64::try_from(from).unwrap_or(i64::MAX))
+    .bind(i64::try_from(through).unwrap_or(i64::MAX))
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                u64::try_from(r.try_get::<i64, _>(0)?).unwrap_or(0),
+                r.try_get::<Vec<u8>, _>(1)?,
+            ))
+        })
+        .collect()
+}
+
+async fn any_list(db: &Database, q: &EventQuery) -> StoreResult<Vec<StoredRow>> {
+    if q.profile_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = format!("SELECT {ROW_COLUMNS} FROM events WHERE profile_id IN (");
+    let mut n = 0;
+    let mut next = |sql: &mut String| {
+        n += 1;
+        sql.push_str(&format!("${n}"));
+    };
+    for (i, _) in q.profile_ids.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        next(&mut sql);
+    }
+    sql.push(')');
+    if !q.kinds.is_empty() {
+        sql.push_str(" AND kind IN (");
+        for (i, _) in q.kinds.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            next(&mut sql);
+        }
+        sql.push(')');
+    }
+    if !q.custom_names.is_empty() {
+        sql.push_str(&format!(
+            " AND (kind <> {} OR custom_name IN (",
+            pb::EventKind::Custom as i32
+        ));
+        for (i, _) in q.custom_names.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            next(&mut sql);
+        }
+        sql.push_str("))");
+    }
+    if q.start.is_some() {
+        sql.push_str(" AND occurred_at >= ");
+        next(&mut sql);
+    }
+    if q.end.is_some() {
+        sql.push_str(" AND occurred_at < ");
+        next(&mut sql);
+    }
+    let (cmp, dir) = if q.oldest_first {
+        (">", "ASC")
+    } else {
+        ("<", "DESC")
+    };
+    if q.after.is_some() {
+        sql.push_str(&format!(" AND (occurred_at {cmp} "));
+        next(&mut sql);
+        sql.push_str(" OR (occurred_at = ");
+        next(&mut sql);
+        sql.push_str(&format!(" AND seq {cmp} "));
+        next(&mut sql);
+        sql.push_str("))");
+    }
+    sql.push_str(&format!(
+        " ORDER BY occurred_at {dir}, seq {dir} LIMIT {}",
+        q.limit.max(1)
+    ));
+    let mut query = sqlx::query(&sql);
+    for p in &q.profile_ids {
+        query = query.bind(p);
+    }
+    for k in &q.kinds {
+        query = query.bind(i64::from(*k));
+    }
+    for c in &q.custom_names {
+        query = query.bind(c);
+    }
+    if let Some(s) = q.start {
+        query = query.bind(s);
+    }
+    if let Some(e) = q.end {
+        query = query.bind(e);
+    }
+    if let Some((at, seq)) = q.after {
+        query = query.bind(at).bind(at).bind(seq);
+    }
+    let rows = query.fetch_all(&db.pool).await?;
+    rows.iter().map(stored_row).collect()
+}
+
+async fn any_log_after(db: &Database, after: i64, limit: i64) -> StoreResult<Vec<StoredRow>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {ROW_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(stored_row).collect()
+}
+
+async fn any_log_end(db: &Database) -> StoreResult<i64> {
+    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM events")
+        .fetch_one(&db.pool)
+        .await?;
+    Ok(row.try_get::<i64, _>(0)?)
+}
+
+async fn any_outbox(db: &Database, limit: i64) -> StoreResult<Vec<OutboxRow>> {
+    let rows = sqlx::query("SELECT id, delta FROM outbox WHERE ready = 1 ORDER BY id LIMIT $1")
+        .bind(limit)
+        .fetch_all(&db.pool)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                id: r.try_get(0)?,
+                delta: r.try_get(1)?,
+            })
+        })
+        .collect()
+}
+
+async fn any_outbox_done(db: &Database, ids: &[i64]) -> StoreResult<()> {
+    for chunk in ids.chunks(500) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "DELETE FROM outbox WHERE id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        q.execute(&db.pool).await?;
+    }
+    Ok(())
+}
+
+async fn any_outbox_dead(db: &Database, id: i64) -> StoreResult<()> {
+    sqlx::query("UPDATE outbox SET ready = 2 WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+async fn any_prune(db: &Database, keys_before: i64, results_before: i64) -> StoreResult<u64> {
+    let a = sqlx::query("DELETE FROM event_keys WHERE accepted_at < $1")
+        .bind(keys_before)
+        .execute(&db.pool)
+        .await?
+        .rows_affected();
+    let b = sqlx::query("DELETE FROM stream_batches WHERE created_at < $1")
+        .bind(results_before)
+        .execute(&db.pool)
+        .await?
+        .rows_affected();
+    Ok(a + b)
+}
+
+/// Producer upsert that only advances from `sequence - 1`; SQL shared by both engines.
+const ADVANCE_PRODUCER: &str = "INSERT INTO producers (producer_id, last_sequence, updated_at) VALUES ($1, $2, $3) \
+     ON CONFLICT (producer_id) DO UPDATE SET last_sequence = excluded.last_sequence, \
+     updated_at = excluded.updated_at WHERE producers.last_sequence = excluded.last_sequence - 1";
+
+fn seq_i64(s: u64) -> i64 {
+    i64::try_from(s).unwrap_or(i64::MAX)
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------------------------
+
+/// Advisory lock serialising the log-append tail of commits, so that `events.seq` order is
+/// commit order and a WatchEvents cursor never skips a row committed late.
+const LOG_LOCK: i64 = 0x1_6e6e_6573_7400;
+
+/// The PostgreSQL store: bulk array writes over a native pool, shared reads over `sqlx::Any`.
+#[derive(Debug, Clone)]
+pub struct PgEventStore {
+    db: Database,
+    pg: PgPool,
+}
+
+impl PgEventStore {
+    /// A store over `db` (already migrated, schema `schema`), opening a native pool to `url`
+    /// whose connections use the same schema.
+    pub async fn connect(
+        db: Database,
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+    ) -> StoreResult<Self> {
+        let opts = PgConnectOptions::from_str(url)?.options([("search_path", schema)]);
+        let pg = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(opts)
+            .await?;
+        Ok(Self { db, pg })
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for PgEventStore {
+    async fn commit(
+        &self,
+        events: &[NewEvent],
+        stream: Option<StreamMark<'_>>,
+        now: i64,
+    ) -> StoreResult<Vec<Outcome>> {
+        let mut tx = self.pg.begin().await?;
+        let mut inserted: HashSet<(String, String)> = HashSet::new();
+        let mut existing: HashMap<(String, String), (Vec<u8>, String)> = HashMap::new();
+        if !events.is_empty() {
+            let sources: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
+            let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+            let hashes: Vec<&[u8]> = events.iter().map(|e| e.hash.as_slice()).collect();
+            let profiles: Vec<&str> = events.iter().map(|e| e.profile_id.as_str()).collect();
+            let rows = sqlx::query(
+                "INSERT INTO event_keys (source, event_id, payload_hash, profile_id, accepted_at) \
+                 SELECT s, i, h, p, $5 FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[]) AS u(s, i, h, p) \
+                 ON CONFLICT DO NOTHING RETURNING source, event_id",
+            )
+            .bind(&sources)
+            .bind(&ids)
+            .bind(&hashes)
+            .bind(&profiles)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            for r in rows {
+                inserted.insert((r.try_get(0)?, r.try_get(1)?));
+            }
+            if inserted.len() < events.len() {
+                let rows = sqlx::query(
+                    "SELECT k.source, k.event_id, k.payload_hash, k.profile_id FROM event_keys k \
+                     JOIN UNNEST($1::text[], $2::text[]) AS u(s, i) ON k.source = u.s AND k.event_id = u.i",
+                )
+                .bind(&sources)
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+                for r in rows {
+                    let k: (String, String) = (r.try_get(0)?, r.try_get(1)?);
+                    if !inserted.contains(&k) {
+                        existing.insert(k, (r.try_get(2)?, r.try_get(3)?));
+                    }
+                }
+            }
+        }
+        let outcomes = outcomes_from(events, &inserted, &existing)?;
+        let accepted: Vec<&NewEvent> = events
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == Outcome::Accepted)
+            .map(|(e, _)| e)
+            .collect();
+        if !accepted.is_empty() {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(LOG_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            let col = |f: fn(&NewEvent) -> &str| accepted.iter().map(|e| f(e)).collect::<Vec<_>>();
+            let kinds: Vec<i64> = accepted.iter().map(|e| i64::from(e.kind)).collect();
+            let names: Vec<Option<&str>> =
+                accepted.iter().map(|e| e.custom_name.as_deref()).collect();
+            let at: Vec<i64> = accepted.iter().map(|e| e.occurred_at).collect();
+            let bodies: Vec<&[u8]> = accepted.iter().map(|e| e.body.as_slice()).collect();
+            let redacted: Vec<String> = accepted.iter().map(|e| join_ints(&e.redacted)).collect();
+            sqlx::query(
+                "INSERT INTO events (source, event_id, profile_id, kind, custom_name, occurred_at, ingested_at, body, redacted) \
+                 SELECT s, i, p, k, n, o, $7, b, r FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int8[], $8::bytea[], $9::text[]) \
+                 AS u(s, i, p, k, n, o, b, r)",
+            )
+            .bind(col(|e| &e.source))
+            .bind(col(|e| &e.event_id))
+            .bind(col(|e| &e.profile_id))
+            .bind(&kinds)
+            .bind(&names)
+            .bind(&at)
+            .bind(now)
+            .bind(&bodies)
+            .bind(&redacted)
+            .execute(&mut *tx)
+            .await?;
+
+            let mut order_ids = Vec::new();
+            let mut order_keys = Vec::new();
+            let mut refund_orders = Vec::new();
+            let mut full_orders = Vec::new();
+            let mut full_keys = Vec::new();
+            for e in &accepted {
+                match &e.effect {
+                    Effect::Order { order_id, .. } => {
+                        order_ids.push(order_id.as_str());
+                        order_keys.push(e.aggregate_key.as_str());
+                    }
+                    Effect::Refund { order_id, full, .. } => {
+                        refund_orders.push(order_id.as_str());
+                        if *full {
+                            full_orders.push(order_id.as_str());
+                            full_keys.push(e.aggregate_key.as_str());
+                        }
+                    }
+                    Effect::Engagement(_) => {}
+                }
+            }
+            let mut won: HashMap<String, String> = HashMap::new();
+            if !order_ids.is_empty() {
+                let rows = sqlx::query(
+                    "INSERT INTO orders (order_id, event_key, created_at) \
+                     SELECT o, k, $3 FROM UNNEST($1::text[], $2::text[]) AS u(o, k) \
+                     ON CONFLICT DO NOTHING RETURNING order_id, event_key",
+                )
+                .bind(&order_ids)
+                .bind(&order_keys)
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
+                for r in rows {
+                    won.insert(r.try_get(0)?, r.try_get(1)?);
+                }
+            }
+            let mut first_full = HashSet::new();
+            if !full_orders.is_empty() {
+                let rows = sqlx::query(
+                    "INSERT INTO full_refunds (order_id, event_key) \
+                     SELECT o, k FROM UNNEST($1::text[], $2::text[]) AS u(o, k) \
+                     ON CONFLICT DO NOTHING RETURNING event_key",
+                )
+                .bind(&full_orders)
+                .bind(&full_keys)
+                .fetch_all(&mut *tx)
+                .await?;
+                for r in rows {
+                    first_full.insert(r.try_get::<String, _>(0)?);
+                }
+            }
+            let mut known = HashSet::new();
+            if !refund_orders.is_empty() {
+                let rows = sqlx::query("SELECT order_id FROM orders WHERE order_id = ANY($1)")
+                    .bind(&refund_orders)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for r in rows {
+                    known.insert(r.try_get::<String, _>(0)?);
+                }
+            }
+            let rows = plan(&accepted, &won, &first_full, &known);
+            if !rows.is_empty() {
+                let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+                let deltas: Vec<&[u8]> = rows.iter().map(|r| r.delta.as_slice()).collect();
+                let ready: Vec<i64> = rows.iter().map(|r| i64::from(r.ready)).collect();
+                let orders: Vec<Option<&str>> =
+                    rows.iter().map(|r| r.order_id.as_deref()).collect();
+                sqlx::query(
+                    "INSERT INTO outbox (idempotency_key, delta, ready, order_id, created_at) \
+                     SELECT k, d, r, o, $5 FROM UNNEST($1::text[], $2::bytea[], $3::int8[], $4::text[]) AS u(k, d, r, o)",
+                )
+                .bind(&keys)
+                .bind(&deltas)
+                .bind(&ready)
+                .bind(&orders)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if !won.is_empty() {
+                let won_ids: Vec<&str> = won.keys().map(String::as_str).collect();
+                sqlx::query("UPDATE outbox SET ready = 1 WHERE ready = 0 AND order_id = ANY($1)")
+                    .bind(&won_ids)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        if let Some(mark) = stream {
+            let advanced = sqlx::query(ADVANCE_PRODUCER)
+                .bind(mark.producer_id)
+                .bind(seq_i64(mark.sequence))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if advanced == 0 {
+                return Err(StoreError::Sequence {
+                    producer_id: mark.producer_id.to_string(),
+                    expected: mark.sequence.saturating_sub(1),
+                });
+            }
+            sqlx::query(
+                "INSERT INTO stream_batches (producer_id, sequence, result, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(mark.producer_id)
+            .bind(seq_i64(mark.sequence))
+            .bind((mark.result)(&outcomes))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    fn database(&self) -> &Database {
+        &self.db
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQLite
+// ---------------------------------------------------------------------------------------------
+
+/// The embedded SQLite store: one writer at a time, one transaction per batch.
+#[derive(Debug, Clone)]
+pub struct SqliteEventStore {
+    db: Database,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl SqliteEventStore {
+    /// A store over an opened, migrated SQLite database.
+    pub fn new(db: Database) -> Self {
+        Self {
+            db,
+            write_lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for SqliteEventStore {
+    async fn commit(
+        &self,
+        events: &[NewEvent],
+        stream: Option<StreamMark<'_>>,
+        now: i64,
+    ) -> StoreResult<Vec<Outcome>> {
+        let _serial = self.write_lock.lock().await;
+        let mut tx = self.db.pool.begin().await?;
+        let mut inserted: HashSet<(String, String)> = HashSet::new();
+        let mut existing: HashMap<(String, String), (Vec<u8>, String)> = HashMap::new();
+        for e in events {
+            let n = sqlx::query(
+                "INSERT INTO event_keys (source, event_id, payload_hash, profile_id, accepted_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(&e.source)
+            .bind(&e.event_id)
+            .bind(e.hash.clone())
+            .bind(&e.profile_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            let k = (e.source.clone(), e.event_id.clone());
+            if n == 1 {
+                inserted.insert(k);
+            } else {
+                let r = sqlx::query(
+                    "SELECT payload_hash, profile_id FROM event_keys WHERE source = $1 AND event_id = $2",
+                )
+                .bind(&e.source)
+                .bind(&e.event_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                existing.insert(k, (r.try_get(0)?, r.try_get(1)?));
+            }
+        }
+        let outcomes = outcomes_from(events, &inserted, &existing)?;
+        let accepted: Vec<&NewEvent> = events
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == Outcome::Accepted)
+            .map(|(e, _)| e)
+            .collect();
+        let mut won: HashMap<String, String> = HashMap::new();
+        let mut first_full = HashSet::new();
+        for e in &accepted {
+            sqlx::query(
+                "INSERT INTO events (source, event_id, profile_id, kind, custom_name, occurred_at, ingested_at, body, redacted) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(&e.source)
+            .bind(&e.event_id)
+            .bind(&e.profile_id)
+            .bind(i64::from(e.kind))
+            .bind(e.custom_name.clone())
+            .bind(e.occurred_at)
+            .bind(now)
+            .bind(e.body.clone())
+            .bind(join_ints(&e.redacted))
+            .execute(&mut *tx)
+            .await?;
+            if let Effect::Order { order_id, .. } = &e.effect {
+                let n = sqlx::query(
+                    "INSERT INTO orders (order_id, event_key, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                )
+                .bind(order_id)
+                .bind(&e.aggregate_key)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 1 {
+                    won.insert(order_id.clone(), e.aggregate_key.clone());
+                }
+            }
+        }
+        let mut known = HashSet::new();
+        for e in &accepted {
+            if let Effect::Refund { order_id, full, .. } = &e.effect {
+                if *full {
+                    let n = sqlx::query(
+                        "INSERT INTO full_refunds (order_id, event_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(order_id)
+                    .bind(&e.aggregate_key)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if n == 1 {
+                        first_full.insert(e.aggregate_key.clone());
+                    }
+                }
+                let found = sqlx::query("SELECT 1 FROM orders WHERE order_id = $1")
+                    .bind(order_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if found.is_some() {
+                    known.insert(order_id.clone());
+                }
+            }
+        }
+        for r in plan(&accepted, &won, &first_full, &known) {
+            sqlx::query(
+                "INSERT INTO outbox (idempotency_key, delta, ready, order_id, created_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(r.key)
+            .bind(r.delta)
+            .bind(i64::from(r.ready))
+            .bind(r.order_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for order_id in won.keys() {
+            sqlx::query("UPDATE outbox SET ready = 1 WHERE ready = 0 AND order_id = $1")
+                .bind(order_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(mark) = stream {
+            let advanced = sqlx::query(ADVANCE_PRODUCER)
+                .bind(mark.producer_id)
+                .bind(seq_i64(mark.sequence))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if advanced == 0 {
+                return Err(StoreError::Sequence {
+                    producer_id: mark.producer_id.to_string(),
+                    expected: mark.sequence.saturating_sub(1),
+                });
+            }
+            sqlx::query(
+                "INSERT INTO stream_batches (producer_id, sequence, result, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(mark.producer_id)
+            .bind(seq_i64(mark.sequence))
+            .bind((mark.result)(&outcomes))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    fn database(&self) -> &Database {
+        &self.db
+    }
+}
