@@ -326,7 +326,7 @@ pub fn normalise(prefix: &str, e: &pb::Experiment, now: i64) -> Result<pb::Exper
         }
     }
     if let Some(end) = &e.end_time {
-        match crate::service::micros(end) {
+        match clientele_runtime::time::micros(end) {
             Some(t) if t > now => {}
             Some(_) => return err(f("end_time"), "must be in the future"),
             None => return err(f("end_time"), "timestamp out of range"),

@@ -80,7 +80,7 @@ impl ExperimentRecord {
         self.definition
             .end_time
             .as_ref()
-            .and_then(crate::service::micros)
+            .and_then(clientele_runtime::time::micros)
     }
 
     /// Status and stop time as of `now`: a RUNNING experiment past its planned end is

@@ -11,6 +11,7 @@ use clientele_proto::v1 as pb;
 use clientele_proto::v1::experiment_service_server::{ExperimentService, ExperimentServiceServer};
 use clientele_runtime::server::Mount;
 use clientele_runtime::status::{invalid_field, not_found};
+use clientele_runtime::time::{micros, now_micros, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::assignment::{Assignment, Exclusion, assign_variant, in_namespace};
@@ -72,28 +73,6 @@ impl From<FieldError> for Status {
 pub struct ExperimentServiceImpl {
     store: Arc<dyn ExperimentStore>,
     holdout: HoldoutConfig,
-}
-
-fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
-}
-
-/// Protobuf timestamp of µs since the epoch.
-pub fn timestamp(micros: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
-    }
-}
-
-/// µs since the epoch of a protobuf timestamp; `None` when out of range.
-pub fn micros(ts: &prost_types::Timestamp) -> Option<i64> {
-    if !(0..1_000_000_000).contains(&ts.nanos) {
-        return None;
-    }
-    ts.seconds
-        .checked_mul(1_000_000)?
-        .checked_add(i64::from(ts.nanos / 1000))
 }
 
 fn required_key(field: &str, key: &str) -> Result<(), Status> {

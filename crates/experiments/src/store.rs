@@ -11,11 +11,10 @@
 //! serialises write transactions.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use clientele_proto::v1 as pb;
-use clientele_runtime::db::{Backend, Database};
+use clientele_runtime::db::{Database, WriteTx};
 use prost::Message;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
@@ -157,14 +156,6 @@ pub trait ExperimentStore: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct SqlExperimentStore {
     db: Database,
-    write_lock: Arc<tokio::sync::Mutex<()>>,
-}
-
-type Tx = sqlx::Transaction<'static, sqlx::Any>;
-
-struct WriteTx<'a> {
-    tx: Tx,
-    _serial: Option<tokio::sync::MutexGuard<'a, ()>>,
 }
 
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
@@ -245,22 +236,11 @@ fn ranges_overlap(a: &pb::Namespace, b: &pb::Namespace) -> bool {
 impl SqlExperimentStore {
     /// A store over `db` (already migrated).
     pub fn new(db: Database) -> Self {
-        Self {
-            db,
-            write_lock: Arc::new(tokio::sync::Mutex::new(())),
-        }
+        Self { db }
     }
 
     async fn begin_write(&self) -> StoreResult<WriteTx<'_>> {
-        let serial = match self.db.backend {
-            Backend::Sqlite => Some(self.write_lock.lock().await),
-            Backend::Postgres => None,
-        };
-        let tx = self.db.pool.begin().await?;
-        Ok(WriteTx {
-            tx,
-            _serial: serial,
-        })
+        Ok(self.db.begin_write().await?)
     }
 
     async fn get_in(conn: &mut AnyConnection, key: &str) -> StoreResult<ExperimentRecord> {
@@ -447,12 +427,7 @@ impl ExperimentStore for SqlExperimentStore {
     async fn start(&self, key: &str, based_on: i64, now: i64) -> StoreResult<ExperimentRecord> {
         let mut w = self.begin_write().await?;
         let conn: &mut AnyConnection = &mut w.tx;
-        if self.db.backend == Backend::Postgres {
-            sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
-                .bind(START_LOCK)
-                .execute(&mut *conn)
-                .await?;
-        }
+        self.db.lock_id(conn, START_LOCK).await?;
         let current = Self::get_in(conn, key).await?;
         Self::check_version(&current, based_on)?;
         if let Some(ns) = &current.definition.namespace {
@@ -618,7 +593,7 @@ impl ExperimentStore for SqlExperimentStore {
         .bind(conversion.value_minor)
         .bind(&conversion.currency)
         .bind(&fingerprint)
-        .bind(chrono::Utc::now().timestamp_micros())
+        .bind(clientele_runtime::time::now_micros())
         .execute(&mut *conn)
         .await?
         .rows_affected();

@@ -20,6 +20,7 @@ use clientele_runtime::client::ClientInterceptor;
 use clientele_runtime::server::Mount;
 use clientele_runtime::settings::IngestSettings;
 use clientele_runtime::status::{invalid_field, violated_field};
+use clientele_runtime::time::now_micros;
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
@@ -64,10 +65,6 @@ impl From<StoreError> for Status {
             }
         }
     }
-}
-
-fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
 }
 
 /// The IngestService.
@@ -518,7 +515,8 @@ fn page_fingerprint(req: &pb::ListProfileEventsRequest, kinds: &[i32], names: &[
         h.update(n.as_bytes());
         h.update([0]);
     }
-    let t = |t: &Option<prost_types::Timestamp>| t.as_ref().and_then(validate::micros);
+    let t =
+        |t: &Option<prost_types::Timestamp>| t.as_ref().and_then(clientele_runtime::time::micros);
     h.update(format!(
         "{:?}{:?}{}",
         t(&req.start_time),
@@ -699,12 +697,18 @@ impl IngestService for IngestServiceImpl {
         let start = req
             .start_time
             .as_ref()
-            .map(|t| validate::micros(t).ok_or_else(|| invalid_field("start_time", "invalid time")))
+            .map(|t| {
+                clientele_runtime::time::micros(t)
+                    .ok_or_else(|| invalid_field("start_time", "invalid time"))
+            })
             .transpose()?;
         let end = req
             .end_time
             .as_ref()
-            .map(|t| validate::micros(t).ok_or_else(|| invalid_field("end_time", "invalid time")))
+            .map(|t| {
+                clientele_runtime::time::micros(t)
+                    .ok_or_else(|| invalid_field("end_time", "invalid time"))
+            })
             .transpose()?;
         if let (Some(s), Some(e)) = (start, end)
             && e <= s

@@ -23,7 +23,8 @@ use prost::Message;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use crate::validate::{Effect, timestamp};
+use crate::validate::Effect;
+use clientele_runtime::time::timestamp;
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]

@@ -172,23 +172,7 @@ pub fn payload_hash(event: &pb::Event) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// µs since the epoch of a timestamp; `None` when out of range.
-pub fn micros(ts: &prost_types::Timestamp) -> Option<i64> {
-    if !(0..1_000_000_000).contains(&ts.nanos) {
-        return None;
-    }
-    ts.seconds
-        .checked_mul(1_000_000)?
-        .checked_add(i64::from(ts.nanos / 1000))
-}
-
-/// Protobuf timestamp of µs since the epoch.
-pub fn timestamp(micros: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
-    }
-}
+use clientele_runtime::time::micros;
 
 /// The kind of a payload.
 pub fn kind_of(payload: &pb::event::Payload) -> pb::EventKind {
@@ -756,6 +740,7 @@ pub fn redact(event: &pb::Event) -> (pb::Event, Vec<i32>) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use clientele_runtime::time::timestamp;
 
     const NOW: i64 = 1_750_000_000_000_000;
 

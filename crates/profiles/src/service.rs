@@ -11,6 +11,7 @@ use clientele_proto::v1::profile_service_server::{ProfileService, ProfileService
 use clientele_runtime::cache::VersionedCache;
 use clientele_runtime::server::Mount;
 use clientele_runtime::status::{invalid_field, not_found};
+use clientele_runtime::time::{micros, now_micros, timestamp};
 use prost::Message;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -56,28 +57,6 @@ pub struct ProfileServiceImpl {
     hasher: IdentifierHasher,
     cache: Arc<dyn VersionedCache>,
     changed: Arc<tokio::sync::Notify>,
-}
-
-fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
-}
-
-/// Protobuf timestamp of µs since the epoch.
-pub fn timestamp(micros: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
-    }
-}
-
-/// µs since the epoch of a protobuf timestamp; `None` when out of range.
-pub fn micros(ts: &prost_types::Timestamp) -> Option<i64> {
-    if !(0..1_000_000_000).contains(&ts.nanos) {
-        return None;
-    }
-    ts.seconds
-        .checked_mul(1_000_000)?
-        .checked_add(i64::from(ts.nanos / 1000))
 }
 
 fn parse_profile_id(field: &str, id: &str) -> Result<String, Status> {

@@ -10,10 +10,9 @@
 //! serialisation failure reported by PostgreSQL is retried.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 
 use async_trait::async_trait;
-use clientele_runtime::db::{Backend, Database};
+use clientele_runtime::db::{Database, WriteTx};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
@@ -126,14 +125,6 @@ pub struct SqlProfileStore {
     db: Database,
     hasher: IdentifierHasher,
     cap: i64,
-    write_lock: Arc<tokio::sync::Mutex<()>>,
-}
-
-type Tx = sqlx::Transaction<'static, sqlx::Any>;
-
-struct WriteTx<'a> {
-    tx: Tx,
-    _serial: Option<tokio::sync::MutexGuard<'a, ()>>,
 }
 
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
@@ -148,20 +139,11 @@ impl SqlProfileStore {
             db,
             hasher,
             cap: i64::from(max_profiles_per_identifier.max(1)),
-            write_lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
     async fn begin_write(&self) -> StoreResult<WriteTx<'_>> {
-        let serial = match self.db.backend {
-            Backend::Sqlite => Some(self.write_lock.lock().await),
-            Backend::Postgres => None,
-        };
-        let tx = self.db.pool.begin().await?;
-        Ok(WriteTx {
-            tx,
-            _serial: serial,
-        })
+        Ok(self.db.begin_write().await?)
     }
 
     async fn lock(
@@ -169,17 +151,7 @@ impl SqlProfileStore {
         conn: &mut AnyConnection,
         keys: impl IntoIterator<Item = String>,
     ) -> StoreResult<()> {
-        if self.db.backend != Backend::Postgres {
-            return Ok(());
-        }
-        let keys: BTreeSet<String> = keys.into_iter().collect();
-        for k in keys {
-            sqlx::query("SELECT 1 FROM pg_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(k)
-                .execute(&mut *conn)
-                .await?;
-        }
-        Ok(())
+        Ok(self.db.lock_keys(conn, keys).await?)
     }
 
     async fn record_change(
@@ -190,12 +162,7 @@ impl SqlProfileStore {
         merged: &[String],
         now: i64,
     ) -> StoreResult<()> {
-        if self.db.backend == Backend::Postgres {
-            sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
-                .bind(CHANGES_LOCK)
-                .execute(&mut *conn)
-                .await?;
-        }
+        self.db.lock_id(conn, CHANGES_LOCK).await?;
         sqlx::query(
             "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES ($1, $2, $3, $4)",
         )

@@ -5,7 +5,12 @@
 //! by hand except the re-exports.
 
 /// `clientele.v1`: all five services and their shared types.
-#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
 pub mod v1 {
     tonic::include_proto!("clientele.v1");
 }

@@ -29,6 +29,68 @@ pub struct Database {
     pub pool: AnyPool,
     /// The engine behind it.
     pub backend: Backend,
+    /// Serialises write transactions on SQLite (one writer at a time).
+    write_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction; on SQLite it also holds the process-wide writer lock until dropped.
+#[derive(Debug)]
+pub struct WriteTx<'a> {
+    /// The transaction. Commit it; dropping it rolls back.
+    pub tx: sqlx::Transaction<'static, sqlx::Any>,
+    _serial: Option<tokio::sync::MutexGuard<'a, ()>>,
+}
+
+impl Database {
+    /// Begins a write transaction. On SQLite writers queue here rather than failing with
+    /// SQLITE_BUSY; on PostgreSQL concurrency is left to row and advisory locks.
+    pub async fn begin_write(&self) -> Result<WriteTx<'_>, sqlx::Error> {
+        let serial = match self.backend {
+            Backend::Sqlite => Some(self.write_lock.lock().await),
+            Backend::Postgres => None,
+        };
+        let tx = self.pool.begin().await?;
+        Ok(WriteTx {
+            tx,
+            _serial: serial,
+        })
+    }
+
+    /// Takes transaction-scoped PostgreSQL advisory locks on `keys`, in sorted order so two
+    /// transactions never wait on each other in a cycle. A no-op on SQLite, where
+    /// [`Database::begin_write`] already serialises writers.
+    pub async fn lock_keys(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        keys: impl IntoIterator<Item = String>,
+    ) -> Result<(), sqlx::Error> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        let keys: std::collections::BTreeSet<String> = keys.into_iter().collect();
+        for k in keys {
+            sqlx::query("SELECT 1 FROM pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(k)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the transaction-scoped PostgreSQL advisory lock `key` (a no-op on SQLite).
+    pub async fn lock_id(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        key: i64,
+    ) -> Result<(), sqlx::Error> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
+                .bind(key)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 /// Connecting or migrating failed.
@@ -125,6 +187,7 @@ pub async fn open(
             Database {
                 pool,
                 backend: Backend::Postgres,
+                write_lock: Arc::default(),
             }
         }
         DatabaseTarget::Sqlite { path } => {
@@ -154,6 +217,7 @@ pub async fn open(
             Database {
                 pool,
                 backend: Backend::Sqlite,
+                write_lock: Arc::default(),
             }
         }
     };

@@ -13,5 +13,6 @@ pub mod settings;
 pub mod status;
 pub mod telemetry;
 pub mod testing;
+pub mod time;
 
 pub use settings::Settings;

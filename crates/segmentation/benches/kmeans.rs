@@ -1,6 +1,8 @@
 //! Criterion benchmarks of k-means on RFM-like standardized data.
 
-use clientele_segmentation::clustering::{KMeans, KMeansConfig, Log1pStandardizer, Matrix, silhouette_score_sampled};
+use clientele_segmentation::clustering::{
+    KMeans, KMeansConfig, Log1pStandardizer, Matrix, silhouette_score_sampled,
+};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -17,7 +19,9 @@ fn rfm_like(rows: usize, seed: u64) -> Matrix {
         data.extend_from_slice(&[recency, frequency, monetary]);
     }
     let raw = Matrix::new(data, 3).expect("3 columns");
-    Log1pStandardizer::fit_transform(&raw).expect("valid data").1
+    Log1pStandardizer::fit_transform(&raw)
+        .expect("valid data")
+        .1
 }
 
 fn bench_kmeans(c: &mut Criterion) {
@@ -40,7 +44,15 @@ fn bench_kmeans(c: &mut Criterion) {
 
 fn bench_silhouette(c: &mut Criterion) {
     let data = rfm_like(100_000, 43);
-    let model = KMeans::fit(&data, &KMeansConfig { k: 5, n_init: 1, ..KMeansConfig::default() }).expect("fit");
+    let model = KMeans::fit(
+        &data,
+        &KMeansConfig {
+            k: 5,
+            n_init: 1,
+            ..KMeansConfig::default()
+        },
+    )
+    .expect("fit");
     let mut group = c.benchmark_group("silhouette_sampled");
     group.sample_size(10);
     group.bench_function("10k_of_100k", |b| {

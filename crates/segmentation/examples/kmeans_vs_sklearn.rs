@@ -6,8 +6,8 @@
 //!
 //! Generates `ROWS` (default 1 000 000) RFM-like profiles with a fixed seed, log1p-standardizes
 //! them, writes them to `PATH` (default `/tmp/clientele_kmeans_bench.f64`, raw little-endian
-//! f64, row-major, 3 columns), then fits k = 8 with one k-means++ restart (best of 3 timed
-//! runs). When `python3 -c "import sklearn"` works it times
+//! f64, row-major, 3 columns), then fits k = 8 with one k-means++ restart for seeds 0, 1, 2
+//! (mean time and mean inertia). When `python3 -c "import sklearn"` works it times
 //! `KMeans(8, algorithm="lloyd", n_init=1)` (greedy k-means++ too) on the same file in the
 //! same run, and also both implementations from identical initial centroids, and prints the
 //! time and inertia ratios.
@@ -16,7 +16,9 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Instant;
 
-use clientele_segmentation::clustering::{KMeans, KMeansConfig, Log1pStandardizer, Matrix, kmeans_plus_plus};
+use clientele_segmentation::clustering::{
+    KMeans, KMeansConfig, Log1pStandardizer, Matrix, kmeans_plus_plus,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -47,14 +49,15 @@ import numpy as np
 from sklearn.cluster import KMeans
 X = np.fromfile(sys.argv[1], dtype="<f8").reshape(-1, 3)
 init = np.fromfile(sys.argv[2], dtype="<f8").reshape(-1, 3)
-best = None
+total, inertia, iters = 0.0, 0.0, 0
 for seed in range(3):
     t = time.perf_counter()
     km = KMeans(8, algorithm="lloyd", n_init=1, random_state=seed).fit(X)
-    dt = time.perf_counter() - t
-    if best is None or dt < best[0]:
-        best = (dt, km.inertia_, km.n_iter_)
-print("own_init", *best)
+    total += time.perf_counter() - t
+    inertia += km.inertia_ / 3
+    iters += km.n_iter_
+    print("sklearn seed", seed, km.inertia_, km.n_iter_, file=sys.stderr)
+print("own_init", total / 3, inertia, iters)
 best = None
 for _ in range(3):
     t = time.perf_counter()
@@ -78,7 +81,10 @@ fn parse_line(output: &str, key: &str) -> Option<(f64, f64, usize)> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let rows: usize = args.get(1).map_or(Ok(1_000_000), |s| s.parse())?;
-    let path = args.get(2).cloned().unwrap_or_else(|| "/tmp/clientele_kmeans_bench.f64".into());
+    let path = args
+        .get(2)
+        .cloned()
+        .unwrap_or_else(|| "/tmp/clientele_kmeans_bench.f64".into());
     let init_path = format!("{path}.init");
 
     let raw = rfm_like(rows, 42);
@@ -87,9 +93,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("data: {rows} x 3 standardized RFM-like rows written to {path}");
     println!("threads: {}", rayon::current_num_threads());
 
-    // Our k-means: own greedy k-means++ seeding (on a 100k sample), one restart, best of 3
-    // seeds' timings (like the sklearn side, which uses random_state 0..3).
-    let mut ours: Option<(f64, f64, usize)> = None;
+    // Our k-means: own greedy k-means++ seeding (on a 100k sample), one restart, seeds 0..3;
+    // mean time and mean inertia over the seeds (the sklearn side uses random_state 0..3).
+    let mut ours = (0.0, 0.0, 0);
     for seed in 0..3 {
         let config = KMeansConfig {
             k: 8,
@@ -100,10 +106,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let model = KMeans::fit(&data, &config)?;
         let dt = t.elapsed().as_secs_f64();
-        println!("ours seed {seed}: {dt:.3} s, inertia {:.6}, {} iterations", model.inertia(), model.n_iter());
-        if ours.is_none_or(|(best, _, _)| dt < best) {
-            ours = Some((dt, model.inertia(), model.n_iter()));
-        }
+        println!(
+            "ours seed {seed}: {dt:.3} s, inertia {:.6}, {} iterations",
+            model.inertia(),
+            model.n_iter()
+        );
+        ours = (
+            ours.0 + dt / 3.0,
+            ours.1 + model.inertia() / 3.0,
+            ours.2 + model.n_iter(),
+        );
     }
 
     // Identical starting centroids for both implementations (pure Lloyd comparison).
@@ -119,9 +131,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ours_same = Some((dt, model.inertia(), model.n_iter()));
         }
     }
-    let (ours, ours_same) = (ours.ok_or("no run")?, ours_same.ok_or("no run")?);
-    println!("ours (own init, best time of 3):  {:.3} s, inertia {:.6}, {} iterations", ours.0, ours.1, ours.2);
-    println!("ours (same init, best of 3):      {:.3} s, inertia {:.6}, {} iterations", ours_same.0, ours_same.1, ours_same.2);
+    let ours_same = ours_same.ok_or("no run")?;
+    println!(
+        "ours (own init, mean of 3 seeds): {:.3} s, mean inertia {:.6}, {} iterations in total",
+        ours.0, ours.1, ours.2
+    );
+    println!(
+        "ours (same init, best of 3):      {:.3} s, inertia {:.6}, {} iterations",
+        ours_same.0, ours_same.1, ours_same.2
+    );
 
     let has_sklearn = Command::new("python3")
         .args(["-c", "import sklearn"])
@@ -131,15 +149,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("python3 with scikit-learn not available: skipping the comparison");
         return Ok(());
     }
-    let output = Command::new("python3").args(["-c", SKLEARN_SCRIPT, &path, &init_path]).output()?;
+    let output = Command::new("python3")
+        .args(["-c", SKLEARN_SCRIPT, &path, &init_path])
+        .output()?;
     let stdout = String::from_utf8_lossy(&output.stdout);
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
     if !output.status.success() {
-        return Err(format!("sklearn script failed: {}", String::from_utf8_lossy(&output.stderr)).into());
+        return Err(format!(
+            "sklearn script failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
     }
     let sk = parse_line(&stdout, "own_init").ok_or("unparsable sklearn output")?;
     let sk_same = parse_line(&stdout, "same_init").ok_or("unparsable sklearn output")?;
-    println!("sklearn (own init, best of 3):    {:.3} s, inertia {:.6}, {} iterations", sk.0, sk.1, sk.2);
-    println!("sklearn (same init, best of 3):   {:.3} s, inertia {:.6}, {} iterations", sk_same.0, sk_same.1, sk_same.2);
+    println!(
+        "sklearn (own init, mean of 3):    {:.3} s, mean inertia {:.6}, {} iterations in total",
+        sk.0, sk.1, sk.2
+    );
+    println!(
+        "sklearn (same init, best of 3):   {:.3} s, inertia {:.6}, {} iterations",
+        sk_same.0, sk_same.1, sk_same.2
+    );
     println!(
         "own init:  time ratio sklearn/ours = {:.2}x, inertia ratio ours/sklearn = {:.6}",
         sk.0 / ours.0,

@@ -28,7 +28,10 @@ pub use ari::adjusted_rand_index;
 pub use gmm::{GaussianMixture, GaussianMixtureConfig};
 pub use kmeans::{KMeans, KMeansConfig, kmeans_plus_plus};
 pub use preprocess::Log1pStandardizer;
-pub use report::{ClusteringReport, ClusteringRun, KChoice, KScore, SegmentationConfig, run_kmeans_segmentation, select_k_by_silhouette};
+pub use report::{
+    ClusteringReport, ClusteringRun, KChoice, KScore, SegmentationConfig, run_kmeans_segmentation,
+    select_k_by_silhouette,
+};
 pub use silhouette::{silhouette_samples, silhouette_score, silhouette_score_sampled};
 
 use serde::{Deserialize, Serialize};
@@ -83,8 +86,11 @@ impl Matrix {
     /// [`ClusteringError::Shape`] when `cols == 0` or `data.len()` is not a multiple of
     /// `cols`.
     pub fn new(data: Vec<f64>, cols: usize) -> Result<Self, ClusteringError> {
-        if cols == 0 || data.len() % cols != 0 {
-            return Err(ClusteringError::Shape { len: data.len(), cols });
+        if cols == 0 || !data.len().is_multiple_of(cols) {
+            return Err(ClusteringError::Shape {
+                len: data.len(),
+                cols,
+            });
         }
         let rows = data.len() / cols;
         Ok(Self { data, rows, cols })

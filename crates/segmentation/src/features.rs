@@ -179,8 +179,16 @@ fn days_between(from: i64, to: i64) -> f64 {
 /// shares are shares of gross line spend (refunds are not attributed to categories because
 /// refund events do not carry a line breakdown).
 #[must_use]
-pub fn compute_features(history: &ProfileHistory, as_of: i64, config: &FeatureConfig) -> ProfileFeatures {
-    let mut placed: Vec<&Order> = history.orders.iter().filter(|o| o.placed_at <= as_of).collect();
+pub fn compute_features(
+    history: &ProfileHistory,
+    as_of: i64,
+    config: &FeatureConfig,
+) -> ProfileFeatures {
+    let mut placed: Vec<&Order> = history
+        .orders
+        .iter()
+        .filter(|o| o.placed_at <= as_of)
+        .collect();
     placed.sort_by_key(|o| o.placed_at);
 
     let frequency = u32::try_from(placed.len()).unwrap_or(u32::MAX);
@@ -224,7 +232,9 @@ pub fn compute_features(history: &ProfileHistory, as_of: i64, config: &FeatureCo
     #[allow(clippy::cast_precision_loss)]
     let refund_rate = (gross > 0).then(|| refunded as f64 / gross as f64);
 
-    let total_line_spend: i64 = line_spend.values().fold(0_i64, |acc, v| acc.saturating_add(*v));
+    let total_line_spend: i64 = line_spend
+        .values()
+        .fold(0_i64, |acc, v| acc.saturating_add(*v));
     #[allow(clippy::cast_precision_loss)]
     let category_shares = if total_line_spend > 0 {
         line_spend
@@ -238,7 +248,8 @@ pub fn compute_features(history: &ProfileHistory, as_of: i64, config: &FeatureCo
     let engagement = &history.engagement;
     #[allow(clippy::cast_precision_loss)]
     let cart_abandonment_rate = (engagement.carts_created > 0).then(|| {
-        engagement.carts_abandoned.min(engagement.carts_created) as f64 / engagement.carts_created as f64
+        engagement.carts_abandoned.min(engagement.carts_created) as f64
+            / engagement.carts_created as f64
     });
 
     ProfileFeatures {
@@ -409,7 +420,10 @@ mod tests {
             ..ProfileHistory::default()
         };
         let default = compute_features(&history, AS_OF, &FeatureConfig::default());
-        assert!(close(default.engagement_score, 10.0 * 0.5 + 4.0 + 2.0 * 3.0 + 3.0 * 2.0));
+        assert!(close(
+            default.engagement_score,
+            10.0 * 0.5 + 4.0 + 2.0 * 3.0 + 3.0 * 2.0
+        ));
         assert!(close(default.cart_abandonment_rate.unwrap(), 0.75));
 
         let clicks_only = FeatureConfig {

@@ -123,17 +123,9 @@ impl LifecycleInput {
 }
 
 /// Classifies customers into [`LifecycleState`]s with validated thresholds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct LifecycleClassifier {
     thresholds: LifecycleThresholds,
-}
-
-impl Default for LifecycleClassifier {
-    fn default() -> Self {
-        Self {
-            thresholds: LifecycleThresholds::default(),
-        }
-    }
 }
 
 impl LifecycleClassifier {
@@ -166,7 +158,9 @@ impl LifecycleClassifier {
                 return Err(LifecycleError::InvalidValue(name));
             }
         }
-        if !(t.at_risk_after_days <= t.lapsed_after_days && t.lapsed_after_days <= t.churned_after_days) {
+        if !(t.at_risk_after_days <= t.lapsed_after_days
+            && t.lapsed_after_days <= t.churned_after_days)
+        {
             return Err(LifecycleError::Misordered(
                 "at_risk_after_days <= lapsed_after_days <= churned_after_days",
             ));
@@ -177,7 +171,9 @@ impl LifecycleClassifier {
             ));
         }
         if t.at_risk_multiplier > t.lapsed_multiplier {
-            return Err(LifecycleError::Misordered("at_risk_multiplier <= lapsed_multiplier"));
+            return Err(LifecycleError::Misordered(
+                "at_risk_multiplier <= lapsed_multiplier",
+            ));
         }
         Ok(Self { thresholds })
     }
@@ -189,9 +185,11 @@ impl LifecycleClassifier {
     }
 
     fn cadence(&self, input: &LifecycleInput) -> Option<f64> {
-        input
-            .mean_interpurchase_days
-            .filter(|&mu| input.order_count >= self.thresholds.min_orders_for_cadence && mu.is_finite() && mu > 0.0)
+        input.mean_interpurchase_days.filter(|&mu| {
+            input.order_count >= self.thresholds.min_orders_for_cadence
+                && mu.is_finite()
+                && mu > 0.0
+        })
     }
 
     /// Days of silence after which `input` counts as lapsed (see the module doc).
@@ -286,49 +284,106 @@ mod tests {
 
     #[test]
     fn first_order_on_new_window_boundary_is_new_and_just_after_is_active() {
-        assert_eq!(classify(&one_time(30.0, 30.0, 1)), Some(LifecycleState::New));
-        assert_eq!(classify(&one_time(above(30.0), above(30.0), 1)), Some(LifecycleState::Active));
+        assert_eq!(
+            classify(&one_time(30.0, 30.0, 1)),
+            Some(LifecycleState::New)
+        );
+        assert_eq!(
+            classify(&one_time(above(30.0), above(30.0), 1)),
+            Some(LifecycleState::Active)
+        );
     }
 
     #[test]
     fn absolute_at_risk_boundary_without_cadence() {
-        assert_eq!(classify(&one_time(200.0, 90.0, 2)), Some(LifecycleState::Active));
-        assert_eq!(classify(&one_time(200.0, above(90.0), 2)), Some(LifecycleState::AtRisk));
+        assert_eq!(
+            classify(&one_time(200.0, 90.0, 2)),
+            Some(LifecycleState::Active)
+        );
+        assert_eq!(
+            classify(&one_time(200.0, above(90.0), 2)),
+            Some(LifecycleState::AtRisk)
+        );
     }
 
     #[test]
     fn absolute_lapsed_boundary_without_cadence() {
-        assert_eq!(classify(&one_time(200.0, 180.0, 1)), Some(LifecycleState::AtRisk));
-        assert_eq!(classify(&one_time(200.0, above(180.0), 1)), Some(LifecycleState::Lapsed));
+        assert_eq!(
+            classify(&one_time(200.0, 180.0, 1)),
+            Some(LifecycleState::AtRisk)
+        );
+        assert_eq!(
+            classify(&one_time(200.0, above(180.0), 1)),
+            Some(LifecycleState::Lapsed)
+        );
     }
 
     #[test]
     fn churned_boundary_is_absolute() {
-        assert_eq!(classify(&one_time(400.0, 365.0, 1)), Some(LifecycleState::Lapsed));
-        assert_eq!(classify(&one_time(400.0, above(365.0), 1)), Some(LifecycleState::Churned));
+        assert_eq!(
+            classify(&one_time(400.0, 365.0, 1)),
+            Some(LifecycleState::Lapsed)
+        );
+        assert_eq!(
+            classify(&one_time(400.0, above(365.0), 1)),
+            Some(LifecycleState::Churned)
+        );
         // a very slow cadence does not postpone churn
-        assert_eq!(classify(&with_cadence(300.0, above(365.0), 3)), Some(LifecycleState::Churned));
+        assert_eq!(
+            classify(&with_cadence(300.0, above(365.0), 3)),
+            Some(LifecycleState::Churned)
+        );
     }
 
     #[test]
     fn personal_cadence_sets_at_risk_and_lapsed_boundaries() {
         // weekly shopper: at risk after 2×7 = 14 days, lapsed after max(4×7, 60) = 60 days
-        assert_eq!(classify(&with_cadence(7.0, 14.0, 5)), Some(LifecycleState::Active));
-        assert_eq!(classify(&with_cadence(7.0, above(14.0), 5)), Some(LifecycleState::AtRisk));
-        assert_eq!(classify(&with_cadence(7.0, 60.0, 5)), Some(LifecycleState::AtRisk));
-        assert_eq!(classify(&with_cadence(7.0, above(60.0), 5)), Some(LifecycleState::Lapsed));
+        assert_eq!(
+            classify(&with_cadence(7.0, 14.0, 5)),
+            Some(LifecycleState::Active)
+        );
+        assert_eq!(
+            classify(&with_cadence(7.0, above(14.0), 5)),
+            Some(LifecycleState::AtRisk)
+        );
+        assert_eq!(
+            classify(&with_cadence(7.0, 60.0, 5)),
+            Some(LifecycleState::AtRisk)
+        );
+        assert_eq!(
+            classify(&with_cadence(7.0, above(60.0), 5)),
+            Some(LifecycleState::Lapsed)
+        );
         // monthly shopper: at risk after 60, lapsed after 120
-        assert_eq!(classify(&with_cadence(30.0, 60.0, 4)), Some(LifecycleState::Active));
-        assert_eq!(classify(&with_cadence(30.0, above(60.0), 4)), Some(LifecycleState::AtRisk));
-        assert_eq!(classify(&with_cadence(30.0, 120.0, 4)), Some(LifecycleState::AtRisk));
-        assert_eq!(classify(&with_cadence(30.0, above(120.0), 4)), Some(LifecycleState::Lapsed));
+        assert_eq!(
+            classify(&with_cadence(30.0, 60.0, 4)),
+            Some(LifecycleState::Active)
+        );
+        assert_eq!(
+            classify(&with_cadence(30.0, above(60.0), 4)),
+            Some(LifecycleState::AtRisk)
+        );
+        assert_eq!(
+            classify(&with_cadence(30.0, 120.0, 4)),
+            Some(LifecycleState::AtRisk)
+        );
+        assert_eq!(
+            classify(&with_cadence(30.0, above(120.0), 4)),
+            Some(LifecycleState::Lapsed)
+        );
     }
 
     #[test]
     fn daily_shopper_is_protected_by_floors() {
         // 2×1 day would be 2 days; floor keeps at-risk at 14 days
-        assert_eq!(classify(&with_cadence(1.0, 14.0, 40)), Some(LifecycleState::Active));
-        assert_eq!(classify(&with_cadence(1.0, above(14.0), 40)), Some(LifecycleState::AtRisk));
+        assert_eq!(
+            classify(&with_cadence(1.0, 14.0, 40)),
+            Some(LifecycleState::Active)
+        );
+        assert_eq!(
+            classify(&with_cadence(1.0, above(14.0), 40)),
+            Some(LifecycleState::AtRisk)
+        );
     }
 
     #[test]
@@ -339,7 +394,10 @@ mod tests {
         assert!((classifier.lapsed_threshold_days(&input) - 180.0).abs() < 1e-12);
         assert!((classifier.at_risk_threshold_days(&input) - 180.0).abs() < 1e-12);
         assert_eq!(classify(&input), Some(LifecycleState::Active));
-        assert_eq!(classify(&with_cadence(100.0, above(180.0), 3)), Some(LifecycleState::Lapsed));
+        assert_eq!(
+            classify(&with_cadence(100.0, above(180.0), 3)),
+            Some(LifecycleState::Lapsed)
+        );
     }
 
     #[test]
@@ -356,7 +414,10 @@ mod tests {
 
     #[test]
     fn recent_first_order_with_fast_cadence_is_still_new() {
-        assert_eq!(classify(&with_cadence(5.0, 15.0, 3)), Some(LifecycleState::New));
+        assert_eq!(
+            classify(&with_cadence(5.0, 15.0, 3)),
+            Some(LifecycleState::New)
+        );
     }
 
     #[test]
@@ -375,7 +436,11 @@ mod tests {
                 .collect(),
             ..ProfileHistory::default()
         };
-        let input = LifecycleInput::from_features(&compute_features(&history, as_of, &FeatureConfig::default()));
+        let input = LifecycleInput::from_features(&compute_features(
+            &history,
+            as_of,
+            &FeatureConfig::default(),
+        ));
         assert_eq!(input.order_count, 3);
         assert_eq!(input.days_since_last_order, Some(100.0));
         assert_eq!(input.mean_interpurchase_days, Some(10.0));
@@ -389,12 +454,18 @@ mod tests {
             lapsed_after_days: 400.0,
             ..LifecycleThresholds::default()
         };
-        assert!(matches!(LifecycleClassifier::new(bad), Err(LifecycleError::Misordered(_))));
+        assert!(matches!(
+            LifecycleClassifier::new(bad),
+            Err(LifecycleError::Misordered(_))
+        ));
         let bad = LifecycleThresholds {
             at_risk_multiplier: 5.0,
             ..LifecycleThresholds::default()
         };
-        assert!(matches!(LifecycleClassifier::new(bad), Err(LifecycleError::Misordered(_))));
+        assert!(matches!(
+            LifecycleClassifier::new(bad),
+            Err(LifecycleError::Misordered(_))
+        ));
         let bad = LifecycleThresholds {
             new_window_days: f64::NAN,
             ..LifecycleThresholds::default()

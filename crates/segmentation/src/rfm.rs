@@ -43,7 +43,9 @@ pub enum RfmError {
         field: &'static str,
     },
     /// A segment rule has a bound outside `1..=5` or min > max.
-    #[error("segment rule {name:?} has an invalid range (bounds must satisfy 1 <= min <= max <= 5)")]
+    #[error(
+        "segment rule {name:?} has an invalid range (bounds must satisfy 1 <= min <= max <= 5)"
+    )]
     InvalidRule {
         /// Name of the offending rule.
         name: String,
@@ -475,13 +477,21 @@ mod tests {
             .map(|i| input(f64::from(i), f64::from(i), f64::from(i)))
             .collect();
         let cuts = RfmScorer::default().score_base(&inputs).unwrap().cut_points;
-        assert_eq!(cuts.score(&input(-1.0, 1e9, 1e9)), RfmScore { r: 5, f: 5, m: 5 });
-        assert_eq!(cuts.score(&input(1e9, 0.0, -5.0)), RfmScore { r: 1, f: 1, m: 1 });
+        assert_eq!(
+            cuts.score(&input(-1.0, 1e9, 1e9)),
+            RfmScore { r: 5, f: 5, m: 5 }
+        );
+        assert_eq!(
+            cuts.score(&input(1e9, 0.0, -5.0)),
+            RfmScore { r: 1, f: 1, m: 1 }
+        );
     }
 
     #[test]
     fn single_profile_base_scores_recent_but_low_value() {
-        let batch = RfmScorer::default().score_base(&[input(3.0, 2.0, 10.0)]).unwrap();
+        let batch = RfmScorer::default()
+            .score_base(&[input(3.0, 2.0, 10.0)])
+            .unwrap();
         assert_eq!(batch.scores[0], RfmScore { r: 5, f: 1, m: 1 });
     }
 
@@ -498,7 +508,10 @@ mod tests {
 
     #[test]
     fn empty_base_is_rejected() {
-        assert_eq!(RfmScorer::default().score_base(&[]), Err(RfmError::EmptyBase));
+        assert_eq!(
+            RfmScorer::default().score_base(&[]),
+            Err(RfmError::EmptyBase)
+        );
     }
 
     #[test]
@@ -528,18 +541,49 @@ mod tests {
         let map = SegmentMap::standard();
         let grid = [
             // fm = 1..=5 for r = 1
-            ["Lost", "Hibernating", "At Risk", "At Risk", "Can't Lose Them"],
-            ["Hibernating", "Hibernating", "At Risk", "At Risk", "Can't Lose Them"],
-            ["About to Sleep", "About to Sleep", "Need Attention", "Loyal Customers", "Loyal Customers"],
-            ["Promising", "Potential Loyalists", "Potential Loyalists", "Loyal Customers", "Loyal Customers"],
-            ["New Customers", "Potential Loyalists", "Potential Loyalists", "Champions", "Champions"],
+            [
+                "Lost",
+                "Hibernating",
+                "At Risk",
+                "At Risk",
+                "Can't Lose Them",
+            ],
+            [
+                "Hibernating",
+                "Hibernating",
+                "At Risk",
+                "At Risk",
+                "Can't Lose Them",
+            ],
+            [
+                "About to Sleep",
+                "About to Sleep",
+                "Need Attention",
+                "Loyal Customers",
+                "Loyal Customers",
+            ],
+            [
+                "Promising",
+                "Potential Loyalists",
+                "Potential Loyalists",
+                "Loyal Customers",
+                "Loyal Customers",
+            ],
+            [
+                "New Customers",
+                "Potential Loyalists",
+                "Potential Loyalists",
+                "Champions",
+                "Champions",
+            ],
         ];
         for (r, row) in (1..=5_u8).zip(grid) {
             for (fm, expected) in (1..=5_u8).zip(row) {
                 assert_eq!(map.segment(r, fm), expected, "cell r={r} fm={fm}");
             }
         }
-        let names: std::collections::BTreeSet<&str> = map.rules().iter().map(|r| r.name.as_str()).collect();
+        let names: std::collections::BTreeSet<&str> =
+            map.rules().iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names.len(), 11);
     }
 
@@ -585,6 +629,9 @@ mod tests {
         let scorer = RfmScorer::default();
         assert_eq!(scorer.segment(&RfmScore { r: 5, f: 5, m: 4 }), "Champions");
         assert_eq!(scorer.segment(&RfmScore { r: 1, f: 1, m: 1 }), "Lost");
-        assert_eq!(scorer.segment(&RfmScore { r: 2, f: 5, m: 5 }), "Can't Lose Them");
+        assert_eq!(
+            scorer.segment(&RfmScore { r: 2, f: 5, m: 5 }),
+            "Can't Lose Them"
+        );
     }
 }

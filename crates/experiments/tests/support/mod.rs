@@ -123,12 +123,12 @@ pub fn experiment(key: &str, weights: &[f64]) -> pb::Experiment {
 
 pub fn now() -> prost_types::Timestamp {
     let micros = chrono::Utc::now().timestamp_micros();
-    clientele_experiments::service::timestamp(micros)
+    clientele_runtime::time::timestamp(micros)
 }
 
 pub fn later(secs: i64) -> prost_types::Timestamp {
     let micros = chrono::Utc::now().timestamp_micros() + secs * 1_000_000;
-    clientele_experiments::service::timestamp(micros)
+    clientele_runtime::time::timestamp(micros)
 }
 
 pub fn unit_ids(attribute: &str, id: &str) -> HashMap<String, String> {

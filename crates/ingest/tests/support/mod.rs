@@ -143,14 +143,14 @@ impl Served {
 }
 
 pub fn now_ts() -> prost_types::Timestamp {
-    clientele_ingest::validate::timestamp(chrono::Utc::now().timestamp_micros())
+    clientele_runtime::time::timestamp(chrono::Utc::now().timestamp_micros())
 }
 
 /// `secs` before a fixed instant taken once per test process (so rebuilt events are equal).
 pub fn ts_minus(secs: i64) -> prost_types::Timestamp {
     static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     let base = *BASE.get_or_init(|| chrono::Utc::now().timestamp_micros());
-    clientele_ingest::validate::timestamp(base - secs * 1_000_000)
+    clientele_runtime::time::timestamp(base - secs * 1_000_000)
 }
 
 pub fn ids(customer: &str) -> pb::IdentifierSet {

@@ -73,6 +73,9 @@ fn cholesky(a: &[f64], d: usize) -> Option<Vec<f64>> {
     Some(l)
 }
 
+/// Result of an M-step: weights, means, covariances and their Cholesky factors.
+type MStep = (Vec<f64>, Matrix, Vec<Matrix>, Vec<Vec<f64>>);
+
 struct Component<'a> {
     log_weight: f64,
     mean: &'a [f64],
@@ -81,6 +84,7 @@ struct Component<'a> {
 }
 
 /// `ln N(x | mean, L Lᵀ)` using forward substitution with the Cholesky factor.
+#[allow(clippy::needless_range_loop)] // triangular solve: indices are the clearest form
 fn log_density(x: &[f64], c: &Component<'_>, y: &mut [f64]) -> f64 {
     let d = x.len();
     let mut maha = 0.0;
@@ -113,7 +117,10 @@ impl GaussianMixture {
                 log_weight: self.weights[j].ln(),
                 mean: self.means.row(j),
                 chol: &self.cholesky[j],
-                log_det: 2.0 * (0..d).map(|i| self.cholesky[j][i * d + i].ln()).sum::<f64>(),
+                log_det: 2.0
+                    * (0..d)
+                        .map(|i| self.cholesky[j][i * d + i].ln())
+                        .sum::<f64>(),
             })
             .collect()
     }
@@ -121,7 +128,10 @@ impl GaussianMixture {
     /// Weighted log densities `ln π_j + ln N(x | μ_j, Σ_j)` of one point.
     fn weighted_log_densities(components: &[Component<'_>], x: &[f64]) -> Vec<f64> {
         let mut y = vec![0.0; x.len()];
-        components.iter().map(|c| c.log_weight + log_density(x, c, &mut y)).collect()
+        components
+            .iter()
+            .map(|c| c.log_weight + log_density(x, c, &mut y))
+            .collect()
     }
 
     /// E-step: log responsibilities (row-major `n × k`) and mean log-likelihood.
@@ -151,7 +161,12 @@ impl GaussianMixture {
     }
 
     /// M-step from responsibilities (row-major `n × k`).
-    fn m_step(data: &Matrix, resp: &[f64], k: usize, reg_covar: f64) -> Result<(Vec<f64>, Matrix, Vec<Matrix>, Vec<Vec<f64>>), ClusteringError> {
+    fn m_step(
+        data: &Matrix,
+        resp: &[f64],
+        k: usize,
+        reg_covar: f64,
+    ) -> Result<MStep, ClusteringError> {
         let d = data.cols();
         #[allow(clippy::cast_precision_loss)]
         let n = data.rows() as f64;
@@ -216,7 +231,11 @@ impl GaussianMixture {
     /// [`ClusteringError::InvalidParameter`] for invalid k or parameters,
     /// [`ClusteringError::Numerical`] when a covariance degenerates despite `reg_covar`.
     pub fn fit(data: &Matrix, config: &GaussianMixtureConfig) -> Result<Self, ClusteringError> {
-        if config.max_iter == 0 || !(config.tol.is_finite() && config.tol >= 0.0) || !(config.reg_covar >= 0.0) {
+        if config.max_iter == 0
+            || !(config.tol.is_finite() && config.tol >= 0.0)
+            || config.reg_covar.is_nan()
+            || config.reg_covar < 0.0
+        {
             return Err(ClusteringError::InvalidParameter(
                 "max_iter ≥ 1, tol ≥ 0 and reg_covar ≥ 0 required".into(),
             ));
@@ -235,7 +254,8 @@ impl GaussianMixture {
         for (i, &l) in kmeans.labels().iter().enumerate() {
             resp[i * k + l] = 1.0;
         }
-        let (weights, means, covariances, cholesky) = Self::m_step(data, &resp, k, config.reg_covar)?;
+        let (weights, means, covariances, cholesky) =
+            Self::m_step(data, &resp, k, config.reg_covar)?;
         let mut model = Self {
             weights,
             means,
@@ -250,7 +270,8 @@ impl GaussianMixture {
             for (r, lr) in resp.iter_mut().zip(&log_resp) {
                 *r = lr.exp();
             }
-            let (weights, means, covariances, cholesky) = Self::m_step(data, &resp, k, config.reg_covar)?;
+            let (weights, means, covariances, cholesky) =
+                Self::m_step(data, &resp, k, config.reg_covar)?;
             model.weights = weights;
             model.means = means;
             model.covariances = covariances;
@@ -336,7 +357,10 @@ impl GaussianMixture {
         let k = self.weights.len();
         let d = self.means.cols();
         #[allow(clippy::cast_precision_loss)]
-        let (n, params) = (data.rows() as f64, ((k - 1) + k * d + k * d * (d + 1) / 2) as f64);
+        let (n, params) = (
+            data.rows() as f64,
+            ((k - 1) + k * d + k * d * (d + 1) / 2) as f64,
+        );
         -2.0 * mean_ll * n + params * n.ln()
     }
 }
@@ -379,19 +403,43 @@ mod tests {
     #[test]
     fn full_covariance_separates_tilted_group_better_than_kmeans() {
         let (data, truth) = round_and_tilted(300);
-        let gmm = GaussianMixture::fit(&data, &GaussianMixtureConfig { k: 2, ..GaussianMixtureConfig::default() }).unwrap();
+        let gmm = GaussianMixture::fit(
+            &data,
+            &GaussianMixtureConfig {
+                k: 2,
+                ..GaussianMixtureConfig::default()
+            },
+        )
+        .unwrap();
         let labels: Vec<usize> = data.iter_rows().map(|x| gmm.predict(x)).collect();
         let ari = crate::clustering::adjusted_rand_index(&truth, &labels).unwrap();
         assert!(ari > 0.95, "gmm ari {ari}");
-        let kmeans = KMeans::fit(&data, &KMeansConfig { k: 2, ..KMeansConfig::default() }).unwrap();
+        let kmeans = KMeans::fit(
+            &data,
+            &KMeansConfig {
+                k: 2,
+                ..KMeansConfig::default()
+            },
+        )
+        .unwrap();
         let kmeans_ari = crate::clustering::adjusted_rand_index(&truth, kmeans.labels()).unwrap();
-        assert!(ari > kmeans_ari + 0.05, "gmm ari {ari} vs k-means ari {kmeans_ari}");
+        assert!(
+            ari > kmeans_ari + 0.05,
+            "gmm ari {ari} vs k-means ari {kmeans_ari}"
+        );
     }
 
     #[test]
     fn probabilities_sum_to_one_and_weights_sum_to_one() {
         let (data, _) = round_and_tilted(100);
-        let gmm = GaussianMixture::fit(&data, &GaussianMixtureConfig { k: 3, ..GaussianMixtureConfig::default() }).unwrap();
+        let gmm = GaussianMixture::fit(
+            &data,
+            &GaussianMixtureConfig {
+                k: 3,
+                ..GaussianMixtureConfig::default()
+            },
+        )
+        .unwrap();
         let p = gmm.predict_proba(data.row(0));
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         assert!((gmm.weights().iter().sum::<f64>() - 1.0).abs() < 1e-9);
@@ -402,9 +450,15 @@ mod tests {
     fn bic_prefers_true_component_count() {
         let (data, _) = round_and_tilted(300);
         let bic = |k| {
-            GaussianMixture::fit(&data, &GaussianMixtureConfig { k, ..GaussianMixtureConfig::default() })
-                .unwrap()
-                .bic(&data)
+            GaussianMixture::fit(
+                &data,
+                &GaussianMixtureConfig {
+                    k,
+                    ..GaussianMixtureConfig::default()
+                },
+            )
+            .unwrap()
+            .bic(&data)
         };
         assert!(bic(2) < bic(1));
     }
@@ -413,6 +467,10 @@ mod tests {
     fn cholesky_rejects_indefinite_matrix() {
         assert!(cholesky(&[1.0, 2.0, 2.0, 1.0], 2).is_none());
         let l = cholesky(&[4.0, 2.0, 2.0, 3.0], 2).unwrap();
-        assert!((l[0] - 2.0).abs() < 1e-12 && (l[2] - 1.0).abs() < 1e-12 && (l[3] - 2.0_f64.sqrt()).abs() < 1e-12);
+        assert!(
+            (l[0] - 2.0).abs() < 1e-12
+                && (l[2] - 1.0).abs() < 1e-12
+                && (l[3] - 2.0_f64.sqrt()).abs() < 1e-12
+        );
     }
 }

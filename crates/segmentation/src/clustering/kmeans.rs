@@ -91,7 +91,12 @@ impl Assignment {
 
 /// Assignment of one chunk with the dimension known at compile time, so the distance loop is
 /// fully unrolled and the point stays in registers.
-fn assign_chunk_fixed<const D: usize>(points: &[f64], centers: &[f64], k: usize, labels: &mut [usize]) -> Assignment {
+fn assign_chunk_fixed<const D: usize>(
+    points: &[f64],
+    centers: &[f64],
+    k: usize,
+    labels: &mut [usize],
+) -> Assignment {
     let centers: Vec<[f64; D]> = centers
         .chunks_exact(D)
         .map(|c| std::array::from_fn(|t| c[t]))
@@ -107,10 +112,9 @@ fn assign_chunk_fixed<const D: usize>(points: &[f64], centers: &[f64], k: usize,
                 let diff = p[t] - c[t];
                 dist += diff * diff;
             }
-            if dist < best {
-                best = dist;
-                best_j = j;
-            }
+            let closer = dist < best;
+            best_j = if closer { j } else { best_j };
+            best = if closer { dist } else { best };
         }
         if *label != best_j {
             out.changed += 1;
@@ -126,7 +130,13 @@ fn assign_chunk_fixed<const D: usize>(points: &[f64], centers: &[f64], k: usize,
     out
 }
 
-fn assign_chunk_dyn(points: &[f64], d: usize, centers: &[f64], k: usize, labels: &mut [usize]) -> Assignment {
+fn assign_chunk_dyn(
+    points: &[f64],
+    d: usize,
+    centers: &[f64],
+    k: usize,
+    labels: &mut [usize],
+) -> Assignment {
     let mut out = Assignment::empty(k, d);
     for (p, label) in points.chunks_exact(d).zip(labels.iter_mut()) {
         let mut best = f64::INFINITY;
@@ -200,17 +210,37 @@ struct Delta {
     changed: usize,
 }
 
+/// Centers per block in the structure-of-arrays layout used by the full scan.
+const LANES: usize = 8;
+
+/// Lays out `k` row-major centers of width `dim` in blocks of [`LANES`], NaN-padded.
+fn centers_to_soa(centers: &[f64], k: usize, dim: usize) -> Vec<f64> {
+    let blocks = k.div_ceil(LANES);
+    let mut soa = vec![f64::NAN; blocks * dim * LANES];
+    for j in 0..k {
+        let (b, lane) = (j / LANES, j % LANES);
+        for t in 0..dim {
+            soa[(b * dim + t) * LANES + lane] = centers[j * dim + t];
+        }
+    }
+    soa
+}
+
 /// Per-iteration quantities shared by all chunks of a Hamerly pass.
 struct PassContext<'a> {
     centers: &'a [f64],
+    /// The centers in blocks of [`LANES`] (structure of arrays: for each block and feature,
+    /// `LANES` consecutive values), padded with NaN centers that never win. Lets the full
+    /// scan compute `LANES` distances per feature in vector registers.
+    centers_soa: &'a [f64],
     k: usize,
     dim: usize,
     /// Half the distance from each center to its nearest other center.
     half_separation: &'a [f64],
-    /// How far each center moved in the last update.
-    drift: &'a [f64],
-    /// Index of the largest drift, the largest and the second largest drift.
-    max_drift: (usize, f64, f64),
+    /// How far each center has moved in total since the first pass (sum of its drifts).
+    cumulative_drift: &'a [f64],
+    /// Sum over updates of the largest drift of any center.
+    cumulative_max_drift: f64,
     /// Recompute every point (first pass, or after empty-cluster relocation).
     full: bool,
 }
@@ -219,51 +249,73 @@ struct PassContext<'a> {
 /// distance to its center and a lower bound on the distance to any other center; points whose
 /// bounds prove the assignment unchanged are skipped. Assignments are exactly those of a
 /// brute-force pass (up to exact ties), so iterations are Lloyd iterations.
-fn hamerly_chunk<const D: usize>(ctx: &PassContext<'_>, points: &[f64], labels: &mut [u32], upper: &mut [f64], lower: &mut [f64]) -> Delta {
+fn hamerly_chunk<const D: usize>(
+    ctx: &PassContext<'_>,
+    points: &[f64],
+    labels: &mut [u32],
+    upper: &mut [f64],
+    lower: &mut [f64],
+) -> Delta {
     let (k, dim) = (ctx.k, ctx.dim);
     let mut delta = Delta {
         sums: vec![0.0; k * dim],
         counts: vec![0; k],
         changed: 0,
     };
+    let blocks = ctx.centers_soa.len() / (LANES * dim);
     let scan = |x: &[f64]| {
         let (mut best, mut second, mut best_j) = (f64::INFINITY, f64::INFINITY, 0);
-        for j in 0..k {
-            let dist = sqdist::<D>(x, &ctx.centers[j * dim..], dim);
-            if dist < best {
-                second = best;
-                best = dist;
-                best_j = j;
-            } else if dist < second {
-                second = dist;
+        for b in 0..blocks {
+            let mut dist = [0.0_f64; LANES];
+            let block = &ctx.centers_soa[b * dim * LANES..(b + 1) * dim * LANES];
+            for (t, lane_values) in
+                block
+                    .chunks_exact(LANES)
+                    .enumerate()
+                    .take(if D == 0 { dim } else { D })
+            {
+                let xt = x[t];
+                for (acc, c) in dist.iter_mut().zip(lane_values) {
+                    let diff = xt - c;
+                    *acc += diff * diff;
+                }
+            }
+            for (lane, &dj) in dist.iter().enumerate() {
+                // branch-free updates (compiled to selects): the winner is unpredictable;
+                // NaN padding compares false and is ignored by `min`
+                let closer = dj < best;
+                second = if closer { best } else { second.min(dj) };
+                best_j = if closer { b * LANES + lane } else { best_j };
+                best = if closer { dj } else { best };
             }
         }
         (best_j, best.sqrt(), second.sqrt())
     };
-    let (max_j, max_drift, second_drift) = ctx.max_drift;
-    for (((x, label), u), l) in points.chunks_exact(dim).zip(labels.iter_mut()).zip(upper.iter_mut()).zip(lower.iter_mut()) {
+    // Bounds are stored relative to the cumulative drifts so that skipped points need no
+    // write: effective upper = stored + cumulative drift of its center, effective lower =
+    // stored - cumulative maximum drift.
+    let (drift, max_drift) = (ctx.cumulative_drift, ctx.cumulative_max_drift);
+    for (((x, label), u), l) in points
+        .chunks_exact(dim)
+        .zip(labels.iter_mut())
+        .zip(upper.iter_mut())
+        .zip(lower.iter_mut())
+    {
         let old = *label as usize;
-        let new = if ctx.full {
-            let (j, d1, d2) = scan(x);
-            *u = d1;
-            *l = d2;
-            j
-        } else {
-            *u += ctx.drift[old];
-            *l -= if old == max_j { second_drift } else { max_drift };
-            let bound = ctx.half_separation[old].max(*l);
-            if *u <= bound {
+        if !ctx.full {
+            let bound = ctx.half_separation[old].max(*l - max_drift);
+            if *u + drift[old] <= bound {
                 continue;
             }
-            *u = sqdist::<D>(x, &ctx.centers[old * dim..], dim).sqrt();
-            if *u <= bound {
+            let exact = sqdist::<D>(x, &ctx.centers[old * dim..], dim).sqrt();
+            if exact <= bound {
+                *u = exact - drift[old];
                 continue;
             }
-            let (j, d1, d2) = scan(x);
-            *u = d1;
-            *l = d2;
-            j
-        };
+        }
+        let (new, d1, d2) = scan(x);
+        *u = d1 - drift[new];
+        *l = d2 + max_drift;
         if new != old {
             delta.changed += 1;
             *label = u32::try_from(new).unwrap_or(u32::MAX);
@@ -284,7 +336,15 @@ fn hamerly_chunk<const D: usize>(ctx: &PassContext<'_>, points: &[f64], labels: 
 
 /// Runs a Hamerly pass over all points in parallel chunks and applies the changes to `sums`
 /// and `counts` in chunk order (deterministic). Returns the number of changed labels.
-fn hamerly_pass(ctx: &PassContext<'_>, points: &[f64], labels: &mut [u32], upper: &mut [f64], lower: &mut [f64], sums: &mut [f64], counts: &mut [i64]) -> usize {
+fn hamerly_pass(
+    ctx: &PassContext<'_>,
+    points: &[f64],
+    labels: &mut [u32],
+    upper: &mut [f64],
+    lower: &mut [f64],
+    sums: &mut [f64],
+    counts: &mut [i64],
+) -> usize {
     let dim = ctx.dim;
     let deltas: Vec<Delta> = points
         .par_chunks(CHUNK_ROWS * dim)
@@ -321,7 +381,12 @@ fn half_separations(centers: &[f64], k: usize, dim: usize) -> Vec<f64> {
         .map(|j| {
             (0..k)
                 .filter(|&o| o != j)
-                .map(|o| squared_euclidean(&centers[j * dim..(j + 1) * dim], &centers[o * dim..(o + 1) * dim]))
+                .map(|o| {
+                    squared_euclidean(
+                        &centers[j * dim..(j + 1) * dim],
+                        &centers[o * dim..(o + 1) * dim],
+                    )
+                })
                 .fold(f64::INFINITY, f64::min)
                 .sqrt()
                 / 2.0
@@ -332,7 +397,13 @@ fn half_separations(centers: &[f64], k: usize, dim: usize) -> Vec<f64> {
 /// Moves each empty cluster onto the point farthest from its current center (distinct points
 /// for distinct empty clusters), as scikit-learn does; the point is relabelled and the sums
 /// and counts updated. Returns whether anything moved.
-fn relocate_empty_clusters(data: &Matrix, centers: &mut [f64], labels: &mut [u32], sums: &mut [f64], counts: &mut [i64]) -> bool {
+fn relocate_empty_clusters(
+    data: &Matrix,
+    centers: &mut [f64],
+    labels: &mut [u32],
+    sums: &mut [f64],
+    counts: &mut [i64],
+) -> bool {
     let d = data.cols();
     let empty: Vec<usize> = (0..counts.len()).filter(|&j| counts[j] <= 0).collect();
     if empty.is_empty() {
@@ -401,24 +472,34 @@ fn lloyd(data: &Matrix, init: &Matrix, max_iter: usize, tol_abs: f64) -> KMeans 
     let mut lower = vec![0.0; n];
     let mut sums = vec![0.0; k * dim];
     let mut counts = vec![0_i64; k];
-    let mut drift = vec![0.0; k];
-    let mut max_drift = (0, 0.0, 0.0);
+    let mut cumulative_drift = vec![0.0; k];
+    let mut cumulative_max_drift = 0.0;
     let mut full = true;
     let mut n_iter = 0;
     let mut converged = false;
     for iteration in 0..max_iter {
         n_iter = iteration + 1;
         let half_separation = half_separations(&centers, k, dim);
+        let centers_soa = centers_to_soa(&centers, k, dim);
         let ctx = PassContext {
             centers: &centers,
+            centers_soa: &centers_soa,
             k,
             dim,
             half_separation: &half_separation,
-            drift: &drift,
-            max_drift,
+            cumulative_drift: &cumulative_drift,
+            cumulative_max_drift,
             full,
         };
-        let changed = hamerly_pass(&ctx, points, &mut labels, &mut upper, &mut lower, &mut sums, &mut counts);
+        let changed = hamerly_pass(
+            &ctx,
+            points,
+            &mut labels,
+            &mut upper,
+            &mut lower,
+            &mut sums,
+            &mut counts,
+        );
         let mut new_centers = centers.clone();
         full = relocate_empty_clusters(data, &mut new_centers, &mut labels, &mut sums, &mut counts);
         for j in 0..k {
@@ -431,17 +512,17 @@ fn lloyd(data: &Matrix, init: &Matrix, max_iter: usize, tol_abs: f64) -> KMeans 
             }
         }
         let mut shift = 0.0;
-        max_drift = (0, 0.0, 0.0);
+        let mut largest = 0.0_f64;
         for j in 0..k {
-            let moved = squared_euclidean(&centers[j * dim..(j + 1) * dim], &new_centers[j * dim..(j + 1) * dim]);
+            let moved = squared_euclidean(
+                &centers[j * dim..(j + 1) * dim],
+                &new_centers[j * dim..(j + 1) * dim],
+            );
             shift += moved;
-            drift[j] = moved.sqrt();
-            if drift[j] > max_drift.1 {
-                max_drift = (j, drift[j], max_drift.1);
-            } else if drift[j] > max_drift.2 {
-                max_drift.2 = drift[j];
-            }
+            cumulative_drift[j] += moved.sqrt();
+            largest = largest.max(moved.sqrt());
         }
+        cumulative_max_drift += largest;
         centers = new_centers;
         if (changed == 0 && !full) || shift <= tol_abs {
             converged = true;
@@ -466,7 +547,9 @@ fn lloyd(data: &Matrix, init: &Matrix, max_iter: usize, tol_abs: f64) -> KMeans 
 
 fn validate(data: &Matrix, k: usize) -> Result<(), ClusteringError> {
     if k == 0 {
-        return Err(ClusteringError::InvalidParameter("k must be at least 1".into()));
+        return Err(ClusteringError::InvalidParameter(
+            "k must be at least 1".into(),
+        ));
     }
     if k > data.rows() {
         return Err(ClusteringError::InvalidParameter(format!(
@@ -485,16 +568,27 @@ fn validate(data: &Matrix, k: usize) -> Result<(), ClusteringError> {
 ///
 /// # Errors
 /// [`ClusteringError::InvalidParameter`] when `k` is 0 or exceeds the row count.
-pub fn kmeans_plus_plus<R: Rng + ?Sized>(data: &Matrix, k: usize, rng: &mut R) -> Result<Matrix, ClusteringError> {
+pub fn kmeans_plus_plus<R: Rng + ?Sized>(
+    data: &Matrix,
+    k: usize,
+    rng: &mut R,
+) -> Result<Matrix, ClusteringError> {
     validate(data, k)?;
     let n = data.rows();
     let d = data.cols();
-    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
     let n_trials = 2 + (k as f64).ln().floor() as usize;
     let mut centers = Vec::with_capacity(k * d);
     let first = rng.gen_range(0..n);
     centers.extend_from_slice(data.row(first));
-    let mut closest: Vec<f64> = data.iter_rows().map(|x| squared_euclidean(x, data.row(first))).collect();
+    let mut closest: Vec<f64> = data
+        .iter_rows()
+        .map(|x| squared_euclidean(x, data.row(first)))
+        .collect();
     let mut cumulative = vec![0.0; n];
     for _ in 1..k {
         let mut acc = 0.0;
@@ -542,10 +636,14 @@ impl KMeans {
     pub fn fit(data: &Matrix, config: &KMeansConfig) -> Result<Self, ClusteringError> {
         validate(data, config.k)?;
         if config.n_init == 0 || config.max_iter == 0 {
-            return Err(ClusteringError::InvalidParameter("n_init and max_iter must be at least 1".into()));
+            return Err(ClusteringError::InvalidParameter(
+                "n_init and max_iter must be at least 1".into(),
+            ));
         }
         if !config.tol.is_finite() || config.tol < 0.0 {
-            return Err(ClusteringError::InvalidParameter("tol must be finite and non-negative".into()));
+            return Err(ClusteringError::InvalidParameter(
+                "tol must be finite and non-negative".into(),
+            ));
         }
         let tol_abs = config.tol * mean_variance(data);
         let mut best: Option<Self> = None;
@@ -553,7 +651,12 @@ impl KMeans {
             let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
             rng.set_stream(run as u64);
             let init = if data.rows() > config.seeding_sample_size.max(config.k) {
-                let mut sample = index::sample(&mut rng, data.rows(), config.seeding_sample_size.max(config.k)).into_vec();
+                let mut sample = index::sample(
+                    &mut rng,
+                    data.rows(),
+                    config.seeding_sample_size.max(config.k),
+                )
+                .into_vec();
                 sample.sort_unstable();
                 kmeans_plus_plus(&data.select_rows(&sample), config.k, &mut rng)?
             } else {
@@ -574,7 +677,12 @@ impl KMeans {
     /// # Errors
     /// As [`Self::fit`], plus [`ClusteringError::DimensionMismatch`] when the centroids'
     /// width differs from the data's.
-    pub fn fit_from_centroids(data: &Matrix, initial: &Matrix, max_iter: usize, tol: f64) -> Result<Self, ClusteringError> {
+    pub fn fit_from_centroids(
+        data: &Matrix,
+        initial: &Matrix,
+        max_iter: usize,
+        tol: f64,
+    ) -> Result<Self, ClusteringError> {
         validate(data, initial.rows())?;
         initial.check_finite()?;
         if initial.cols() != data.cols() {
@@ -585,7 +693,9 @@ impl KMeans {
             )));
         }
         if max_iter == 0 || !tol.is_finite() || tol < 0.0 {
-            return Err(ClusteringError::InvalidParameter("max_iter ≥ 1 and finite tol ≥ 0 required".into()));
+            return Err(ClusteringError::InvalidParameter(
+                "max_iter ≥ 1 and finite tol ≥ 0 required".into(),
+            ));
         }
         Ok(lloyd(data, initial, max_iter, tol * mean_variance(data)))
     }
@@ -680,7 +790,14 @@ mod tests {
     #[test]
     fn separated_blobs_are_recovered() {
         let data = blobs(100, 1);
-        let model = KMeans::fit(&data, &KMeansConfig { k: 3, ..KMeansConfig::default() }).unwrap();
+        let model = KMeans::fit(
+            &data,
+            &KMeansConfig {
+                k: 3,
+                ..KMeansConfig::default()
+            },
+        )
+        .unwrap();
         let labels = model.labels();
         for b in 0..3 {
             let first = labels[b * 100];
@@ -708,8 +825,14 @@ mod tests {
     #[test]
     fn result_does_not_depend_on_thread_count() {
         let data = blobs(20_000, 3);
-        let config = KMeansConfig { k: 4, ..KMeansConfig::default() };
-        let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let config = KMeansConfig {
+            k: 4,
+            ..KMeansConfig::default()
+        };
+        let single = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let a = single.install(|| KMeans::fit(&data, &config)).unwrap();
         let b = KMeans::fit(&data, &config).unwrap();
         assert_eq!(a, b);
@@ -718,7 +841,14 @@ mod tests {
     #[test]
     fn inertia_matches_labels_and_centroids() {
         let data = blobs(50, 4);
-        let model = KMeans::fit(&data, &KMeansConfig { k: 4, ..KMeansConfig::default() }).unwrap();
+        let model = KMeans::fit(
+            &data,
+            &KMeansConfig {
+                k: 4,
+                ..KMeansConfig::default()
+            },
+        )
+        .unwrap();
         let direct: f64 = data
             .iter_rows()
             .zip(model.labels())
@@ -736,7 +866,14 @@ mod tests {
         rows.push([2.0, 2.0]);
         rows.push([3.0, 3.0]);
         let data = Matrix::from_rows(&rows).unwrap();
-        let model = KMeans::fit(&data, &KMeansConfig { k: 3, ..KMeansConfig::default() }).unwrap();
+        let model = KMeans::fit(
+            &data,
+            &KMeansConfig {
+                k: 3,
+                ..KMeansConfig::default()
+            },
+        )
+        .unwrap();
         assert!(model.cluster_sizes().iter().all(|&s| s > 0));
         assert!(model.inertia().abs() < 1e-12);
     }
@@ -745,7 +882,13 @@ mod tests {
     fn more_clusters_than_rows_is_rejected() {
         let data = Matrix::from_rows(&[[1.0], [2.0]]).unwrap();
         assert!(matches!(
-            KMeans::fit(&data, &KMeansConfig { k: 3, ..KMeansConfig::default() }),
+            KMeans::fit(
+                &data,
+                &KMeansConfig {
+                    k: 3,
+                    ..KMeansConfig::default()
+                }
+            ),
             Err(ClusteringError::InvalidParameter(_))
         ));
     }
@@ -755,7 +898,14 @@ mod tests {
         // d = 7 uses the generic loop; compare to a manual evaluation
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let data = Matrix::new((0..7 * 300).map(|_| rng.r#gen::<f64>()).collect(), 7).unwrap();
-        let model = KMeans::fit(&data, &KMeansConfig { k: 3, ..KMeansConfig::default() }).unwrap();
+        let model = KMeans::fit(
+            &data,
+            &KMeansConfig {
+                k: 3,
+                ..KMeansConfig::default()
+            },
+        )
+        .unwrap();
         for (i, x) in data.iter_rows().enumerate() {
             assert_eq!(model.predict(x), model.labels()[i]);
         }

@@ -38,7 +38,9 @@ impl Log1pStandardizer {
     /// [`ClusteringError::InvalidValue`] for non-finite values or values ≤ -1.
     pub fn fit(data: &Matrix) -> Result<Self, ClusteringError> {
         if data.rows() == 0 {
-            return Err(ClusteringError::InvalidParameter("cannot fit a scaler on no rows".into()));
+            return Err(ClusteringError::InvalidParameter(
+                "cannot fit a scaler on no rows".into(),
+            ));
         }
         check_domain(data)?;
         let d = data.cols();
@@ -84,7 +86,9 @@ impl Log1pStandardizer {
             )));
         }
         if stds.iter().chain(&means).any(|s| !s.is_finite()) || stds.iter().any(|&s| s <= 0.0) {
-            return Err(ClusteringError::InvalidParameter("stds must be finite and positive".into()));
+            return Err(ClusteringError::InvalidParameter(
+                "stds must be finite and positive".into(),
+            ));
         }
         Ok(Self { means, stds })
     }
@@ -173,7 +177,8 @@ mod tests {
 
     #[test]
     fn transformed_columns_have_zero_mean_and_unit_variance() {
-        let data = Matrix::from_rows(&[[0.0, 10.0], [3.0, 20.0], [8.0, 400.0], [1.0, 5.0]]).unwrap();
+        let data =
+            Matrix::from_rows(&[[0.0, 10.0], [3.0, 20.0], [8.0, 400.0], [1.0, 5.0]]).unwrap();
         let (_, z) = Log1pStandardizer::fit_transform(&data).unwrap();
         for c in 0..2 {
             let col: Vec<f64> = z.iter_rows().map(|r| r[c]).collect();
@@ -186,7 +191,8 @@ mod tests {
 
     #[test]
     fn inverse_transform_recovers_original_values() {
-        let data = Matrix::from_rows(&[[0.0, 10.0, 2.5], [3.0, 20.0, 0.0], [8.0, 400.0, 7.0]]).unwrap();
+        let data =
+            Matrix::from_rows(&[[0.0, 10.0, 2.5], [3.0, 20.0, 0.0], [8.0, 400.0, 7.0]]).unwrap();
         let (scaler, z) = Log1pStandardizer::fit_transform(&data).unwrap();
         let back = scaler.inverse_transform(&z).unwrap();
         for (a, b) in back.as_slice().iter().zip(data.as_slice()) {

@@ -2,7 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ClusteringError, KMeans, KMeansConfig, Log1pStandardizer, Matrix, adjusted_rand_index, silhouette_score_sampled};
+use super::{
+    ClusteringError, KMeans, KMeansConfig, Log1pStandardizer, Matrix, adjusted_rand_index,
+    silhouette_score_sampled,
+};
 
 /// Silhouette and inertia of one candidate k.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -23,7 +26,13 @@ pub struct KScore {
 /// # Errors
 /// [`ClusteringError::InvalidParameter`] unless `2 ≤ k_min ≤ k_max < rows`; errors of
 /// [`KMeans::fit`] and the silhouette.
-pub fn select_k_by_silhouette(data: &Matrix, k_min: usize, k_max: usize, kmeans: &KMeansConfig, silhouette_sample_size: usize) -> Result<(KMeans, Vec<KScore>), ClusteringError> {
+pub fn select_k_by_silhouette(
+    data: &Matrix,
+    k_min: usize,
+    k_max: usize,
+    kmeans: &KMeansConfig,
+    silhouette_sample_size: usize,
+) -> Result<(KMeans, Vec<KScore>), ClusteringError> {
     if k_min < 2 || k_min > k_max || k_max >= data.rows() {
         return Err(ClusteringError::InvalidParameter(format!(
             "k range {k_min}..={k_max} must satisfy 2 <= min <= max < rows ({})",
@@ -33,8 +42,15 @@ pub fn select_k_by_silhouette(data: &Matrix, k_min: usize, k_max: usize, kmeans:
     let mut best: Option<(f64, KMeans)> = None;
     let mut scores = Vec::with_capacity(k_max - k_min + 1);
     for k in k_min..=k_max {
-        let model = KMeans::fit(data, &KMeansConfig { k, ..kmeans.clone() })?;
-        let silhouette = silhouette_score_sampled(data, model.labels(), silhouette_sample_size, kmeans.seed)?;
+        let model = KMeans::fit(
+            data,
+            &KMeansConfig {
+                k,
+                ..kmeans.clone()
+            },
+        )?;
+        let silhouette =
+            silhouette_score_sampled(data, model.labels(), silhouette_sample_size, kmeans.seed)?;
         scores.push(KScore {
             k,
             silhouette,
@@ -133,12 +149,26 @@ pub struct ClusteringRun {
 ///
 /// # Errors
 /// Errors of the preprocessing, k-means, silhouette and ARI steps.
-pub fn run_kmeans_segmentation(raw: &Matrix, config: &SegmentationConfig) -> Result<ClusteringRun, ClusteringError> {
+pub fn run_kmeans_segmentation(
+    raw: &Matrix,
+    config: &SegmentationConfig,
+) -> Result<ClusteringRun, ClusteringError> {
     let (scaler, data) = Log1pStandardizer::fit_transform(raw)?;
     let (model, k_scores) = match config.k {
         KChoice::Fixed(k) => {
-            let model = KMeans::fit(&data, &KMeansConfig { k, ..config.kmeans.clone() })?;
-            let silhouette = silhouette_score_sampled(&data, model.labels(), config.silhouette_sample_size, config.kmeans.seed)?;
+            let model = KMeans::fit(
+                &data,
+                &KMeansConfig {
+                    k,
+                    ..config.kmeans.clone()
+                },
+            )?;
+            let silhouette = silhouette_score_sampled(
+                &data,
+                model.labels(),
+                config.silhouette_sample_size,
+                config.kmeans.seed,
+            )?;
             let score = KScore {
                 k,
                 silhouette,
@@ -146,12 +176,19 @@ pub fn run_kmeans_segmentation(raw: &Matrix, config: &SegmentationConfig) -> Res
             };
             (model, vec![score])
         }
-        KChoice::BySilhouette { min, max } => {
-            select_k_by_silhouette(&data, min, max, &config.kmeans, config.silhouette_sample_size)?
-        }
+        KChoice::BySilhouette { min, max } => select_k_by_silhouette(
+            &data,
+            min,
+            max,
+            &config.kmeans,
+            config.silhouette_sample_size,
+        )?,
     };
     let k = model.k();
-    let silhouette = k_scores.iter().find(|s| s.k == k).map_or(f64::NAN, |s| s.silhouette);
+    let silhouette = k_scores
+        .iter()
+        .find(|s| s.k == k)
+        .map_or(f64::NAN, |s| s.silhouette);
     let mut aris = Vec::with_capacity(config.stability_reruns);
     for r in 1..=config.stability_reruns {
         let rerun = KMeans::fit(
@@ -178,7 +215,11 @@ pub fn run_kmeans_segmentation(raw: &Matrix, config: &SegmentationConfig) -> Res
         n_iter: model.n_iter(),
         converged: model.converged(),
     };
-    Ok(ClusteringRun { report, scaler, model })
+    Ok(ClusteringRun {
+        report,
+        scaler,
+        model,
+    })
 }
 
 #[cfg(test)]
@@ -192,7 +233,11 @@ mod tests {
     /// Three customer groups in original units (recency days, orders, spend).
     fn customers(per: usize) -> Matrix {
         let mut rng = ChaCha8Rng::seed_from_u64(8);
-        let groups = [[5.0, 20.0, 50_000.0], [60.0, 4.0, 8_000.0], [300.0, 1.0, 1_500.0]];
+        let groups = [
+            [5.0, 20.0, 50_000.0],
+            [60.0, 4.0, 8_000.0],
+            [300.0, 1.0, 1_500.0],
+        ];
         let mut data = Vec::new();
         for g in &groups {
             for _ in 0..per {
@@ -223,7 +268,11 @@ mod tests {
         assert!(report.silhouette > 0.8);
         assert!((report.stability_ari.unwrap() - 1.0).abs() < 1e-12);
         // centroids in original units sit near the generating values
-        let mut recencies: Vec<f64> = report.centroids_original.iter_rows().map(|r| r[0]).collect();
+        let mut recencies: Vec<f64> = report
+            .centroids_original
+            .iter_rows()
+            .map(|r| r[0])
+            .collect();
         recencies.sort_by(f64::total_cmp);
         assert!((recencies[0] - 5.0).abs() < 1.0, "{recencies:?}");
         assert!((recencies[2] - 300.0).abs() < 30.0, "{recencies:?}");

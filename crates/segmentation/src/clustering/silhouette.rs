@@ -88,7 +88,12 @@ pub fn silhouette_score(data: &Matrix, labels: &[usize]) -> Result<f64, Clusteri
 /// # Errors
 /// As [`silhouette_samples`], evaluated on the subset (which must still contain at least two
 /// clusters).
-pub fn silhouette_score_sampled(data: &Matrix, labels: &[usize], sample_size: usize, seed: u64) -> Result<f64, ClusteringError> {
+pub fn silhouette_score_sampled(
+    data: &Matrix,
+    labels: &[usize],
+    sample_size: usize,
+    seed: u64,
+) -> Result<f64, ClusteringError> {
     if labels.len() != data.rows() {
         return Err(ClusteringError::DimensionMismatch(format!(
             "{} labels for {} rows",
