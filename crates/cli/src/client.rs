@@ -101,15 +101,23 @@ pub fn data_dir_from_env() -> PathBuf {
         .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from)
 }
 
-/// A ProfileService client for `options`. Connects lazily: an unreachable server shows up as
-/// an `UNAVAILABLE` status on the first call.
-pub fn profile_client(options: &ConnectionOptions) -> anyhow::Result<ProfileClient> {
+/// A channel to the server of `options` that adds the bearer token and trace context to
+/// every call. Connects lazily: an unreachable server shows up as an `UNAVAILABLE` status on
+/// the first call.
+pub fn authed_channel(
+    options: &ConnectionOptions,
+) -> anyhow::Result<InterceptedService<Channel, ClientInterceptor>> {
     let token = resolve_token(options.token.as_deref(), &data_dir_from_env())?;
     let interceptor = ClientInterceptor::new(Some(&token))
         .map_err(|s| anyhow::anyhow!("invalid token: {}", s.message()))?;
     let channel = lazy_channel(&options.endpoint)
         .with_context(|| format!("invalid endpoint `{}`", options.endpoint))?;
-    Ok(ProfileServiceClient::with_interceptor(channel, interceptor))
+    Ok(InterceptedService::new(channel, interceptor))
+}
+
+/// A ProfileService client for `options`.
+pub fn profile_client(options: &ConnectionOptions) -> anyhow::Result<ProfileClient> {
+    Ok(ProfileServiceClient::new(authed_channel(options)?))
 }
 
 /// The canonical upper-case name of a gRPC status code (`NOT_FOUND`).

@@ -3,6 +3,7 @@
 
 mod client;
 mod demo;
+mod experiments;
 mod json;
 mod money;
 mod profiles;
@@ -31,6 +32,9 @@ enum Command {
     Profiles(profiles::ProfilesCommand),
     /// Seed demo customers through the public API and print a report.
     Demo(demo::DemoArgs),
+    /// A/B experiments: create, start, stop, results.
+    #[command(subcommand)]
+    Experiments(experiments::ExperimentsCommand),
 }
 
 #[tokio::main]
@@ -39,6 +43,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Profiles(command) => profiles::run(command, &cli.connection).await,
         Command::Demo(args) => demo::run(args, &cli.connection).await,
+        Command::Experiments(command) => experiments::run(command, &cli.connection).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
