@@ -11,7 +11,7 @@ use crate::client::{ConnectionOptions, OutputFormat, authed_channel, emit};
 #[derive(Debug, clap::Subcommand)]
 pub enum ExperimentsCommand {
     /// Create a draft experiment.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start a draft experiment (assignment begins).
     Start {
         /// Experiment key.
