@@ -318,16 +318,38 @@ impl ProfileService for ProfileServiceImpl {
             .map(|(i, s)| self.normalise_set(&format!("sets[{i}]"), Some(s)))
             .collect::<Result<Vec<_>, _>>()?;
         let key_sets: Vec<Vec<IdentifierKey>> = normalised.iter().map(|(k, _)| k.clone()).collect();
-        // Returning customers (every identifier known, one profile) need no write.
+        // Returning customers (every identifier known, one profile) need no write; first-time
+        // customers are created in bulk; only the rest (links, merges, tombstones) go one by
+        // one through the full resolution.
         let known = self.store.resolve_known(&key_sets).await?;
+        let unknown: Vec<usize> = (0..known.len()).filter(|&i| known[i].is_none()).collect();
+        let unknown_sets: Vec<Vec<IdentifierKey>> =
+            unknown.iter().map(|&i| key_sets[i].clone()).collect();
+        let created = if unknown_sets.is_empty() {
+            Vec::new()
+        } else {
+            self.store.create_new(&unknown_sets, now_micros()).await?
+        };
+        let mut created_at: Vec<Option<String>> = vec![None; key_sets.len()];
+        for (&i, c) in unknown.iter().zip(created) {
+            created_at[i] = c;
+        }
+        if created_at.iter().any(Option::is_some) {
+            self.changed.notify_waiters();
+        }
         let mut results = Vec::with_capacity(normalised.len());
-        for ((keys, index), known) in normalised.iter().zip(known) {
-            results.push(match known {
-                Some(profile_id) => pb::ResolveResponse {
+        for (((keys, index), known), created) in normalised.iter().zip(known).zip(created_at) {
+            results.push(match (known, created) {
+                (Some(profile_id), _) => pb::ResolveResponse {
                     profile_id,
                     ..Default::default()
                 },
-                None => self.resolve_keys(keys, index).await?,
+                (None, Some(profile_id)) => pb::ResolveResponse {
+                    profile_id,
+                    created: true,
+                    ..Default::default()
+                },
+                (None, None) => self.resolve_keys(keys, index).await?,
             });
         }
         Ok(Response::new(pb::BatchResolveResponse { results }))

@@ -31,6 +31,8 @@ const MAX_ALIAS_HOPS: usize = 64;
 const CHANGES_LOCK: i64 = 0x636c_6e74_6368_6773;
 /// Parameters per statement when looking up many identifiers at once.
 const LOOKUP_CHUNK: usize = 300;
+/// Identifier sets per transaction in [`ProfileStore::create_new`].
+const NEW_SET_CHUNK: usize = 100;
 
 /// Store failures. `NotFound` and `Erased` carry the profile id the caller asked for.
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +80,19 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// Resolves one normalised identifier set (deduplicated, 1..=32 keys).
     async fn resolve(&self, keys: &[IdentifierKey], now: i64) -> StoreResult<ResolveOutcome>;
     /// Read-only fast path for batches: for each set, the profile when every identifier is
-    /// already known, not tombstoned-checked, and on one profile; `None` otherwise.
+    /// already known and on one profile (a known identifier is never tombstoned); `None`
+    /// otherwise.
     async fn resolve_known(&self, sets: &[Vec<IdentifierKey>]) -> StoreResult<Vec<Option<String>>>;
+    /// Bulk path for batches of first-time customers: creates one profile per set whose
+    /// identifiers are all unknown and not tombstoned, many sets per transaction. `None` for a
+    /// set means it needs [`ProfileStore::resolve`] (an identifier is known, tombstoned, or
+    /// shared with an earlier set of the batch). Same locks as `resolve`, so it is race-free
+    /// against it.
+    async fn create_new(
+        &self,
+        sets: &[Vec<IdentifierKey>],
+        now: i64,
+    ) -> StoreResult<Vec<Option<String>>>;
     /// The profile `id` (or the survivor it merged into).
     async fn get(&self, id: &str) -> StoreResult<ProfileRecord>;
     /// Sets and removes traits.
@@ -317,13 +330,130 @@ impl SqlProfileStore {
         Ok(out)
     }
 
+    async fn create_new_chunk(
+        &self,
+        sets: &[Vec<IdentifierKey>],
+        now: i64,
+    ) -> StoreResult<Vec<Option<String>>> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        let all: Vec<IdentifierKey> = sets.iter().flatten().cloned().collect();
+        self.lock(conn, all.iter().map(IdentifierKey::lock_key))
+            .await?;
+        let known = lookup_identifiers(conn, &all).await?;
+        let erased = self.tombstoned_keys(conn, &all).await?;
+        let mut claimed: std::collections::HashSet<&IdentifierKey> =
+            std::collections::HashSet::new();
+        let mut out: Vec<Option<String>> = Vec::with_capacity(sets.len());
+        let mut fresh: Vec<(&Vec<IdentifierKey>, String)> = Vec::new();
+        for set in sets {
+            let new = !set.is_empty()
+                && set
+                    .iter()
+                    .all(|k| !known.contains_key(k) && !claimed.contains(k) && !erased.contains(k));
+            if new {
+                claimed.extend(set.iter());
+                let id = uuid::Uuid::now_v7().to_string();
+                fresh.push((set, id.clone()));
+                out.push(Some(id));
+            } else {
+                out.push(None);
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(out);
+        }
+        let rows: Vec<String> = (0..fresh.len())
+            .map(|i| format!("(${}, ${}, ${}, 1)", i * 3 + 1, i * 3 + 2, i * 3 + 3))
+            .collect();
+        let sql = format!(
+            "INSERT INTO profiles (id, created_at, updated_at, version) VALUES {}",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for (_, id) in &fresh {
+            q = q.bind(id.as_str()).bind(now).bind(now);
+        }
+        q.execute(&mut *conn).await?;
+        let ids: Vec<(&IdentifierKey, &str)> = fresh
+            .iter()
+            .flat_map(|(set, id)| set.iter().map(move |k| (k, id.as_str())))
+            .collect();
+        for chunk in ids.chunks(LOOKUP_CHUNK) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let b = i * 5;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${}, 1)",
+                        b + 1,
+                        b + 2,
+                        b + 3,
+                        b + 4,
+                        b + 5
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO identifiers (id_type, namespace, stored_value, profile_id, first_seen_at, links) VALUES {}",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (k, id) in chunk {
+                q = q
+                    .bind(k.kind.code())
+                    .bind(k.namespace.as_str())
+                    .bind(k.stored_value.as_str())
+                    .bind(*id)
+                    .bind(now);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        self.db.lock_id(conn, CHANGES_LOCK).await?;
+        let rows: Vec<String> = (0..fresh.len())
+            .map(|i| {
+                format!(
+                    "(${}, {}, '', ${})",
+                    i * 2 + 1,
+                    ChangeKind::Created as i64,
+                    i * 2 + 2
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES {}",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for (_, id) in &fresh {
+            q = q.bind(id.as_str()).bind(now);
+        }
+        q.execute(&mut *conn).await?;
+        w.tx.commit().await?;
+        Ok(out)
+    }
+
     async fn tombstoned(
         &self,
         conn: &mut AnyConnection,
         keys: &[IdentifierKey],
     ) -> StoreResult<bool> {
+        Ok(!self.tombstoned_keys(conn, keys).await?.is_empty())
+    }
+
+    /// The subset of `keys` that belong to erased people.
+    async fn tombstoned_keys(
+        &self,
+        conn: &mut AnyConnection,
+        keys: &[IdentifierKey],
+    ) -> StoreResult<std::collections::HashSet<IdentifierKey>> {
+        let mut out = std::collections::HashSet::new();
         for chunk in keys.chunks(LOOKUP_CHUNK) {
-            let mut sql = String::from("SELECT COUNT(*) FROM tombstones WHERE ");
+            let hashes: Vec<String> = chunk
+                .iter()
+                .map(|k| self.hasher.tombstone_hash(k))
+                .collect();
+            let mut sql =
+                String::from("SELECT id_type, namespace, value_hash FROM tombstones WHERE ");
             for i in 0..chunk.len() {
                 if i > 0 {
                     sql.push_str(" OR ");
@@ -337,18 +467,25 @@ impl SqlProfileStore {
                 ));
             }
             let mut q = sqlx::query(&sql);
-            for k in chunk {
+            for (k, h) in chunk.iter().zip(&hashes) {
                 q = q
                     .bind(k.kind.code())
-                    .bind(k.namespace.clone())
-                    .bind(self.hasher.tombstone_hash(k));
+                    .bind(k.namespace.as_str())
+                    .bind(h.as_str());
             }
-            let n: i64 = q.fetch_one(&mut *conn).await?.try_get(0)?;
-            if n > 0 {
-                return Ok(true);
+            let found: std::collections::HashSet<(i64, String, String)> = q
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<Result<_, sqlx::Error>>()?;
+            for (k, h) in chunk.iter().zip(hashes) {
+                if found.contains(&(k.kind.code(), k.namespace.clone(), h)) {
+                    out.insert(k.clone());
+                }
             }
         }
-        Ok(false)
+        Ok(out)
     }
 
     /// Follows aliases to the live profile and locks it; errors when missing or erased.
@@ -759,6 +896,18 @@ impl ProfileStore for SqlProfileStore {
             } else {
                 None
             });
+        }
+        Ok(out)
+    }
+
+    async fn create_new(
+        &self,
+        sets: &[Vec<IdentifierKey>],
+        now: i64,
+    ) -> StoreResult<Vec<Option<String>>> {
+        let mut out = Vec::with_capacity(sets.len());
+        for chunk in sets.chunks(NEW_SET_CHUNK) {
+            out.extend(self.retry(|| self.create_new_chunk(chunk, now)).await?);
         }
         Ok(out)
     }

@@ -376,6 +376,96 @@ async fn a_missing_profile_is_not_found(e: Engine) {
     ));
 }
 
+async fn first_time_customers_are_created_in_bulk(e: Engine) {
+    let f = fixture(e, 5).await;
+    let known = f
+        .store
+        .resolve(&[f.customer("known")], T0)
+        .await
+        .unwrap()
+        .profile_id;
+    let gone = f
+        .store
+        .resolve(&[f.customer("gone")], T0)
+        .await
+        .unwrap()
+        .profile_id;
+    f.store.erase(&gone, "test", T0).await.unwrap();
+    let sets = vec![
+        vec![f.email("new-1@x.io"), f.device("d-1")],
+        vec![f.email("new-2@x.io")],
+        vec![f.email("new-3@x.io"), f.device("d-1")],
+        vec![f.customer("known"), f.device("d-9")],
+        vec![f.customer("gone")],
+    ];
+    let created = f.store.create_new(&sets, T0 + 1).await.unwrap();
+    assert!(created[0].is_some() && created[1].is_some());
+    assert_eq!(
+        created[2], None,
+        "shares a device with an earlier set of the batch"
+    );
+    assert_eq!(created[3], None, "holds a known identifier");
+    assert_eq!(created[4], None, "holds an erased identifier");
+    let p = f.store.get(created[0].as_ref().unwrap()).await.unwrap();
+    assert_eq!(p.identifiers.len(), 2);
+    // the sets left over resolve normally
+    let third = f.store.resolve(&sets[2], T0 + 2).await.unwrap();
+    assert_eq!(&third.profile_id, created[0].as_ref().unwrap());
+    assert_eq!(
+        f.store.resolve(&sets[3], T0 + 2).await.unwrap().profile_id,
+        known
+    );
+    assert!(f.store.resolve(&sets[4], T0 + 2).await.unwrap().erased);
+    let kinds: Vec<i64> = f
+        .store
+        .changes_after(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.kind)
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == 1).count(),
+        4,
+        "every created profile is announced"
+    );
+}
+
+async fn bulk_creation_and_resolution_race_to_one_profile(e: Engine) {
+    let f = fixture(e, 5).await;
+    for round in 0..5 {
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(20));
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let store = f.store.clone();
+            let barrier = barrier.clone();
+            let keys = vec![
+                f.email(&format!("bulk-{round}@x.io")),
+                f.customer(&format!("c-{round}")),
+            ];
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                if i % 2 == 0 {
+                    if let Some(id) = store
+                        .create_new(std::slice::from_ref(&keys), T0)
+                        .await
+                        .unwrap()
+                        .remove(0)
+                    {
+                        return id;
+                    }
+                }
+                store.resolve(&keys, T0).await.unwrap().profile_id
+            }));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for t in tasks {
+            ids.insert(t.await.unwrap());
+        }
+        assert_eq!(ids.len(), 1, "round {round}: {ids:?}");
+    }
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -399,4 +489,6 @@ conformance!(
     the_changes_feed_lists_every_write_in_order,
     concurrent_resolves_of_the_same_identifiers_create_one_profile,
     a_missing_profile_is_not_found,
+    first_time_customers_are_created_in_bulk,
+    bulk_creation_and_resolution_race_to_one_profile,
 );

@@ -56,9 +56,9 @@ impl Database {
         })
     }
 
-    /// Takes transaction-scoped PostgreSQL advisory locks on `keys`, in sorted order so two
-    /// transactions never wait on each other in a cycle. A no-op on SQLite, where
-    /// [`Database::begin_write`] already serialises writers.
+    /// Takes transaction-scoped PostgreSQL advisory locks on `keys` in one statement, ordered
+    /// by the lock's hash, so two transactions never wait on each other in a cycle. A no-op
+    /// on SQLite, where [`Database::begin_write`] already serialises writers.
     pub async fn lock_keys(
         &self,
         conn: &mut sqlx::AnyConnection,
@@ -68,11 +68,23 @@ impl Database {
             return Ok(());
         }
         let keys: std::collections::BTreeSet<String> = keys.into_iter().collect();
-        for k in keys {
-            sqlx::query("SELECT 1 FROM pg_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(k)
-                .execute(&mut *conn)
-                .await?;
+        let keys: Vec<String> = keys.into_iter().collect();
+        // Chunks keep the statement under PostgreSQL's 65 535 parameters. Only keys within a
+        // chunk are ordered by hash, so callers should lock at most 10 000 keys at once
+        // (they lock a few thousand at most); a rare cross-chunk cycle is still caught by
+        // PostgreSQL's deadlock detector and retried by the stores.
+        for chunk in keys.chunks(10_000) {
+            let values: Vec<String> = (1..=chunk.len()).map(|i| format!("(${i})")).collect();
+            let sql = format!(
+                "SELECT COUNT(pg_advisory_xact_lock(h)) FROM (SELECT hashtextextended(k, 0) AS h \
+                 FROM (VALUES {}) AS v(k) ORDER BY 1) AS s",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for k in chunk {
+                q = q.bind(k.as_str());
+            }
+            q.execute(&mut *conn).await?;
         }
         Ok(())
     }

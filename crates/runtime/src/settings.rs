@@ -51,6 +51,10 @@ pub struct Settings {
     pub ingest: IngestSettings,
     /// The global long-term holdout shared by experiments and offers.
     pub holdout: HoldoutSettings,
+    /// Customer scoring and segmentation settings.
+    pub segmentation: SegmentationSettings,
+    /// Loyalty programme and offer settings.
+    pub offers: OfferSettings,
     /// Seconds SIGTERM waits for in-flight calls before the process exits anyway.
     pub shutdown_grace_secs: u64,
 }
@@ -71,6 +75,84 @@ impl Default for HoldoutSettings {
         Self {
             fraction: 0.0,
             seed: "clientele-global-holdout".into(),
+        }
+    }
+}
+
+/// Loyalty programme and offer settings (OfferService).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OfferSettings {
+    /// Catalogue-wide frequency cap: at most this many codes per profile within
+    /// `frequency_window_hours`, across offers; 0 disables it.
+    pub frequency_cap: u32,
+    /// Rolling window of the frequency cap, in hours.
+    pub frequency_window_hours: u32,
+    /// Path of a TOML file with the programme (tiers, earning rules); unset uses the built-in
+    /// programme (Bronze / Silver / Gold on points earned, 1 point per currency unit).
+    pub program_file: Option<PathBuf>,
+    /// Run the background consumers (order accrual, segment-entry and event triggers).
+    pub consumers: bool,
+}
+
+impl Default for OfferSettings {
+    fn default() -> Self {
+        Self {
+            frequency_cap: 0,
+            frequency_window_hours: 24 * 7,
+            program_file: None,
+            consumers: true,
+        }
+    }
+}
+
+/// Customer scoring and segmentation settings (read-only through GetScoringConfig).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SegmentationSettings {
+    /// ISO 4217 code every monetary feature and prediction is expressed in.
+    pub reporting_currency: String,
+    /// Fixed conversion rates into the reporting currency, by ISO 4217 code: an amount of `n`
+    /// minor units of that currency counts as `n × rate` reporting minor units. Orders in a
+    /// currency without a rate count for recency and frequency but not for spend.
+    pub currency_rates: std::collections::BTreeMap<String, f64>,
+    /// Orders older than this many days are ignored by RFM and clustering features.
+    pub rfm_window_days: u32,
+    /// Lifecycle: NEW while the first and only order is younger than this many days.
+    pub lifecycle_new_days: f64,
+    /// Lifecycle: AT_RISK after this many expected inter-purchase intervals without an order.
+    pub lifecycle_at_risk_intervals: f64,
+    /// Lifecycle: AT_RISK after this many silent days when the cadence is unknown.
+    pub lifecycle_at_risk_days: f64,
+    /// Lifecycle: LAPSED after this many days without an order.
+    pub lifecycle_lapsed_days: f64,
+    /// Lifecycle: CHURNED after this many days without an order.
+    pub lifecycle_churned_days: f64,
+    /// Lifecycle: CHURNED also when P(alive) is below this (0 disables).
+    pub lifecycle_churned_p_alive: f64,
+    /// Horizon of predicted CLV and expected purchases, days.
+    pub prediction_horizon_days: u32,
+    /// Annual discount rate applied to predicted CLV, 0..1.
+    pub clv_annual_discount_rate: f64,
+    /// Recompute runs whose per-run snapshots (members, scores) are kept.
+    pub retained_runs: u32,
+}
+
+impl Default for SegmentationSettings {
+    fn default() -> Self {
+        Self {
+            reporting_currency: "USD".into(),
+            currency_rates: std::collections::BTreeMap::new(),
+            rfm_window_days: 730,
+            lifecycle_new_days: 30.0,
+            lifecycle_at_risk_intervals: 2.0,
+            lifecycle_at_risk_days: 90.0,
+            lifecycle_lapsed_days: 180.0,
+            lifecycle_churned_days: 365.0,
+            lifecycle_churned_p_alive: 0.0,
+            prediction_horizon_days: 365,
+            clv_annual_discount_rate: 0.1,
+            retained_runs: 10,
         }
     }
 }
@@ -96,6 +178,8 @@ impl Default for Settings {
             identity: IdentitySettings::default(),
             ingest: IngestSettings::default(),
             holdout: HoldoutSettings::default(),
+            segmentation: SegmentationSettings::default(),
+            offers: OfferSettings::default(),
             shutdown_grace_secs: 30,
         }
     }
