@@ -445,15 +445,14 @@ async fn bulk_creation_and_resolution_race_to_one_profile(e: Engine) {
             ];
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;
-                if i % 2 == 0 {
-                    if let Some(id) = store
+                if i % 2 == 0
+                    && let Some(id) = store
                         .create_new(std::slice::from_ref(&keys), T0)
                         .await
                         .unwrap()
                         .remove(0)
-                    {
-                        return id;
-                    }
+                {
+                    return id;
                 }
                 store.resolve(&keys, T0).await.unwrap().profile_id
             }));
