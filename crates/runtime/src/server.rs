@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering, Ordering as AtomicOrdering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -148,7 +148,9 @@ pub async fn serve(
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, services = ?mount.names, "gRPC server listening");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // `serve_with_incoming*` ignores the builder's TCP options: without TCP_NODELAY on every
+    // accepted socket, small responses wait ~40 ms for the peer's delayed ACK (Nagle).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
         .layer(RequestLayer)
         .layer(AuthLayer::new(auth))
@@ -233,18 +235,32 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let method = req.uri().path().to_string();
-        let parent = opentelemetry::global::get_text_map_propagator(|p| {
-            p.extract(&HeaderExtractor(req.headers()))
-        });
-        let span = tracing::info_span!(
-            "grpc.request",
-            otel.name = %method,
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.method = %method,
-            rpc.grpc.status_code = tracing::field::Empty,
-        );
-        let _ = span.set_parent(parent);
+        // With an exporter, or when the caller sends trace context, a call is an info-level
+        // span joined to the caller's trace; otherwise a debug-level span costs nothing
+        // unless debug logging is on.
+        let traced = crate::telemetry::TRACING_EXPORT.load(AtomicOrdering::Relaxed)
+            || req.headers().contains_key("traceparent");
+        let span = if traced {
+            let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                p.extract(&HeaderExtractor(req.headers()))
+            });
+            let span = tracing::info_span!(
+                "grpc.request",
+                otel.name = %method,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.method = %method,
+                rpc.grpc.status_code = tracing::field::Empty,
+            );
+            let _ = span.set_parent(parent);
+            span
+        } else {
+            tracing::debug_span!(
+                "grpc.request",
+                rpc.method = %method,
+                rpc.grpc.status_code = tracing::field::Empty,
+            )
+        };
         let started = Instant::now();
         let in_flight = InFlight::enter();
         let fut = self.inner.call(req);

@@ -14,6 +14,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::settings::{LogFormat, Settings};
 
+/// True once an OTLP exporter is installed; the request layer then opens exported spans
+/// joined to the caller's trace, and skips that work otherwise.
+pub(crate) static TRACING_EXPORT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Keeps the trace exporter alive; dropping it flushes buffered spans.
 #[derive(Debug)]
 pub struct TelemetryGuard {
@@ -51,6 +56,7 @@ pub fn init(settings: &Settings, service_name: &str) -> anyhow::Result<Telemetry
         None
     };
     let otel = provider.as_ref().map(|p| {
+        TRACING_EXPORT.store(true, std::sync::atomic::Ordering::Relaxed);
         opentelemetry::global::set_tracer_provider(p.clone());
         tracing_opentelemetry::layer().with_tracer(p.tracer("clientele"))
     });

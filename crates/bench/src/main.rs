@@ -1,0 +1,38 @@
+//! `clientele-bench`: load generators behind `make bench` (see `scripts/bench.sh`).
+//!
+//! Each subcommand drives one service with a closed-loop load (a fixed number of concurrent
+//! callers, each issuing its next call as soon as the previous one answers) and measures a raw
+//! baseline on the same machine in the same run, so results are reported as ratios that stay
+//! meaningful across machines. Missing a goal prints `MISS`; only errors exit non-zero.
+
+mod baseline;
+mod cpu;
+mod load;
+mod profiles;
+mod report;
+
+use clap::Parser;
+
+/// Command line of `clientele-bench`.
+#[derive(Debug, Parser)]
+#[command(name = "clientele-bench", version, about = "Clientele load generators")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// GetProfile over gRPC with a hot Redis cache, beside raw Redis GET throughput.
+    Profiles(profiles::ProfilesArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Profiles(args) => runtime.block_on(profiles::run(args)),
+    }
+}

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Benchmarks the services against raw baselines measured in the same run (`make bench`).
+#
+# For ProfileService: builds release binaries, creates a throwaway PostgreSQL database and a
+# unique Redis key prefix, starts `clienteled --target profiles` on free ports, runs
+# `clientele-bench profiles` (GetProfile with a hot cache beside raw Redis GET), then stops the
+# server, drops the database and deletes the keys.
+#
+# Environment:
+#   CLIENTELE_TEST_DATABASE_URL  PostgreSQL to create the bench database in
+#                                (default postgres://postgres@127.0.0.1:5432/test)
+#   CLIENTELE_TEST_REDIS_URL     Redis (default redis://127.0.0.1:6379)
+#   CARGO_TARGET_DIR             where binaries are built (default target/)
+#   BENCH_JSON_OUT               JSON lines appended here (default <target>/bench/results.jsonl)
+# Extra arguments go to `clientele-bench profiles`, e.g. `--duration-secs 30 --concurrency 100`.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+CARGO=${CARGO:-cargo}
+target_dir=${CARGO_TARGET_DIR:-target}
+db_url=${CLIENTELE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+redis_url=${CLIENTELE_TEST_REDIS_URL:-redis://127.0.0.1:6379}
+json_out=${BENCH_JSON_OUT:-$target_dir/bench/results.jsonl}
+
+say() { echo "bench: $*" >&2; }
+rand_hex() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# The preferred port when nothing listens there, else one the kernel hands out.
+free_port() {
+  if ! port_open "$1"; then echo "$1"; return; fi
+  python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])' 2>/dev/null \
+    || echo $((20000 + RANDOM % 20000))
+}
+
+# --- build ---------------------------------------------------------------------------------
+say "building release binaries"
+"$CARGO" build --release -p clienteled -p clientele-bench
+bin=$target_dir/release
+
+# --- throwaway database, key prefix, ports, credentials ------------------------------------
+# postgres://user@host:port/dbname?params → the same server, another database name.
+re='^(postgres(ql)?://[^/?]+)(/[^?]*)?(\?.*)?$'
+if [[ ! $db_url =~ $re ]]; then
+  say "cannot parse CLIENTELE_TEST_DATABASE_URL ($db_url); expected postgres://user@host:port/db"
+  exit 1
+fi
+server_part=${BASH_REMATCH[1]}
+query=${BASH_REMATCH[4]}
+id=$(rand_hex)
+bench_db=clientele_bench_$id
+bench_url=$server_part/$bench_db$query
+admin_url=$db_url
+prefix="clientele-bench-$id:"
+token="bench-$(rand_hex)$(rand_hex)"
+secret="$(rand_hex)$(rand_hex)$(rand_hex)"
+grpc_port=$(free_port 50751)
+metrics_port=$(free_port 9751)
+mkdir -p "$target_dir/bench"
+log=$target_dir/bench/clienteled-profiles.log
+scratch=$(mktemp -d -t clientele-bench-XXXXXX)
+
+server_pid=
+db_created=
+cleanup() {
+  local status=$?
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  if [ -n "$db_created" ]; then
+    psql "$admin_url" -qAtc "DROP DATABASE IF EXISTS $bench_db WITH (FORCE)" >/dev/null 2>&1 \
+      || psql "$admin_url" -qAtc "DROP DATABASE IF EXISTS $bench_db" >/dev/null 2>&1 \
+      || say "warning: could not drop database $bench_db"
+  fi
+  if command -v redis-cli >/dev/null 2>&1; then
+    redis-cli -u "$redis_url" --scan --pattern "$prefix*" 2>/dev/null \
+      | xargs -r redis-cli -u "$redis_url" del >/dev/null 2>&1 || true
+  fi
+  rm -rf "$scratch"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say "creating database $bench_db"
+psql "$admin_url" -v ON_ERROR_STOP=1 -qAtc "CREATE DATABASE $bench_db" >/dev/null
+db_created=1
+
+# --- server --------------------------------------------------------------------------------
+say "starting clienteled --target profiles on 127.0.0.1:$grpc_port (metrics $metrics_port, log $log)"
+env -u CLIENTELE_CONFIG \
+  CLIENTELE_DATABASE_URL="$bench_url" \
+  CLIENTELE_REDIS_URL="$redis_url" \
+  CLIENTELE_REDIS_KEY_PREFIX="$prefix" \
+  CLIENTELE_GRPC_ADDR="127.0.0.1:$grpc_port" \
+  CLIENTELE_METRICS_ADDR="127.0.0.1:$metrics_port" \
+  CLIENTELE_DATA_DIR="$scratch/data" \
+  CLIENTELE_IDENTITY__HASH_SECRET="$secret" \
+  CLIENTELE_TOKENS="[{client=\"bench\",token=\"$token\",scopes=[\"*\"]}]" \
+  CLIENTELE_SHUTDOWN_GRACE_SECS=5 \
+  "$bin/clienteled" --target profiles >"$log" 2>&1 &
+server_pid=$!
+
+for _ in $(seq 300); do
+  if ! kill -0 "$server_pid" 2>/dev/null; then
+    say "clienteled exited during start-up; last lines of $log:"
+    tail -n 20 "$log" >&2
+    server_pid=
+    exit 1
+  fi
+  port_open "$grpc_port" && break
+  sleep 0.2
+done
+if ! port_open "$grpc_port"; then
+  say "clienteled did not listen on 127.0.0.1:$grpc_port within 60 s; last lines of $log:"
+  tail -n 20 "$log" >&2
+  exit 1
+fi
+
+# --- load ----------------------------------------------------------------------------------
+CLIENTELE_TOKEN="$token" "$bin/clientele-bench" profiles \
+  --endpoint "http://127.0.0.1:$grpc_port" \
+  --redis-url "$redis_url" \
+  --server-key-prefix "$prefix" \
+  --raw-key "${prefix}bench:raw" \
+  --metrics-addr "127.0.0.1:$metrics_port" \
+  --server-pid "$server_pid" \
+  --json-out "$json_out" \
+  "$@"
