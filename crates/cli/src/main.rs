@@ -1,17 +1,20 @@
 //! `clientele`: the command-line tool for a Clientele server — resolve identifiers to
-//! profiles, inspect and update them, erase and export a person's data, and seed demo data.
+//! profiles, inspect and update them, erase and export a person's data, seed demo data,
+//! generate a synthetic customer history and import historical data.
 
 mod client;
 mod demo;
 mod experiments;
 mod json;
 mod money;
+mod offers;
 mod profiles;
 mod render;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use clientele::{generate, import};
 
 use crate::client::ConnectionOptions;
 
@@ -35,6 +38,16 @@ enum Command {
     /// A/B experiments: create, start, stop, results.
     #[command(subcommand)]
     Experiments(experiments::ExperimentsCommand),
+    /// Write a synthetic customer base and event history (JSON Lines and/or CSV).
+    Generate(generate::GenerateArgs),
+    /// Load historical transactions (CSV) or events (JSON Lines) through IngestStream.
+    Import(import::ImportArgs),
+    /// Offers: list, create, decide, issue, redeem.
+    #[command(subcommand)]
+    Offers(offers::OffersCommand),
+    /// Loyalty points: balance, ledger, adjust, redeem.
+    #[command(subcommand)]
+    Points(offers::PointsCommand),
 }
 
 #[tokio::main]
@@ -44,6 +57,22 @@ async fn main() -> ExitCode {
         Command::Profiles(command) => profiles::run(command, &cli.connection).await,
         Command::Demo(args) => demo::run(args, &cli.connection).await,
         Command::Experiments(command) => experiments::run(command, &cli.connection).await,
+        Command::Offers(command) => offers::run(command, &cli.connection).await,
+        Command::Points(command) => offers::run_points(command, &cli.connection).await,
+        Command::Generate(args) => {
+            generate::run(args, cli.connection.output == client::OutputFormat::Json)
+        }
+        Command::Import(args) => match client::authed_channel(&cli.connection) {
+            Ok(channel) => {
+                import::run(
+                    args,
+                    channel,
+                    cli.connection.output == client::OutputFormat::Json,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1094,6 +1094,9 @@ impl IngestServiceImpl {
                             }
                             return Err(s);
                         }
+                        // Half-closed and drained: every batch sent is durable; the final
+                        // acknowledgement after the loop reports them.
+                        None if prep_tx.is_none() => break,
                         None => return Err(Status::internal("stream pipeline stopped")),
                     }
                 }
