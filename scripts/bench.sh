@@ -12,7 +12,12 @@
 #   CLIENTELE_TEST_REDIS_URL     Redis (default redis://127.0.0.1:6379)
 #   CARGO_TARGET_DIR             where binaries are built (default target/)
 #   BENCH_JSON_OUT               JSON lines appended here (default <target>/bench/results.jsonl)
-# Extra arguments go to `clientele-bench profiles`, e.g. `--duration-secs 30 --concurrency 100`.
+# Extra arguments go to `clientele-bench profiles`, e.g. `--duration-secs 30 --concurrency 100`;
+# BENCH_INGEST_ARGS to `clientele-bench ingest`, e.g. `--customers 10000`.
+#
+# Then for IngestService: starts `clienteled --target ingest` beside the profiles process (the
+# compose topology) and runs `clientele-bench ingest` (a generated stream through IngestStream
+# beside a raw PostgreSQL COPY of the same events).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -61,9 +66,14 @@ log=$target_dir/bench/clienteled-profiles.log
 scratch=$(mktemp -d -t clientele-bench-XXXXXX)
 
 server_pid=
+ingest_pid=
 db_created=
 cleanup() {
   local status=$?
+  if [ -n "$ingest_pid" ] && kill -0 "$ingest_pid" 2>/dev/null; then
+    kill -TERM "$ingest_pid" 2>/dev/null || true
+    wait "$ingest_pid" 2>/dev/null || true
+  fi
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
     kill -TERM "$server_pid" 2>/dev/null || true
     for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
@@ -130,3 +140,34 @@ CLIENTELE_TOKEN="$token" "$bin/clientele-bench" profiles \
   --server-pid "$server_pid" \
   --json-out "$json_out" \
   "$@"
+
+# --- ingest --------------------------------------------------------------------------------
+ingest_port=$(free_port 50752)
+ingest_log=$target_dir/bench/clienteled-ingest.log
+say "starting clienteled --target ingest on 127.0.0.1:$ingest_port (log $ingest_log)"
+env -u CLIENTELE_CONFIG \
+  CLIENTELE_DATABASE_URL="$bench_url" \
+  CLIENTELE_REDIS_URL="$redis_url" \
+  CLIENTELE_REDIS_KEY_PREFIX="$prefix" \
+  CLIENTELE_GRPC_ADDR="127.0.0.1:$ingest_port" \
+  CLIENTELE_METRICS_ADDR="127.0.0.1:$(free_port 9752)" \
+  CLIENTELE_DATA_DIR="$scratch/data" \
+  CLIENTELE_IDENTITY__HASH_SECRET="$secret" \
+  CLIENTELE_TOKENS="[{client=\"bench\",token=\"$token\",scopes=[\"*\"]}]" \
+  CLIENTELE_SERVICE_TOKEN="$token" \
+  CLIENTELE_ENDPOINTS__PROFILES="http://127.0.0.1:$grpc_port" \
+  CLIENTELE_SHUTDOWN_GRACE_SECS=5 \
+  "$bin/clienteled" --target ingest >"$ingest_log" 2>&1 &
+ingest_pid=$!
+for _ in $(seq 300); do
+  kill -0 "$ingest_pid" 2>/dev/null || { say "ingest exited; see $ingest_log"; tail -n 20 "$ingest_log" >&2; exit 1; }
+  port_open "$ingest_port" && break
+  sleep 0.2
+done
+
+CLIENTELE_TOKEN="$token" "$bin/clientele-bench" ingest \
+  --endpoint "http://127.0.0.1:$ingest_port" \
+  --database-url "$bench_url" \
+  --server-pid "$ingest_pid" \
+  --json-out "$json_out" \
+  ${BENCH_INGEST_ARGS:-}

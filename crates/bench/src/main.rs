@@ -7,6 +7,7 @@
 
 mod baseline;
 mod cpu;
+mod ingest;
 mod load;
 mod profiles;
 mod report;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// GetProfile over gRPC with a hot Redis cache, beside raw Redis GET throughput.
     Profiles(profiles::ProfilesArgs),
+    /// A generated event stream through IngestStream, beside a raw PostgreSQL COPY.
+    Ingest(ingest::IngestArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +37,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Profiles(args) => runtime.block_on(profiles::run(args)),
+        Command::Ingest(args) => runtime.block_on(ingest::run(args)),
     }
 }

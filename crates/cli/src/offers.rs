@@ -226,7 +226,7 @@ pub fn parse_benefit(s: &str) -> Result<pb::offer::Benefit, String> {
 }
 
 fn key(k: Option<String>) -> String {
-    k.unwrap_or_else(|| uuid_like())
+    k.unwrap_or_else(uuid_like)
 }
 
 /// A random 32-hex-digit key (no uuid dependency in the CLI).
@@ -238,8 +238,8 @@ fn uuid_like() -> String {
         .collect()
 }
 
-fn enum_name<E: TryFrom<i32>>(v: i32, name: impl Fn(E) -> &'static str) -> String {
-    E::try_from(v).map_or_else(|_| v.to_string(), |e| name(e).to_string())
+fn enum_name<E: TryFrom<i32>>(v: i32, name: impl Fn(&E) -> &'static str) -> String {
+    E::try_from(v).map_or_else(|_| v.to_string(), |e| name(&e).to_string())
 }
 
 fn offer_json(o: &pb::Offer) -> serde_json::Value {
@@ -323,15 +323,15 @@ pub async fn run(command: OffersCommand, options: &ConnectionOptions) -> anyhow:
             }
             let mut text = String::new();
             for o in &offers {
-                let v = offer_json(o);
+                let usage = o.usage.clone().unwrap_or_default();
                 text.push_str(&format!(
-                    "{:<24} {:<28} {:<14} prio {:>4}  issued {:>6}  redeemed {:>6}\n",
+                    "{:<24} {:<28} {:<20} prio {:>4}  issued {:>6}  redeemed {:>6}\n",
                     o.offer_id,
-                    v["kind"].as_str().unwrap_or_default(),
-                    v["status"].as_str().unwrap_or_default(),
+                    enum_name(o.kind, pb::OfferKind::as_str_name),
+                    enum_name(o.status, pb::OfferStatus::as_str_name),
                     o.priority,
-                    v["issued"],
-                    v["redeemed"],
+                    usage.issued,
+                    usage.redeemed,
                 ));
             }
             print(

@@ -118,13 +118,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .context("starting the experiment service")?
             .mount(&mut mount);
     }
-    for (t, name) in [
-        (Target::Segmentation, "segmentation"),
-        (Target::Offers, "offers"),
-    ] {
-        if args.target == t {
-            anyhow::bail!("the {name} service is not part of this build yet");
-        }
+    if wants(Target::Offers) {
+        let target = DatabaseTarget::for_service(&settings, "offers");
+        clientele_offers::setup::build(&settings, &target)
+            .await
+            .context("starting the offer service")?
+            .mount(&mut mount);
+    }
+    if wants(Target::Segmentation) {
+        let target = DatabaseTarget::for_service(&settings, "segmentation");
+        clientele_segmentation::setup::build(&settings, &target)
+            .await
+            .context("starting the segmentation service")?
+            .mount(&mut mount);
     }
     let listener = tokio::net::TcpListener::bind(settings.grpc_addr)
         .await

@@ -14,6 +14,15 @@
 //! * [`decision`] — which offers a customer may receive right now ([`decision::decide`]).
 //! * [`money`] — integer money in minor units with an ISO 4217 code.
 //!
+//! Service layer (I/O lives only here):
+//! * [`store`] — the [`store::OfferStore`] trait and its SQL implementation for PostgreSQL
+//!   and SQLite (per-profile serialised ledger writes, atomic budget booking).
+//! * [`service`] — the tonic `clientele.v1.OfferService`.
+//! * [`consumers`] — order accrual / refund reversal from the ingest feed (exactly once per
+//!   order) and segment-entry / event triggers.
+//! * [`upstream`] — the other services the decision path reads, each behind a small trait.
+//! * [`setup`] — builds the service from settings.
+//!
 //! Money is never a float: amounts are `i64` minor units, multipliers and
 //! percentages are integer basis points (10 000 = 100 % = ×1.0).
 
@@ -23,6 +32,22 @@ pub mod earning;
 pub mod ledger;
 pub mod money;
 pub mod tiers;
+
+pub mod consumers;
+pub mod convert;
+pub mod program;
+pub mod service;
+pub mod setup;
+pub mod store;
+pub mod upstream;
+
+pub use service::OfferServiceImpl;
+pub use store::{OfferStore, SqlOfferStore};
+
+/// Migrations for PostgreSQL (schema `offers`).
+pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+/// Migrations for embedded SQLite (`offers.db`).
+pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 pub use money::{CurrencyCode, Money};
 

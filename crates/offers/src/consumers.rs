@@ -1,0 +1,496 @@
+//! Feed consumers: points accrual and reversal from IngestService.WatchEvents, and triggers
+//! from both feeds (segment entries from SegmentationService.WatchMembershipChanges, events
+//! such as CART_ABANDONED from IngestService.WatchEvents).
+//!
+//! Exactly once per order: an ORDER_COMPLETED is accrued under the ledger key
+//! `order:<order_id>` and the feed cursor is stored **in the same transaction** as the ledger
+//! entry ([`OfferStore::apply_ledger`]), so a crash between the two cannot double-accrue, and a
+//! redelivered event (at-least-once feed) replays the key and writes nothing. Refunds reverse
+//! under `refund:<source>/<event_id>`.
+//!
+//! At most once per trigger firing: each firing is claimed by `(trigger_id, source_key)`
+//! (the membership change_id or the event's `source/event_id`) before issuing, with an
+//! idempotency key derived from both; an ineligible firing is counted as skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use clientele_proto::v1 as pb;
+use clientele_runtime::client::{ClientInterceptor, lazy_channel};
+use clientele_runtime::time::micros;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::convert::utc;
+use crate::earning::{EarningCustomer, Order, PeriodToDate};
+use crate::ledger::{LedgerCommand, LedgerError};
+use crate::money::{CurrencyCode, Money};
+use crate::service::OfferServiceImpl;
+use crate::store::{EntryMeta, StoreError};
+
+type Intercepted = InterceptedService<Channel, ClientInterceptor>;
+
+/// Cursor name of the ingest feed.
+pub const INGEST_FEED: &str = "ingest";
+/// Cursor name of the membership feed.
+pub const MEMBERSHIP_FEED: &str = "segmentation";
+/// Records read per pass.
+const BATCH: usize = 500;
+
+/// Why a consumer pass failed (the pass is retried from the stored cursor).
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// An upstream call failed.
+    #[error("upstream: {0}")]
+    Upstream(#[from] tonic::Status),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Both feed consumers of one service.
+#[derive(Debug, Clone)]
+pub struct Consumers {
+    service: OfferServiceImpl,
+    ingest: pb::ingest_service_client::IngestServiceClient<Intercepted>,
+    segments: pb::segmentation_service_client::SegmentationServiceClient<Intercepted>,
+    idle: Duration,
+    /// The open membership stream, kept across passes: before any cursor is stored it was
+    /// opened `from_now`, and closing it would lose the changes until the next open.
+    memberships:
+        Arc<tokio::sync::Mutex<Option<tonic::Streaming<pb::WatchMembershipChangesResponse>>>>,
+}
+
+impl Consumers {
+    /// Consumers feeding `service` from the services at `ingest` and `segmentation`.
+    ///
+    /// # Errors
+    /// An invalid endpoint or token.
+    pub fn new(
+        service: OfferServiceImpl,
+        ingest: &str,
+        segmentation: &str,
+        token: Option<&str>,
+        idle: Duration,
+    ) -> Result<Self, tonic::Status> {
+        let ch = |e: &str| {
+            lazy_channel(e).map_err(|err| tonic::Status::internal(format!("endpoint `{e}`: {err}")))
+        };
+        let i = ClientInterceptor::new(token)?;
+        Ok(Self {
+            service,
+            ingest: pb::ingest_service_client::IngestServiceClient::with_interceptor(
+                ch(ingest)?,
+                i.clone(),
+            ),
+            segments: pb::segmentation_service_client::SegmentationServiceClient::with_interceptor(
+                ch(segmentation)?,
+                i,
+            ),
+            idle,
+            memberships: Arc::default(),
+        })
+    }
+
+    /// Reads up to a batch of ingest records after the stored cursor and applies them.
+    /// Returns the number of records read.
+    ///
+    /// # Errors
+    /// Upstream or store failures; the cursor then stays at the last applied record.
+    pub async fn consume_events_once(&self) -> Result<usize, ConsumerError> {
+        use pb::watch_events_request::Start;
+        let store = self.service.store();
+        let expected = store.cursor(INGEST_FEED).await?;
+        let start = match &expected {
+            Some(c) => Start::AfterCursor(c.clone()),
+            None => Start::From(pb::WatchStart::Earliest as i32),
+        };
+        let mut stream = self
+            .ingest
+            .clone()
+            .watch_events(pb::WatchEventsRequest {
+                start: Some(start),
+                kinds: Vec::new(),
+                consumer: "offers".into(),
+            })
+            .await?
+            .into_inner();
+        let mut records = 0;
+        while records < BATCH {
+            let Ok(next) = tokio::time::timeout(self.idle, stream.message()).await else {
+                break;
+            };
+            let Some(msg) = next? else { break };
+            match msg.kind {
+                Some(pb::watch_events_response::Kind::Record(r)) => {
+                    records += 1;
+                    self.apply_record(&r).await?;
+                }
+                Some(pb::watch_events_response::Kind::HeartbeatCursor(c)) => {
+                    if expected.as_deref() != Some(c.as_str()) {
+                        store.set_cursor(INGEST_FEED, &c).await?;
+                    }
+                    break;
+                }
+                None => {}
+            }
+        }
+        Ok(records)
+    }
+
+    /// Applies one event record: accrual / reversal with the cursor, then event triggers.
+    async fn apply_record(&self, r: &pb::EventRecord) -> Result<(), ConsumerError> {
+        let store = self.service.store();
+        let Some(stored) = r.event.as_ref() else {
+            store.set_cursor(INGEST_FEED, &r.cursor).await?;
+            return Ok(());
+        };
+        let Some(event) = stored.event.as_ref() else {
+            store.set_cursor(INGEST_FEED, &r.cursor).await?;
+            return Ok(());
+        };
+        let profile = stored.profile_id.as_str();
+        let at = event
+            .occurred_at
+            .as_ref()
+            .and_then(micros)
+            .map_or_else(Utc::now, utc);
+        let cursor = Some((INGEST_FEED, r.cursor.as_str()));
+        let mut wrote = false;
+        match &event.payload {
+            Some(pb::event::Payload::OrderCompleted(o)) if !profile.is_empty() => {
+                if let Some(cmd) = self.accrual(profile, o, at).await? {
+                    let res = store
+                        .apply_ledger(
+                            profile,
+                            &format!("order:{}", o.order_id),
+                            cmd,
+                            Utc::now(),
+                            EntryMeta::default(),
+                            cursor,
+                        )
+                        .await;
+                    wrote = ledger_outcome(res)?;
+                }
+                for code in &o.offer_codes {
+                    self.redeem_listed_code(profile, code, o).await;
+                }
+            }
+            Some(pb::event::Payload::OrderRefunded(rf)) if !profile.is_empty() => {
+                if let Some(m) = rf.refund.as_ref()
+                    && m.amount_minor > 0
+                    && let Ok(currency) = CurrencyCode::new(&m.currency)
+                {
+                    let res = store
+                        .apply_ledger(
+                            profile,
+                            &format!("refund:{}/{}", event.source, event.event_id),
+                            LedgerCommand::ReverseOrder {
+                                order_id: rf.order_id.clone(),
+                                refund: Money::new(m.amount_minor, currency),
+                            },
+                            Utc::now(),
+                            EntryMeta::default(),
+                            cursor,
+                        )
+                        .await;
+                    wrote = ledger_outcome(res)?;
+                }
+            }
+            _ => {}
+        }
+        if !wrote {
+            store.set_cursor(INGEST_FEED, &r.cursor).await?;
+        }
+        if !profile.is_empty() {
+            self.fire_event_triggers(profile, stored, event).await?;
+        }
+        Ok(())
+    }
+
+    /// The accrual command for an order at the profile's tier rates, if it earns anything.
+    async fn accrual(
+        &self,
+        profile: &str,
+        o: &pb::OrderCompleted,
+        at: chrono::DateTime<Utc>,
+    ) -> Result<Option<LedgerCommand>, ConsumerError> {
+        let Some(total) = o.total.as_ref() else {
+            return Ok(None);
+        };
+        let Ok(currency) = CurrencyCode::new(&total.currency) else {
+            return Ok(None);
+        };
+        let program = self.service.program();
+        let (ledger, _) = self.service.store().ledger(profile).await?;
+        let tier = program.tier_standing(&ledger, at).ok().map(|d| d.tier);
+        let order = Order {
+            id: o.order_id.clone(),
+            placed_at: at,
+            amount: Money::new(total.amount_minor, currency),
+            lines: Vec::new(),
+        };
+        let customer = EarningCustomer {
+            tier,
+            segments: Default::default(),
+        };
+        let earned =
+            match program
+                .earning
+                .earn_for_order(&order, &customer, PeriodToDate::default())
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::debug!(order = %o.order_id, error = %e, "order earns no points");
+                    return Ok(None);
+                }
+            };
+        Ok(program.earning.accrual_for_order(&order, &earned))
+    }
+
+    /// Redeems a code listed on an order (keyed by the order, so the RPC and the event
+    /// coincide). Failures are logged: the order already happened.
+    async fn redeem_listed_code(&self, profile: &str, code: &str, o: &pb::OrderCompleted) {
+        use clientele_proto::v1::offer_service_server::OfferService;
+        let req = pb::RedeemOfferRequest {
+            code: code.to_string(),
+            idempotency_key: format!("order:{}", o.order_id),
+            profile_id: profile.to_string(),
+            order_id: o.order_id.clone(),
+            channel: if o.channel == 0 {
+                pb::Channel::Web as i32
+            } else {
+                o.channel
+            },
+            store_id: o.store_id.clone(),
+            ..Default::default()
+        };
+        if let Err(s) = self.service.redeem_offer(tonic::Request::new(req)).await {
+            tracing::info!(code, order = %o.order_id, error = %s.message(), "order's offer code not redeemed");
+        }
+    }
+
+    async fn fire_event_triggers(
+        &self,
+        profile: &str,
+        stored: &pb::StoredEvent,
+        event: &pb::Event,
+    ) -> Result<(), ConsumerError> {
+        let triggers = self.service.store().list_triggers("", "", i64::MAX).await?;
+        for t in triggers {
+            let Some(pb::trigger::On::Event(e)) = &t.on else {
+                continue;
+            };
+            if e.kind != stored.kind {
+                continue;
+            }
+            if let (Some(min), Some(value)) = (&e.min_value, event_value(event)) {
+                if value.currency != min.currency || value.amount_minor < min.amount_minor {
+                    continue;
+                }
+            } else if e.min_value.is_some() {
+                continue;
+            }
+            if let Some(pb::event::Payload::Custom(c)) = &event.payload
+                && c.name != e.custom_event_name
+            {
+                continue;
+            }
+            let source_key = format!("{}/{}", event.source, event.event_id);
+            self.fire(&t, profile, &source_key).await?;
+        }
+        Ok(())
+    }
+
+    /// Fires `t` for `profile` once per `source_key`.
+    async fn fire(
+        &self,
+        t: &pb::Trigger,
+        profile: &str,
+        source_key: &str,
+    ) -> Result<(), ConsumerError> {
+        let store = self.service.store();
+        let now = clientele_runtime::time::now_micros();
+        if !store
+            .claim_firing(&t.trigger_id, source_key, profile, now)
+            .await?
+        {
+            return Ok(());
+        }
+        let req = pb::IssueOfferRequest {
+            profile_id: profile.to_string(),
+            offer_id: t.offer_id.clone(),
+            idempotency_key: format!("trigger:{}:{source_key}", t.trigger_id),
+            channel: t.channel,
+            ..Default::default()
+        };
+        let issued = match self
+            .service
+            .issue(req, pb::IssueSource::Trigger, &t.trigger_id)
+            .await
+        {
+            Ok(i) => Some(i.issue_id),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                tracing::info!(trigger = %t.trigger_id, profile, reason = %s.message(), "trigger firing skipped");
+                None
+            }
+            Err(s) => return Err(s.into()),
+        };
+        store
+            .finish_firing(&t.trigger_id, source_key, issued.as_deref())
+            .await?;
+        Ok(())
+    }
+
+    /// Reads up to a batch of membership changes after the stored cursor and fires segment
+    /// entry triggers. Returns the number of changes read.
+    ///
+    /// # Errors
+    /// Upstream or store failures.
+    pub async fn consume_memberships_once(&self) -> Result<usize, ConsumerError> {
+        use pb::watch_membership_changes_request::Start;
+        let store = self.service.store();
+        let mut open = self.memberships.lock().await;
+        if open.is_none() {
+            let start = match store.cursor(MEMBERSHIP_FEED).await? {
+                Some(c) => Start::AfterCursor(c),
+                None => Start::FromNow(true),
+            };
+            let stream = self
+                .segments
+                .clone()
+                .watch_membership_changes(pb::WatchMembershipChangesRequest {
+                    start: Some(start),
+                    segments: Vec::new(),
+                    types: Vec::new(),
+                })
+                .await?
+                .into_inner();
+            *open = Some(stream);
+        }
+        let mut n = 0;
+        let result = async {
+            let Some(stream) = open.as_mut() else {
+                return Ok(());
+            };
+            while n < BATCH {
+                let Ok(next) = tokio::time::timeout(self.idle, stream.message()).await else {
+                    break;
+                };
+                let Some(msg) = next? else { break };
+                match msg.kind {
+                    Some(pb::watch_membership_changes_response::Kind::Change(c)) => {
+                        n += 1;
+                        if c.r#type == pb::MembershipChangeType::Entered as i32 {
+                            self.fire_segment_triggers(&c).await?;
+                        }
+                        if !c.cursor.is_empty() {
+                            store.set_cursor(MEMBERSHIP_FEED, &c.cursor).await?;
+                        }
+                    }
+                    Some(pb::watch_membership_changes_response::Kind::HeartbeatCursor(c)) => {
+                        store.set_cursor(MEMBERSHIP_FEED, &c).await?;
+                    }
+                    None => {}
+                }
+            }
+            Ok::<(), ConsumerError>(())
+        }
+        .await;
+        if result.is_err() {
+            *open = None; // reopen from the stored cursor next time
+        }
+        result.map(|()| n)
+    }
+
+    async fn fire_segment_triggers(&self, c: &pb::MembershipChange) -> Result<(), ConsumerError> {
+        let Some(seg) = c.segment.as_ref() else {
+            return Ok(());
+        };
+        let triggers = self.service.store().list_triggers("", "", i64::MAX).await?;
+        for t in triggers {
+            let Some(pb::trigger::On::SegmentEntry(s)) = &t.on else {
+                continue;
+            };
+            let Some(want) = s.segment.as_ref() else {
+                continue;
+            };
+            let created = t.create_time.as_ref().and_then(micros).unwrap_or(0);
+            let occurred = c.occurred_at.as_ref().and_then(micros).unwrap_or(i64::MAX);
+            if want.segment_id == seg.segment_id
+                && (want.cluster_index.is_none() || want.cluster_index == seg.cluster_index)
+                && occurred >= created
+            {
+                self.fire(&t, &c.profile_id, &c.change_id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies both feeds until both are caught up; returns (events, membership changes).
+    ///
+    /// # Errors
+    /// As the single passes.
+    pub async fn catch_up(&self) -> Result<(usize, usize), ConsumerError> {
+        let (mut events, mut changes) = (0, 0);
+        loop {
+            let e = self.consume_events_once().await?;
+            let m = self.consume_memberships_once().await?;
+            events += e;
+            changes += m;
+            if e == 0 && m == 0 {
+                return Ok((events, changes));
+            }
+        }
+    }
+
+    /// Runs both feeds forever in the background, backing off after errors and when idle.
+    pub fn spawn(self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                match self.catch_up().await {
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "offers feed consumer failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Whether a ledger write happened; refusals that mean "nothing to do" (refund of an order
+/// that earned nothing, a refund beyond the order) are logged and skipped.
+fn ledger_outcome(
+    res: Result<crate::store::LedgerOutcome, StoreError>,
+) -> Result<bool, ConsumerError> {
+    match res {
+        Ok(_) => Ok(true),
+        Err(StoreError::Ledger(
+            e @ (LedgerError::UnknownOrder { .. }
+            | LedgerError::RefundExceedsOrder { .. }
+            | LedgerError::CurrencyMismatch { .. }
+            | LedgerError::OrderAmountMismatch { .. }
+            | LedgerError::InvalidPoints { .. }
+            | LedgerError::NonPositiveAmount { .. }
+            | LedgerError::ExpiryNotAfterEarning { .. }),
+        )) => {
+            tracing::info!(error = %e, "order event skipped by the ledger");
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The value an event trigger's threshold compares with.
+fn event_value(event: &pb::Event) -> Option<&pb::Money> {
+    match &event.payload {
+        Some(pb::event::Payload::OrderCompleted(o)) => o.total.as_ref(),
+        Some(pb::event::Payload::OrderRefunded(r)) => r.refund.as_ref(),
+        Some(pb::event::Payload::CartAbandoned(c)) => c.cart_value.as_ref(),
+        Some(pb::event::Payload::CartUpdated(c)) => c.cart_value.as_ref(),
+        _ => None,
+    }
+}

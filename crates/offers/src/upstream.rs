@@ -1,0 +1,273 @@
+//! The other services the decision path reads, each behind a small trait with a gRPC
+//! implementation, so the decision path states exactly what it needs:
+//!
+//! * [`ConsentSource`] — ProfileService.GetProfile: does the profile exist, which consent
+//!   purposes are GRANTED, its traits.
+//! * [`SegmentSource`] — SegmentationService.GetProfileSegments: segment memberships and the
+//!   lifecycle state.
+//! * [`ExperimentSource`] — ExperimentService.Assign: the variant of an experiment-gated offer.
+//!
+//! The global holdout is not fetched: it is computed locally with the same
+//! [`HoldoutConfig`](clientele_experiments::holdout::HoldoutConfig) (fraction and seed from
+//! settings) as ExperimentService, so both agree on who is held out without a call.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use async_trait::async_trait;
+use clientele_proto::v1 as pb;
+use clientele_runtime::client::{ClientInterceptor, lazy_channel};
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+type Intercepted = InterceptedService<Channel, ClientInterceptor>;
+
+/// What the decision path needs from a profile.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProfileFacts {
+    /// Consent purposes currently GRANTED.
+    pub granted: BTreeSet<i32>,
+    /// Stored traits.
+    pub traits: BTreeMap<String, pb::Value>,
+}
+
+/// Reads consent and traits. `Ok(None)` means the profile is unknown or erased.
+#[async_trait]
+pub trait ConsentSource: Send + Sync + std::fmt::Debug {
+    /// The profile's facts, or `None` if it does not exist.
+    async fn profile(&self, profile_id: &str) -> Result<Option<ProfileFacts>, Status>;
+}
+
+/// A profile's segment standing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SegmentFacts {
+    /// Segment ids the profile is in (clusters as `id#index`).
+    pub segments: BTreeSet<String>,
+    /// `pb::LifecycleState`, if the profile has one.
+    pub lifecycle: Option<i32>,
+}
+
+/// Reads segment memberships.
+#[async_trait]
+pub trait SegmentSource: Send + Sync + std::fmt::Debug {
+    /// The profile's segments; a profile segmentation has not scored yet has none.
+    async fn segments(&self, profile_id: &str) -> Result<SegmentFacts, Status>;
+}
+
+/// An experiment assignment that placed the unit in a variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arm {
+    /// Variant index (0 = control).
+    pub variant_index: i32,
+    /// Variant key.
+    pub variant_key: String,
+}
+
+/// Assigns profiles to experiment variants.
+#[async_trait]
+pub trait ExperimentSource: Send + Sync + std::fmt::Debug {
+    /// The profile's arm, or `Err(reason)` text when it is not in the experiment.
+    async fn assign(
+        &self,
+        experiment_key: &str,
+        profile_id: &str,
+        log_exposure: bool,
+    ) -> Result<Result<Arm, String>, Status>;
+}
+
+fn channel(endpoint: &str, token: Option<&str>) -> Result<Intercepted, Status> {
+    let ch = lazy_channel(endpoint)
+        .map_err(|e| Status::internal(format!("bad endpoint `{endpoint}`: {e}")))?;
+    Ok(InterceptedService::new(ch, ClientInterceptor::new(token)?))
+}
+
+/// [`ConsentSource`] over ProfileService.
+#[derive(Debug, Clone)]
+pub struct GrpcProfiles(pb::profile_service_client::ProfileServiceClient<Intercepted>);
+
+impl GrpcProfiles {
+    /// A client of the ProfileService at `endpoint`.
+    pub fn new(endpoint: &str, token: Option<&str>) -> Result<Self, Status> {
+        Ok(Self(pb::profile_service_client::ProfileServiceClient::new(
+            channel(endpoint, token)?,
+        )))
+    }
+}
+
+#[async_trait]
+impl ConsentSource for GrpcProfiles {
+    async fn profile(&self, profile_id: &str) -> Result<Option<ProfileFacts>, Status> {
+        let res = self
+            .0
+            .clone()
+            .get_profile(pb::GetProfileRequest {
+                profile_id: profile_id.to_string(),
+            })
+            .await;
+        let profile = match res {
+            Ok(r) => r.into_inner().profile.unwrap_or_default(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            Err(s) => return Err(upstream("ProfileService", s)),
+        };
+        let granted = profile
+            .consents
+            .iter()
+            .filter(|c| c.status == pb::ConsentStatus::Granted as i32)
+            .map(|c| c.purpose)
+            .collect();
+        Ok(Some(ProfileFacts {
+            granted,
+            traits: profile.traits.into_iter().collect(),
+        }))
+    }
+}
+
+/// [`SegmentSource`] over SegmentationService.
+#[derive(Debug, Clone)]
+pub struct GrpcSegments(pb::segmentation_service_client::SegmentationServiceClient<Intercepted>);
+
+impl GrpcSegments {
+    /// A client of the SegmentationService at `endpoint`.
+    pub fn new(endpoint: &str, token: Option<&str>) -> Result<Self, Status> {
+        Ok(Self(
+            pb::segmentation_service_client::SegmentationServiceClient::new(channel(
+                endpoint, token,
+            )?),
+        ))
+    }
+}
+
+/// The key a membership is known by in decisions: the segment id, `id#k` for cluster `k`.
+pub fn membership_key(segment_id: &str, cluster_index: Option<i32>) -> String {
+    match cluster_index {
+        Some(k) => format!("{segment_id}#{k}"),
+        None => segment_id.to_string(),
+    }
+}
+
+#[async_trait]
+impl SegmentSource for GrpcSegments {
+    async fn segments(&self, profile_id: &str) -> Result<SegmentFacts, Status> {
+        let res = self
+            .0
+            .clone()
+            .get_profile_segments(pb::GetProfileSegmentsRequest {
+                profile_id: profile_id.to_string(),
+            })
+            .await;
+        let p = match res {
+            Ok(r) => r.into_inner().profile.unwrap_or_default(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(SegmentFacts::default()),
+            Err(s) => return Err(upstream("SegmentationService", s)),
+        };
+        Ok(SegmentFacts {
+            segments: p
+                .memberships
+                .iter()
+                .flat_map(|m| {
+                    let mut keys = vec![m.segment_id.clone()];
+                    if m.cluster_index.is_some() {
+                        keys.push(membership_key(&m.segment_id, m.cluster_index));
+                    }
+                    keys
+                })
+                .collect(),
+            lifecycle: p.lifecycle.map(|l| l.state),
+        })
+    }
+}
+
+/// [`ExperimentSource`] over ExperimentService.
+#[derive(Debug, Clone)]
+pub struct GrpcExperiments(pb::experiment_service_client::ExperimentServiceClient<Intercepted>);
+
+impl GrpcExperiments {
+    /// A client of the ExperimentService at `endpoint`.
+    pub fn new(endpoint: &str, token: Option<&str>) -> Result<Self, Status> {
+        Ok(Self(
+            pb::experiment_service_client::ExperimentServiceClient::new(channel(endpoint, token)?),
+        ))
+    }
+}
+
+#[async_trait]
+impl ExperimentSource for GrpcExperiments {
+    async fn assign(
+        &self,
+        experiment_key: &str,
+        profile_id: &str,
+        log_exposure: bool,
+    ) -> Result<Result<Arm, String>, Status> {
+        let res = self
+            .0
+            .clone()
+            .assign(pb::AssignRequest {
+                experiment_key: experiment_key.to_string(),
+                unit_id: profile_id.to_string(),
+                profile_id: profile_id.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| upstream("ExperimentService", s))?
+            .into_inner();
+        let a = res.assignment.unwrap_or_default();
+        if a.reason == pb::AssignmentReason::Assigned as i32 {
+            if log_exposure {
+                self.0
+                    .clone()
+                    .log_exposure(pb::LogExposureRequest {
+                        experiment_key: experiment_key.to_string(),
+                        unit_id: profile_id.to_string(),
+                        variant_index: a.variant_index,
+                        profile_id: profile_id.to_string(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|s| upstream("ExperimentService", s))?;
+            }
+            Ok(Ok(Arm {
+                variant_index: a.variant_index,
+                variant_key: a.variant_key,
+            }))
+        } else {
+            let reason = pb::AssignmentReason::try_from(a.reason)
+                .map_or_else(|_| a.reason.to_string(), |r| r.as_str_name().to_string());
+            Ok(Err(reason))
+        }
+    }
+}
+
+/// A source for a dependency that is not configured: every call is UNAVAILABLE naming the
+/// missing endpoint, so misconfiguration is loud rather than silently permissive.
+#[derive(Debug, Clone)]
+pub struct NotConfigured(pub &'static str);
+
+#[async_trait]
+impl ConsentSource for NotConfigured {
+    async fn profile(&self, _: &str) -> Result<Option<ProfileFacts>, Status> {
+        Err(missing(self.0))
+    }
+}
+
+#[async_trait]
+impl SegmentSource for NotConfigured {
+    async fn segments(&self, _: &str) -> Result<SegmentFacts, Status> {
+        Err(missing(self.0))
+    }
+}
+
+#[async_trait]
+impl ExperimentSource for NotConfigured {
+    async fn assign(&self, _: &str, _: &str, _: bool) -> Result<Result<Arm, String>, Status> {
+        Err(missing(self.0))
+    }
+}
+
+fn missing(what: &str) -> Status {
+    Status::unavailable(format!("endpoints.{what} is not configured"))
+}
+
+fn upstream(service: &str, s: Status) -> Status {
+    tracing::warn!(service, code = ?s.code(), message = s.message(), "upstream call failed");
+    Status::unavailable(format!("{service} unavailable: {}", s.message()))
+}

@@ -1,0 +1,659 @@
+//! The store conformance suite: every test runs against PostgreSQL and against SQLite, so the
+//! embedded default behaves exactly like production. The concurrency tests (overdraft, budget,
+//! idempotency under contention) run on PostgreSQL, where writers really run in parallel.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use chrono::{Duration, Utc};
+use clientele_offers::ledger::{LedgerCommand, LedgerError};
+use clientele_offers::store::{
+    EntryMeta, IssueRefusal, NewIssue, OfferRecord, OfferStore, RedeemCode, StoreError,
+};
+use clientele_proto::v1 as pb;
+use clientele_runtime::time::{now_micros, timestamp};
+use support::{CONTENTION, Engine, offer, profile_id, store, store_with_pool, with_budget};
+
+fn record(o: pb::Offer) -> OfferRecord {
+    let now = now_micros();
+    OfferRecord {
+        offer: o,
+        status: pb::OfferStatus::Active as i32,
+        version: 1,
+        issued: 0,
+        redeemed: 0,
+        cost_booked: 0,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+fn accrue(points: i64) -> LedgerCommand {
+    LedgerCommand::Accrue {
+        points,
+        expires_at: None,
+        order: None,
+    }
+}
+
+fn redeem(points: i64) -> LedgerCommand {
+    LedgerCommand::Redeem {
+        points,
+        reference: "reward".into(),
+    }
+}
+
+fn new_issue(profile: &str, offer_id: &str, key: &str, cap: Option<i64>) -> NewIssue {
+    let now = now_micros();
+    NewIssue {
+        issued: pb::IssuedOffer {
+            issue_id: uuid::Uuid::now_v7().to_string(),
+            code: clientele_offers::service::new_code(),
+            offer_id: offer_id.into(),
+            offer_version: 1,
+            profile_id: profile.into(),
+            status: pb::IssuedOfferStatus::Issued as i32,
+            source: pb::IssueSource::Direct as i32,
+            issued_at: Some(timestamp(now)),
+            valid_until: Some(timestamp(now + 86_400_000_000)),
+            ..Default::default()
+        },
+        idem_key: format!("issue:{key}"),
+        fingerprint: format!("{profile}|{offer_id}"),
+        per_profile_cap: cap,
+        frequency_cap: None,
+    }
+}
+
+async fn apply(
+    s: &dyn OfferStore,
+    profile: &str,
+    key: &str,
+    cmd: LedgerCommand,
+) -> Result<clientele_offers::store::LedgerOutcome, StoreError> {
+    s.apply_ledger(profile, key, cmd, Utc::now(), EntryMeta::default(), None)
+        .await
+}
+
+async fn ledger_accrues_redeems_and_keeps_the_balance(engine: Engine) {
+    let f = store(engine).await;
+    let p = profile_id();
+    let out = apply(&*f.store, &p, "a1", accrue(100)).await.unwrap();
+    assert_eq!(out.available, 100);
+    assert!(!out.replayed);
+    let out = apply(&*f.store, &p, "r1", redeem(30)).await.unwrap();
+    assert_eq!(out.available, 70);
+    assert_eq!(out.entries[0].points, -30);
+    assert_eq!(out.entries[0].balance_after, 70);
+    let (ledger, stored) = f.store.ledger(&p).await.unwrap();
+    assert_eq!(ledger.balance(Utc::now()), 70);
+    assert_eq!(stored.len(), 2);
+}
+
+async fn replayed_key_returns_original_entry_and_writes_nothing(engine: Engine) {
+    let f = store(engine).await;
+    let p = profile_id();
+    apply(&*f.store, &p, "a1", accrue(100)).await.unwrap();
+    let first = apply(&*f.store, &p, "r1", redeem(40)).await.unwrap();
+    let again = apply(&*f.store, &p, "r1", redeem(40)).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.entries[0].entry_id, first.entries[0].entry_id);
+    assert_eq!(again.available, 60);
+    let (_, stored) = f.store.ledger(&p).await.unwrap();
+    assert_eq!(stored.len(), 2);
+}
+
+async fn same_key_with_different_payload_conflicts(engine: Engine) {
+    let f = store(engine).await;
+    let p = profile_id();
+    apply(&*f.store, &p, "a1", accrue(100)).await.unwrap();
+    apply(&*f.store, &p, "r1", redeem(40)).await.unwrap();
+    let err = apply(&*f.store, &p, "r1", redeem(41)).await.unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::Ledger(LedgerError::IdempotencyConflict { .. })
+    ));
+}
+
+async fn overdraft_is_refused_and_nothing_written(engine: Engine) {
+    let f = store(engine).await;
+    let p = profile_id();
+    apply(&*f.store, &p, "a1", accrue(10)).await.unwrap();
+    let err = apply(&*f.store, &p, "r1", redeem(11)).await.unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::Ledger(LedgerError::InsufficientBalance { .. })
+    ));
+    assert_eq!(f.store.ledger(&p).await.unwrap().1.len(), 1);
+}
+
+async fn cursor_is_stored_with_the_ledger_write(engine: Engine) {
+    let f = store(engine).await;
+    let p = profile_id();
+    f.store
+        .apply_ledger(
+            &p,
+            "order:o1",
+            accrue(5),
+            Utc::now(),
+            EntryMeta::default(),
+            Some(("ingest", "cursor-7")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.cursor("ingest").await.unwrap().as_deref(),
+        Some("cursor-7")
+    );
+    // A refused command stores neither entry nor cursor.
+    let err = f
+        .store
+        .apply_ledger(
+            &p,
+            "r",
+            redeem(1_000),
+            Utc::now(),
+            EntryMeta::default(),
+            Some(("ingest", "cursor-8")),
+        )
+        .await;
+    assert!(err.is_err());
+    assert_eq!(
+        f.store.cursor("ingest").await.unwrap().as_deref(),
+        Some("cursor-7")
+    );
+}
+
+async fn expiry_written_off_oldest_first(engine: Engine) {
+    let f = store(engine).await;
+    let p = profile_id();
+    let now = Utc::now();
+    f.store
+        .apply_ledger(
+            &p,
+            "a1",
+            LedgerCommand::Accrue {
+                points: 50,
+                expires_at: Some(now + Duration::milliseconds(5)),
+                order: None,
+            },
+            now,
+            EntryMeta::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    apply(&*f.store, &p, "a2", accrue(20)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let out = apply(&*f.store, &p, "expire-1", LedgerCommand::ExpireDue)
+        .await
+        .unwrap();
+    assert_eq!(out.entries.len(), 1);
+    assert_eq!(out.entries[0].points, -50);
+    assert_eq!(out.available, 20);
+}
+
+async fn offer_create_is_idempotent_and_conflicts_on_a_different_body(engine: Engine) {
+    let f = store(engine).await;
+    let (a, created) = f.store.create_offer(&record(offer("o1"))).await.unwrap();
+    assert!(created);
+    let (b, created) = f.store.create_offer(&record(offer("o1"))).await.unwrap();
+    assert!(!created);
+    assert_eq!(a, b);
+    let mut other = offer("o1");
+    other.priority = 5;
+    assert!(matches!(
+        f.store.create_offer(&record(other)).await.unwrap_err(),
+        StoreError::AlreadyExists(..)
+    ));
+}
+
+async fn offer_update_is_compare_and_swap(engine: Engine) {
+    let f = store(engine).await;
+    f.store.create_offer(&record(offer("o1"))).await.unwrap();
+    let mut o = offer("o1");
+    o.priority = 9;
+    let r = f
+        .store
+        .update_offer(&o, pb::OfferStatus::Paused as i32, 1, now_micros())
+        .await
+        .unwrap();
+    assert_eq!(r.version, 2);
+    assert_eq!(r.status, pb::OfferStatus::Paused as i32);
+    assert!(matches!(
+        f.store
+            .update_offer(&o, pb::OfferStatus::Active as i32, 1, now_micros())
+            .await
+            .unwrap_err(),
+        StoreError::VersionConflict { actual: 2, .. }
+    ));
+}
+
+async fn issue_books_budget_and_refuses_when_exhausted(engine: Engine) {
+    let f = store(engine).await;
+    f.store
+        .create_offer(&record(with_budget(offer("o1"), 2)))
+        .await
+        .unwrap();
+    for i in 0..2 {
+        f.store
+            .issue(&new_issue(&profile_id(), "o1", &format!("k{i}"), None))
+            .await
+            .unwrap();
+    }
+    let err = f
+        .store
+        .issue(&new_issue(&profile_id(), "o1", "k9", None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Refused(IssueRefusal::Budget)));
+    assert_eq!(f.store.get_offer("o1").await.unwrap().issued, 2);
+}
+
+async fn issue_is_idempotent_by_key(engine: Engine) {
+    let f = store(engine).await;
+    f.store.create_offer(&record(offer("o1"))).await.unwrap();
+    let p = profile_id();
+    let (a, replayed) = f
+        .store
+        .issue(&new_issue(&p, "o1", "k", None))
+        .await
+        .unwrap();
+    assert!(!replayed);
+    let (b, replayed) = f
+        .store
+        .issue(&new_issue(&p, "o1", "k", None))
+        .await
+        .unwrap();
+    assert!(replayed);
+    assert_eq!(a.issue_id, b.issue_id);
+    assert_eq!(f.store.get_offer("o1").await.unwrap().issued, 1);
+    let err = f
+        .store
+        .issue(&new_issue(&profile_id(), "o1", "k", None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::IdempotencyConflict(_)));
+}
+
+async fn per_profile_cap_counts_non_cancelled_codes(engine: Engine) {
+    let f = store(engine).await;
+    f.store.create_offer(&record(offer("o1"))).await.unwrap();
+    let p = profile_id();
+    let (first, _) = f
+        .store
+        .issue(&new_issue(&p, "o1", "a", Some(1)))
+        .await
+        .unwrap();
+    let err = f
+        .store
+        .issue(&new_issue(&p, "o1", "b", Some(1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Refused(IssueRefusal::ProfileCap)));
+    f.store
+        .cancel(Some(&first.issue_id), None, "oops", now_micros())
+        .await
+        .unwrap();
+    f.store
+        .issue(&new_issue(&p, "o1", "c", Some(1)))
+        .await
+        .unwrap();
+}
+
+async fn redeem_once_replays_by_key_or_order_and_refuses_others(engine: Engine) {
+    let f = store(engine).await;
+    f.store.create_offer(&record(offer("o1"))).await.unwrap();
+    let (issued, _) = f
+        .store
+        .issue(&new_issue(&profile_id(), "o1", "a", None))
+        .await
+        .unwrap();
+    let r = |key: &str, order: &str| RedeemCode {
+        code: issued.code.clone(),
+        idem_key: key.into(),
+        order_id: order.into(),
+        redemption: pb::Redemption::default(),
+        now: now_micros(),
+    };
+    let (a, replayed) = f.store.redeem(&r("k1", "order-1")).await.unwrap();
+    assert!(!replayed);
+    assert_eq!(a.status, pb::IssuedOfferStatus::Redeemed as i32);
+    assert!(f.store.redeem(&r("k1", "")).await.unwrap().1);
+    assert!(f.store.redeem(&r("k2", "order-1")).await.unwrap().1);
+    assert!(matches!(
+        f.store.redeem(&r("k3", "order-2")).await.unwrap_err(),
+        StoreError::Precondition(_)
+    ));
+    assert_eq!(f.store.get_offer("o1").await.unwrap().redeemed, 1);
+    // A redeemed code cannot be cancelled.
+    assert!(matches!(
+        f.store
+            .cancel(None, Some(&issued.code), "x", now_micros())
+            .await
+            .unwrap_err(),
+        StoreError::Precondition(_)
+    ));
+}
+
+async fn cancel_gives_back_budget_and_is_idempotent(engine: Engine) {
+    let f = store(engine).await;
+    f.store
+        .create_offer(&record(with_budget(offer("o1"), 1)))
+        .await
+        .unwrap();
+    let (issued, _) = f
+        .store
+        .issue(&new_issue(&profile_id(), "o1", "a", None))
+        .await
+        .unwrap();
+    f.store
+        .cancel(None, Some(&issued.code), "r", now_micros())
+        .await
+        .unwrap();
+    let again = f
+        .store
+        .cancel(Some(&issued.issue_id), None, "r", now_micros())
+        .await
+        .unwrap();
+    assert_eq!(again.status, pb::IssuedOfferStatus::Cancelled as i32);
+    assert_eq!(f.store.get_offer("o1").await.unwrap().issued, 0);
+    f.store
+        .issue(&new_issue(&profile_id(), "o1", "b", None))
+        .await
+        .unwrap();
+}
+
+async fn archive_cancels_outstanding_codes_on_request(engine: Engine) {
+    let f = store(engine).await;
+    f.store.create_offer(&record(offer("o1"))).await.unwrap();
+    for k in ["a", "b"] {
+        f.store
+            .issue(&new_issue(&profile_id(), "o1", k, None))
+            .await
+            .unwrap();
+    }
+    let (rec, cancelled) = f
+        .store
+        .archive_offer("o1", true, now_micros())
+        .await
+        .unwrap();
+    assert_eq!(cancelled, 2);
+    assert_eq!(rec.status, pb::OfferStatus::Archived as i32);
+    assert!(matches!(
+        f.store
+            .issue(&new_issue(&profile_id(), "o1", "c", None))
+            .await
+            .unwrap_err(),
+        StoreError::Refused(IssueRefusal::NotActive)
+    ));
+}
+
+async fn trigger_fires_once_per_source(engine: Engine) {
+    let f = store(engine).await;
+    let t = pb::Trigger {
+        trigger_id: "t1".into(),
+        offer_id: "o1".into(),
+        channel: pb::Channel::Email as i32,
+        ..Default::default()
+    };
+    let (stored, created) = f.store.create_trigger(&t).await.unwrap();
+    assert!(created);
+    assert!(stored.create_time.is_some());
+    let p = profile_id();
+    assert!(f.store.claim_firing("t1", "change-1", &p, 1).await.unwrap());
+    assert!(!f.store.claim_firing("t1", "change-1", &p, 2).await.unwrap());
+    f.store
+        .finish_firing("t1", "change-1", Some("issue"))
+        .await
+        .unwrap();
+    let listed = f.store.list_triggers("", "", 10).await.unwrap();
+    assert_eq!(listed[0].issued_count, 1);
+    f.store.delete_trigger("t1").await.unwrap();
+    assert!(f.store.list_triggers("", "", 10).await.unwrap().is_empty());
+    assert!(matches!(
+        f.store.delete_trigger("never").await.unwrap_err(),
+        StoreError::NotFound(..)
+    ));
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Engine::Postgres).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Engine::Sqlite).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    ledger_accrues_redeems_and_keeps_the_balance,
+    replayed_key_returns_original_entry_and_writes_nothing,
+    same_key_with_different_payload_conflicts,
+    overdraft_is_refused_and_nothing_written,
+    cursor_is_stored_with_the_ledger_write,
+    expiry_written_off_oldest_first,
+    offer_create_is_idempotent_and_conflicts_on_a_different_body,
+    offer_update_is_compare_and_swap,
+    issue_books_budget_and_refuses_when_exhausted,
+    issue_is_idempotent_by_key,
+    per_profile_cap_counts_non_cancelled_codes,
+    redeem_once_replays_by_key_or_order_and_refuses_others,
+    cancel_gives_back_budget_and_is_idempotent,
+    archive_cancels_outstanding_codes_on_request,
+    trigger_fires_once_per_source,
+);
+
+/// Contention on real PostgreSQL: writers run in parallel on separate connections.
+mod concurrency {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn fifty_concurrent_redemptions_never_overdraw_the_balance() {
+        let _serial = CONTENTION.lock().await;
+        let f = store_with_pool(Engine::Postgres, 10).await;
+        let p = profile_id();
+        apply(&*f.store, &p, "seed", accrue(1_000)).await.unwrap();
+        // 50 × 30 points = 1 500 asked of 1 000 available: exactly 33 can succeed.
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let s = f.store.clone();
+                let p = p.clone();
+                tokio::spawn(async move {
+                    s.apply_ledger(
+                        &p,
+                        &format!("r{i}"),
+                        redeem(30),
+                        Utc::now(),
+                        EntryMeta::default(),
+                        None,
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        let mut refused = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(StoreError::Ledger(LedgerError::InsufficientBalance { .. })) => refused += 1,
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        assert_eq!((ok, refused), (33, 17));
+        let (ledger, stored) = f.store.ledger(&p).await.unwrap();
+        assert_eq!(ledger.balance(Utc::now()), 10);
+        assert_eq!(stored.len(), 34);
+        assert!(stored.iter().all(|s| s.balance_after >= 0));
+        println!("overdraft: {ok} of 50 redemptions succeeded, {refused} refused, balance 10");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn budget_of_ten_under_fifty_concurrent_issues_issues_exactly_ten() {
+        let _serial = CONTENTION.lock().await;
+        let f = store_with_pool(Engine::Postgres, 10).await;
+        f.store
+            .create_offer(&record(with_budget(offer("o1"), 10)))
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let s = f.store.clone();
+                tokio::spawn(async move {
+                    s.issue(&new_issue(&profile_id(), "o1", &format!("k{i}"), None))
+                        .await
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        let mut exhausted = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(StoreError::Refused(IssueRefusal::Budget)) => exhausted += 1,
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        assert_eq!((ok, exhausted), (10, 40));
+        assert_eq!(f.store.get_offer("o1").await.unwrap().issued, 10);
+        println!("budget: {ok} of 50 issues succeeded, {exhausted} refused as exhausted");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn per_profile_cap_holds_under_concurrent_issues_for_one_profile() {
+        let _serial = CONTENTION.lock().await;
+        let f = store_with_pool(Engine::Postgres, 10).await;
+        f.store.create_offer(&record(offer("o1"))).await.unwrap();
+        let p = profile_id();
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let s = f.store.clone();
+                let p = p.clone();
+                tokio::spawn(async move {
+                    s.issue(&new_issue(&p, "o1", &format!("k{i}"), Some(3)))
+                        .await
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(StoreError::Refused(IssueRefusal::ProfileCap)) => {}
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        assert_eq!(ok, 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn fifty_concurrent_retries_of_one_key_write_one_entry() {
+        let _serial = CONTENTION.lock().await;
+        let f = store_with_pool(Engine::Postgres, 10).await;
+        let p = profile_id();
+        apply(&*f.store, &p, "seed", accrue(100)).await.unwrap();
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let s = f.store.clone();
+                let p = p.clone();
+                tokio::spawn(async move {
+                    s.apply_ledger(
+                        &p,
+                        "same-key",
+                        redeem(60),
+                        Utc::now(),
+                        EntryMeta::default(),
+                        None,
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut ids = std::collections::BTreeSet::new();
+        let mut replays = 0;
+        for t in tasks {
+            let out = t.await.unwrap().unwrap();
+            replays += usize::from(out.replayed);
+            ids.insert(out.entries[0].entry_id.clone());
+        }
+        assert_eq!(ids.len(), 1, "every retry returns the same entry");
+        assert_eq!(replays, 49);
+        let (ledger, stored) = f.store.ledger(&p).await.unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_eq!(ledger.balance(Utc::now()), 40);
+        println!("idempotency: 50 concurrent retries of one key → 1 entry, 49 replays");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn fifty_concurrent_retries_of_one_issue_key_issue_one_code() {
+        let _serial = CONTENTION.lock().await;
+        let f = store_with_pool(Engine::Postgres, 10).await;
+        f.store
+            .create_offer(&record(with_budget(offer("o1"), 100)))
+            .await
+            .unwrap();
+        let p = profile_id();
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let s = f.store.clone();
+                let p = p.clone();
+                tokio::spawn(async move { s.issue(&new_issue(&p, "o1", "same", None)).await })
+            })
+            .collect();
+        let mut ids = std::collections::BTreeSet::new();
+        for t in tasks {
+            ids.insert(t.await.unwrap().unwrap().0.issue_id);
+        }
+        assert_eq!(ids.len(), 1);
+        assert_eq!(f.store.get_offer("o1").await.unwrap().issued, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn fifty_concurrent_redemptions_of_one_code_redeem_it_once() {
+        let _serial = CONTENTION.lock().await;
+        let f = store_with_pool(Engine::Postgres, 10).await;
+        f.store.create_offer(&record(offer("o1"))).await.unwrap();
+        let (issued, _) = f
+            .store
+            .issue(&new_issue(&profile_id(), "o1", "a", None))
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let s = f.store.clone();
+                let code = issued.code.clone();
+                tokio::spawn(async move {
+                    s.redeem(&RedeemCode {
+                        code,
+                        idem_key: format!("k{i}"),
+                        order_id: format!("order-{i}"),
+                        redemption: pb::Redemption::default(),
+                        now: now_micros(),
+                    })
+                    .await
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            if let Ok((_, false)) = t.await.unwrap() {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 1);
+        assert_eq!(f.store.get_offer("o1").await.unwrap().redeemed, 1);
+    }
+}

@@ -1,0 +1,2135 @@
+//! Segmentation persistence behind one trait, [`SegmentationStore`], with one SQL
+//! implementation for PostgreSQL and SQLite through `sqlx::Any`.
+//!
+//! * **Feeds, exactly once**: the consumer folds a batch of events (or profile changes) and
+//!   advances the feed cursor in the same transaction, after checking the stored cursor is the
+//!   one the batch was read after ([`StoreError::CursorMoved`] otherwise), so a crash or a
+//!   second consumer never applies an event twice. Orders are keyed `(profile, order id)` (the
+//!   first ORDER_COMPLETED wins), refunds by their event key, engagement is a per-day counter.
+//! * **Membership changes in commit order**: every transaction that appends to `seg_changes`
+//!   first takes one PostgreSQL advisory lock ([`CHANGES_LOCK`]), so sequence numbers are
+//!   committed in order and a watcher that has seen `seq = n` never later finds a smaller one.
+//!   On SQLite writers are serialised anyway.
+//! * **Bulk writes**: run snapshots and membership diffs are written with multi-row INSERTs,
+//!   chunked to stay under both engines' bind-parameter limits.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use async_trait::async_trait;
+use clientele_proto::v1 as pb;
+use clientele_runtime::db::{Database, WriteTx};
+use prost::Message;
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::{Any, AnyConnection, Row};
+
+use crate::scoring::{ProfileData, RunModel, StoredOrder};
+
+/// Advisory lock serialising appends to the membership change log (PostgreSQL).
+pub const CHANGES_LOCK: i64 = 0x7365_675f_6368_6773;
+/// Advisory lock serialising feed folds and run state changes (PostgreSQL).
+const FEED_LOCK: i64 = 0x7365_675f_6665_6564;
+const RUN_LOCK: i64 = 0x7365_675f_7275_6e73;
+/// Bind parameters per statement (SQLite allows 32 766, PostgreSQL 65 535).
+const MAX_PARAMS: usize = 30_000;
+/// Ids per `IN (…)` lookup.
+const LOOKUP_CHUNK: usize = 500;
+/// Engagement window, days.
+pub const ENGAGEMENT_DAYS: i64 = 90;
+const DAY_MICROS: i64 = 86_400_000_000;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such segment.
+    #[error("segment `{0}` not found")]
+    SegmentNotFound(String),
+    /// The segment was deleted; ids are never reused.
+    #[error("segment `{0}` was deleted; segment ids are never reused")]
+    SegmentDeleted(String),
+    /// Optimistic concurrency check failed.
+    #[error("segment `{id}` is at version {actual}, not {expected}")]
+    VersionMismatch {
+        /// The segment.
+        id: String,
+        /// The version the caller expected.
+        expected: i64,
+        /// The stored version (0: does not exist).
+        actual: i64,
+    },
+    /// No such run.
+    #[error("recompute run `{0}` not found")]
+    RunNotFound(String),
+    /// The feed cursor moved since the batch was read (another consumer applied it).
+    #[error("feed `{0}` cursor moved concurrently")]
+    CursorMoved(String),
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Stored data could not be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// Result type of the store.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// One fact folded from the event feed, already mapped to the reporting currency.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fact {
+    /// A completed order.
+    Order {
+        /// Profile at ingestion.
+        profile_id: String,
+        /// Retailer order id.
+        order_id: String,
+        /// When placed, µs.
+        placed_at: i64,
+        /// Gross amount, reporting minor units (0 when not convertible).
+        amount_minor: i64,
+        /// Discount, reporting minor units.
+        discount_minor: i64,
+        /// Whether the amount could be converted.
+        converted: bool,
+        /// Category spend (top-level category, reporting minor units).
+        lines: Vec<(String, i64)>,
+    },
+    /// A refund.
+    Refund {
+        /// Profile at ingestion.
+        profile_id: String,
+        /// Unique key of the refund event.
+        refund_key: String,
+        /// Refunded order.
+        order_id: String,
+        /// Amount, reporting minor units.
+        amount_minor: i64,
+        /// Whether it refunds the whole order.
+        full: bool,
+    },
+    /// One engagement event.
+    Engagement {
+        /// Profile at ingestion.
+        profile_id: String,
+        /// When, µs.
+        at: i64,
+        /// Kind name (`product_viewed`, `email_opened`, …).
+        kind: String,
+    },
+    /// A profile seen without behaviour (e.g. created).
+    Seen {
+        /// The profile.
+        profile_id: String,
+        /// When, µs.
+        at: i64,
+    },
+}
+
+/// A profile change from ProfileService.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProfileEvent {
+    /// Created or updated (traits, consent, aggregates).
+    Touched(String),
+    /// `merged` were merged into `survivor`.
+    Merged {
+        /// The surviving profile.
+        survivor: String,
+        /// The merged-away profiles.
+        merged: Vec<String>,
+    },
+    /// Erased.
+    Erased(String),
+}
+
+/// A stored segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentRecord {
+    /// The segment as stored (definition, names; output-only fields filled on read).
+    pub segment: pb::Segment,
+    /// Kind code.
+    pub kind: i32,
+    /// Version.
+    pub version: i64,
+    /// Created, µs.
+    pub created_at: i64,
+    /// Updated, µs.
+    pub updated_at: i64,
+    /// Deleted flag.
+    pub deleted: bool,
+    /// Latest run that computed this version.
+    pub last_run_id: String,
+}
+
+/// Scores of one profile as stored.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScoreRow {
+    /// The profile.
+    pub profile_id: String,
+    /// R, F, M scores.
+    pub rfm: Option<(i64, i64, i64)>,
+    /// Named RFM segment.
+    pub rfm_name: Option<String>,
+    /// Days since last order (window).
+    pub recency_days: Option<f64>,
+    /// Orders in the window.
+    pub frequency: Option<i64>,
+    /// Net revenue in the window, reporting minor units.
+    pub monetary_minor: Option<i64>,
+    /// Lifecycle code.
+    pub lifecycle: Option<i64>,
+    /// When the lifecycle state was entered, µs.
+    pub lifecycle_since: Option<i64>,
+    /// CLV, reporting minor units.
+    pub clv: Option<f64>,
+    /// P(alive).
+    pub p_alive: Option<f64>,
+    /// Expected purchases over the horizon.
+    pub exp_purchases: Option<f64>,
+    /// Expected order value, minor units.
+    pub exp_aov: Option<f64>,
+}
+
+/// A membership (current or in a run snapshot).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberRow {
+    /// The segment.
+    pub segment_id: String,
+    /// The profile.
+    pub profile_id: String,
+    /// Cluster index, -1 for non-CLUSTER segments.
+    pub cluster_index: i64,
+    /// Distance to the centroid (CLUSTER only).
+    pub distance: Option<f64>,
+    /// When entered, µs.
+    pub entered_at: i64,
+}
+
+/// One membership change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRow {
+    /// Log position (0 before it is written).
+    pub seq: i64,
+    /// Unique id.
+    pub change_id: String,
+    /// The profile.
+    pub profile_id: String,
+    /// The segment.
+    pub segment_id: String,
+    /// Cluster index or -1.
+    pub cluster_index: i64,
+    /// `MembershipChangeType` code.
+    pub change_type: i32,
+    /// `MembershipChangeReason` code.
+    pub reason: i32,
+    /// Run id for RECOMPUTE.
+    pub run_id: String,
+    /// When, µs.
+    pub occurred_at: i64,
+}
+
+/// A recompute run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    /// Run id.
+    pub run_id: String,
+    /// Idempotency key.
+    pub idempotency_key: String,
+    /// Who asked.
+    pub requested_by: String,
+    /// `RecomputeState` code.
+    pub state: i32,
+    /// `RecomputePhase` code.
+    pub phase: i32,
+    /// Processed in the phase.
+    pub processed: i64,
+    /// Total in the phase.
+    pub total: i64,
+    /// Accepted, µs.
+    pub created_at: i64,
+    /// Started, µs.
+    pub start_time: Option<i64>,
+    /// Finished, µs.
+    pub finish_time: Option<i64>,
+    /// Failure reason.
+    pub error_message: String,
+    /// Data as of, µs.
+    pub data_as_of: Option<i64>,
+    /// Outputs (SUCCEEDED).
+    pub outputs: Option<pb::RecomputeOutputs>,
+    /// Change cursor after publishing.
+    pub changes_cursor: String,
+    /// Fitted models (SUCCEEDED).
+    pub model: Option<RunModel>,
+}
+
+/// Everything a run publishes.
+#[derive(Debug, Clone)]
+pub struct RunPublication {
+    /// The run.
+    pub run_id: String,
+    /// Scores of every profile.
+    pub scores: Vec<ScoreRow>,
+    /// New complete memberships of `segments`.
+    pub members: Vec<MemberRow>,
+    /// Segments evaluated, with the versions evaluated.
+    pub segments: Vec<(String, i64)>,
+    /// Outputs (entered/exited are filled in by the store).
+    pub outputs: pb::RecomputeOutputs,
+    /// Fitted models.
+    pub model: RunModel,
+    /// Publication time, µs.
+    pub now: i64,
+    /// Run snapshots to keep.
+    pub retained_runs: u32,
+}
+
+/// Aggregates of a segment in a run snapshot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SummaryRow {
+    /// Members.
+    pub size: i64,
+    /// Members with RFM scores.
+    pub scored: i64,
+    /// Mean R, F, M.
+    pub mean_rfm: (f64, f64, f64),
+    /// Mean recency days and orders.
+    pub mean_recency_days: f64,
+    /// Mean orders.
+    pub mean_frequency: f64,
+    /// Members' revenue.
+    pub revenue: i64,
+    /// Members with predictions, mean CLV and P(alive).
+    pub predicted: i64,
+    /// Mean CLV.
+    pub mean_clv: f64,
+    /// Mean P(alive).
+    pub mean_p_alive: f64,
+}
+
+/// Everything SegmentationService persists. Each call is atomic.
+#[async_trait]
+pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
+    /// The stored cursor of `feed`.
+    async fn feed_cursor(&self, feed: &str) -> StoreResult<Option<String>>;
+    /// Folds `facts` and moves `feed` from `expected` to `cursor` atomically. Returns the
+    /// (alias-resolved) profiles whose facts changed.
+    async fn apply_events(
+        &self,
+        feed: &str,
+        expected: Option<&str>,
+        cursor: &str,
+        facts: &[Fact],
+    ) -> StoreResult<BTreeSet<String>>;
+    /// Applies profile changes and moves `feed`: merges move the merged ids' facts to the
+    /// survivor, erasures delete everything about the profile; memberships of merged or
+    /// erased ids end with EXITED changes. Returns the profiles to re-score and the changes.
+    async fn apply_profile_events(
+        &self,
+        feed: &str,
+        expected: Option<&str>,
+        cursor: &str,
+        events: &[ProfileEvent],
+        now: i64,
+    ) -> StoreResult<(BTreeSet<String>, Vec<ChangeRow>)>;
+    /// The surviving id of `profile_id` and whether it is known (not erased).
+    async fn resolve_profile(&self, profile_id: &str) -> StoreResult<Option<String>>;
+
+    /// Creates or replaces a segment. `expected_version` 0 skips the check.
+    async fn define_segment(
+        &self,
+        segment: &pb::Segment,
+        kind: i32,
+        expected_version: i64,
+        now: i64,
+    ) -> StoreResult<(SegmentRecord, bool)>;
+    /// One segment (deleted ones included).
+    async fn get_segment(&self, id: &str) -> StoreResult<SegmentRecord>;
+    /// Live segments with id above `after`, by id.
+    async fn list_segments(
+        &self,
+        kinds: &[i32],
+        after: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<SegmentRecord>>;
+    /// Every live segment.
+    async fn live_segments(&self) -> StoreResult<Vec<SegmentRecord>>;
+    /// Current member counts by segment.
+    async fn segment_sizes(&self, ids: &[String]) -> StoreResult<HashMap<String, i64>>;
+    /// Deletes a segment; its members exit. `Ok(None)` when already deleted.
+    async fn delete_segment(&self, id: &str, now: i64) -> StoreResult<Vec<ChangeRow>>;
+
+    /// Starts a run unless the key was used (that run, false) or one is active (it, false).
+    async fn start_run(&self, run: &RunRecord) -> StoreResult<(RunRecord, bool)>;
+    /// Records progress; `start_time` is set on the first RUNNING update.
+    async fn run_progress(
+        &self,
+        run_id: &str,
+        phase: i32,
+        processed: i64,
+        total: i64,
+        now: i64,
+        data_as_of: Option<i64>,
+    ) -> StoreResult<()>;
+    /// Marks a run FAILED.
+    async fn fail_run(&self, run_id: &str, message: &str, now: i64) -> StoreResult<()>;
+    /// Marks PENDING/RUNNING runs FAILED (after a restart). Returns how many.
+    async fn fail_interrupted_runs(&self, now: i64) -> StoreResult<u64>;
+    /// One run.
+    async fn get_run(&self, run_id: &str) -> StoreResult<RunRecord>;
+    /// Runs newest first, after the `(created_at, run_id)` position.
+    async fn list_runs(
+        &self,
+        states: &[i32],
+        before: Option<(i64, String)>,
+        limit: i64,
+    ) -> StoreResult<Vec<RunRecord>>;
+    /// The latest SUCCEEDED run.
+    async fn latest_run(&self) -> StoreResult<Option<RunRecord>>;
+    /// Publishes a run: memberships diffed and changed, snapshots written, run SUCCEEDED.
+    async fn publish_run(&self, publication: RunPublication) -> StoreResult<RunRecord>;
+
+    /// Histories of every known profile (engagement over the 90 days before `as_of`), by id.
+    async fn load_all_profiles(&self, as_of: i64) -> StoreResult<Vec<ProfileData>>;
+    /// Histories of `ids` (known ones only).
+    async fn load_profiles(&self, ids: &[String], as_of: i64) -> StoreResult<Vec<ProfileData>>;
+    /// Lifecycle state and since of every profile in a run snapshot.
+    async fn run_lifecycles(&self, run_id: &str) -> StoreResult<HashMap<String, (i64, i64)>>;
+
+    /// Current memberships of `profile_ids` in live segments.
+    async fn memberships_of(&self, profile_ids: &[String]) -> StoreResult<Vec<MemberRow>>;
+    /// Writes real-time scores and replaces the memberships of `profiles` in `segments` with
+    /// `members`, appending the changes. Returns the changes.
+    async fn apply_realtime(
+        &self,
+        run_id: &str,
+        scores: &[ScoreRow],
+        segments: &[String],
+        members: &[MemberRow],
+        now: i64,
+    ) -> StoreResult<Vec<ChangeRow>>;
+    /// The latest scores of a profile: (scores, run id, scored_at).
+    async fn profile_scores(
+        &self,
+        profile_id: &str,
+    ) -> StoreResult<Option<(ScoreRow, String, i64)>>;
+
+    /// Members of a segment in a run snapshot after `after_profile`, by profile id.
+    async fn run_members(
+        &self,
+        run_id: &str,
+        segment_id: &str,
+        cluster: Option<i64>,
+        after_profile: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<(String, i64)>>;
+    /// Member count of a segment in a run snapshot.
+    async fn run_member_count(
+        &self,
+        run_id: &str,
+        segment_id: &str,
+        cluster: Option<i64>,
+    ) -> StoreResult<i64>;
+    /// Whether the run's snapshot is retained.
+    async fn run_retained(&self, run_id: &str) -> StoreResult<bool>;
+    /// Aggregates of a segment in a run snapshot.
+    async fn run_summary(
+        &self,
+        run_id: &str,
+        segment_id: &str,
+        cluster: Option<i64>,
+    ) -> StoreResult<SummaryRow>;
+    /// (scored customers, their total revenue) in a run snapshot.
+    async fn run_totals(&self, run_id: &str) -> StoreResult<(i64, i64)>;
+    /// `profile → group` of a run snapshot: RFM name (`"rfm"`) or lifecycle code
+    /// (`"lifecycle"`).
+    async fn run_score_groups(
+        &self,
+        run_id: &str,
+        dimension: &str,
+    ) -> StoreResult<HashMap<String, String>>;
+    /// `(profile, segment, cluster)` rows of a run snapshot for `segments`.
+    async fn run_member_rows(
+        &self,
+        run_id: &str,
+        segments: &[String],
+    ) -> StoreResult<Vec<(String, String, i64)>>;
+
+    /// Membership changes after `seq`, in order.
+    async fn changes_after(&self, seq: i64, limit: i64) -> StoreResult<Vec<ChangeRow>>;
+    /// The last change's seq (0 when none).
+    async fn changes_end(&self) -> StoreResult<i64>;
+}
+
+/// The SQL implementation of [`SegmentationStore`].
+#[derive(Debug, Clone)]
+pub struct SqlSegmentationStore {
+    db: Database,
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
+
+/// Runs `INSERT INTO {head} VALUES (…), (…) {tail}` for `rows` rows of `cols` values, chunked
+/// under the parameter limit; `bind` binds row `i`'s values in column order.
+async fn insert_many<'a, F>(
+    conn: &mut AnyConnection,
+    head: &str,
+    tail: &str,
+    cols: usize,
+    rows: usize,
+    bind: F,
+) -> Result<(), sqlx::Error>
+where
+    F: for<'q> Fn(AnyQuery<'q>, usize) -> AnyQuery<'q>,
+{
+    let per = (MAX_PARAMS / cols).max(1);
+    let mut start = 0;
+    while start < rows {
+        let end = (start + per).min(rows);
+        let mut sql = String::with_capacity(64 + (end - start) * cols * 6);
+        sql.push_str("INSERT INTO ");
+        sql.push_str(head);
+        sql.push_str(" VALUES ");
+        let mut p = 1;
+        for r in start..end {
+            if r > start {
+                sql.push(',');
+            }
+            sql.push('(');
+            for c in 0..cols {
+                if c > 0 {
+                    sql.push(',');
+                }
+                sql.push('$');
+                sql.push_str(&p.to_string());
+                p += 1;
+            }
+            sql.push(')');
+        }
+        sql.push(' ');
+        sql.push_str(tail);
+        // Not cached as a prepared statement: chunks share their SQL text while the declared
+        // types of NULL parameters differ between them, and PostgreSQL would reject a cached
+        // statement's stale parameter types ("incorrect binary data format").
+        let mut q = sqlx::query(&sql).persistent(false);
+        for r in start..end {
+            q = bind(q, r);
+        }
+        q.execute(&mut *conn).await?;
+        start = end;
+    }
+    Ok(())
+}
+
+fn bind_strings<'q>(sql: &'q str, binds: &[String]) -> AnyQuery<'q> {
+    let mut q = sqlx::query(sql);
+    for b in binds {
+        q = q.bind(b.clone());
+    }
+    q
+}
+
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+const SEGMENT_COLUMNS: &str =
+    "segment_id, definition, kind, version, created_at, updated_at, deleted, last_run_id";
+
+fn segment_from_row(row: &AnyRow) -> StoreResult<SegmentRecord> {
+    let hex_def: String = row.try_get("definition")?;
+    let bytes = hex::decode(hex_def).map_err(corrupt)?;
+    let mut segment = pb::Segment::decode(bytes.as_slice()).map_err(corrupt)?;
+    let kind: i64 = row.try_get("kind")?;
+    let version: i64 = row.try_get("version")?;
+    let created_at: i64 = row.try_get("created_at")?;
+    let updated_at: i64 = row.try_get("updated_at")?;
+    let last_run_id: String = row.try_get("last_run_id")?;
+    let deleted: i64 = row.try_get("deleted")?;
+    segment.kind = i32::try_from(kind).map_err(corrupt)?;
+    segment.version = version;
+    segment.create_time = Some(clientele_runtime::time::timestamp(created_at));
+    segment.update_time = Some(clientele_runtime::time::timestamp(updated_at));
+    segment.last_run_id.clone_from(&last_run_id);
+    Ok(SegmentRecord {
+        segment,
+        kind: i32::try_from(kind).map_err(corrupt)?,
+        version,
+        created_at,
+        updated_at,
+        deleted: deleted != 0,
+        last_run_id,
+    })
+}
+
+/// The stored form of a definition: only the client-settable fields.
+fn stored_definition(segment: &pb::Segment) -> String {
+    let clean = pb::Segment {
+        segment_id: segment.segment_id.clone(),
+        display_name: segment.display_name.clone(),
+        description: segment.description.clone(),
+        definition: segment.definition.clone(),
+        ..Default::default()
+    };
+    hex::encode(clean.encode_to_vec())
+}
+
+const RUN_COLUMNS: &str = "run_id, idempotency_key, requested_by, state, phase, processed, total, \
+     created_at, start_time, finish_time, error_message, data_as_of, outputs, changes_cursor, model";
+
+fn run_from_row(row: &AnyRow) -> StoreResult<RunRecord> {
+    let outputs_hex: String = row.try_get("outputs")?;
+    let outputs = if outputs_hex.is_empty() {
+        None
+    } else {
+        let bytes = hex::decode(outputs_hex).map_err(corrupt)?;
+        Some(pb::RecomputeOutputs::decode(bytes.as_slice()).map_err(corrupt)?)
+    };
+    let model_json: String = row.try_get("model")?;
+    let model = if model_json.is_empty() {
+        None
+    } else {
+        Some(serde_json::from_str(&model_json).map_err(corrupt)?)
+    };
+    let state: i64 = row.try_get("state")?;
+    let phase: i64 = row.try_get("phase")?;
+    Ok(RunRecord {
+        run_id: row.try_get("run_id")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        requested_by: row.try_get("requested_by")?,
+        state: i32::try_from(state).map_err(corrupt)?,
+        phase: i32::try_from(phase).map_err(corrupt)?,
+        processed: row.try_get("processed")?,
+        total: row.try_get("total")?,
+        created_at: row.try_get("created_at")?,
+        start_time: row.try_get("start_time")?,
+        finish_time: row.try_get("finish_time")?,
+        error_message: row.try_get("error_message")?,
+        data_as_of: row.try_get("data_as_of")?,
+        outputs,
+        changes_cursor: row.try_get("changes_cursor")?,
+        model,
+    })
+}
+
+const SCORE_COLUMNS: &str = "profile_id, r, f, m, rfm_name, recency_days, frequency, \
+     monetary_minor, lifecycle, lifecycle_since, clv, p_alive, exp_purchases, exp_aov";
+
+fn score_from_row(row: &AnyRow) -> StoreResult<ScoreRow> {
+    let r: Option<i64> = row.try_get("r")?;
+    let f: Option<i64> = row.try_get("f")?;
+    let m: Option<i64> = row.try_get("m")?;
+    Ok(ScoreRow {
+        profile_id: row.try_get("profile_id")?,
+        rfm: match (r, f, m) {
+            (Some(r), Some(f), Some(m)) => Some((r, f, m)),
+            _ => None,
+        },
+        rfm_name: row.try_get("rfm_name")?,
+        recency_days: row.try_get("recency_days")?,
+        frequency: row.try_get("frequency")?,
+        monetary_minor: row.try_get("monetary_minor")?,
+        lifecycle: row.try_get("lifecycle")?,
+        lifecycle_since: row.try_get("lifecycle_since")?,
+        clv: row.try_get("clv")?,
+        p_alive: row.try_get("p_alive")?,
+        exp_purchases: row.try_get("exp_purchases")?,
+        exp_aov: row.try_get("exp_aov")?,
+    })
+}
+
+fn bind_score<'q>(q: AnyQuery<'q>, s: &ScoreRow) -> AnyQuery<'q> {
+    q.bind(s.profile_id.clone())
+        .bind(s.rfm.map(|x| x.0))
+        .bind(s.rfm.map(|x| x.1))
+        .bind(s.rfm.map(|x| x.2))
+        .bind(s.rfm_name.clone())
+        .bind(s.recency_days)
+        .bind(s.frequency)
+        .bind(s.monetary_minor)
+        .bind(s.lifecycle)
+        .bind(s.lifecycle_since)
+        .bind(s.clv)
+        .bind(s.p_alive)
+        .bind(s.exp_purchases)
+        .bind(s.exp_aov)
+}
+
+fn change_from_row(row: &AnyRow) -> StoreResult<ChangeRow> {
+    let change_type: i64 = row.try_get("change_type")?;
+    let reason: i64 = row.try_get("reason")?;
+    Ok(ChangeRow {
+        seq: row.try_get("seq")?,
+        change_id: row.try_get("change_id")?,
+        profile_id: row.try_get("profile_id")?,
+        segment_id: row.try_get("segment_id")?,
+        cluster_index: row.try_get("cluster_index")?,
+        change_type: i32::try_from(change_type).map_err(corrupt)?,
+        reason: i32::try_from(reason).map_err(corrupt)?,
+        run_id: row.try_get("run_id")?,
+        occurred_at: row.try_get("occurred_at")?,
+    })
+}
+
+/// A change about to be appended.
+fn change(
+    profile_id: &str,
+    segment_id: &str,
+    cluster_index: i64,
+    change_type: pb::MembershipChangeType,
+    reason: pb::MembershipChangeReason,
+    run_id: &str,
+    now: i64,
+) -> ChangeRow {
+    ChangeRow {
+        seq: 0,
+        change_id: uuid::Uuid::new_v4().to_string(),
+        profile_id: profile_id.to_owned(),
+        segment_id: segment_id.to_owned(),
+        cluster_index,
+        change_type: change_type as i32,
+        reason: reason as i32,
+        run_id: run_id.to_owned(),
+        occurred_at: now,
+    }
+}
+
+/// The new-vs-current diff of memberships: (rows to delete, rows to insert, changes).
+fn diff_memberships(
+    current: &HashMap<(String, String), MemberRow>,
+    next: &[MemberRow],
+    reason: pb::MembershipChangeReason,
+    run_id: &str,
+    now: i64,
+) -> (Vec<(String, String)>, Vec<MemberRow>, Vec<ChangeRow>) {
+    use pb::MembershipChangeType as T;
+    let mut deletes = Vec::new();
+    let mut inserts = Vec::new();
+    let mut changes = Vec::new();
+    let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
+    for m in next {
+        seen.insert((m.segment_id.as_str(), m.profile_id.as_str()));
+        match current.get(&(m.segment_id.clone(), m.profile_id.clone())) {
+            Some(cur) if cur.cluster_index == m.cluster_index => {}
+            Some(cur) => {
+                deletes.push((cur.segment_id.clone(), cur.profile_id.clone()));
+                changes.push(change(
+                    &cur.profile_id,
+                    &cur.segment_id,
+                    cur.cluster_index,
+                    T::Exited,
+                    reason,
+                    run_id,
+                    now,
+                ));
+                changes.push(change(
+                    &m.profile_id,
+                    &m.segment_id,
+                    m.cluster_index,
+                    T::Entered,
+                    reason,
+                    run_id,
+                    now,
+                ));
+                inserts.push(MemberRow {
+                    entered_at: now,
+                    ..m.clone()
+                });
+            }
+            None => {
+                changes.push(change(
+                    &m.profile_id,
+                    &m.segment_id,
+                    m.cluster_index,
+                    T::Entered,
+                    reason,
+                    run_id,
+                    now,
+                ));
+                inserts.push(MemberRow {
+                    entered_at: now,
+                    ..m.clone()
+                });
+            }
+        }
+    }
+    let mut gone: Vec<&MemberRow> = current
+        .values()
+        .filter(|c| !seen.contains(&(c.segment_id.as_str(), c.profile_id.as_str())))
+        .collect();
+    gone.sort_by(|a, b| (&a.segment_id, &a.profile_id).cmp(&(&b.segment_id, &b.profile_id)));
+    for c in gone {
+        deletes.push((c.segment_id.clone(), c.profile_id.clone()));
+        changes.push(change(
+            &c.profile_id,
+            &c.segment_id,
+            c.cluster_index,
+            T::Exited,
+            reason,
+            run_id,
+            now,
+        ));
+    }
+    (deletes, inserts, changes)
+}
+
+fn member_from_row(row: &AnyRow) -> StoreResult<MemberRow> {
+    Ok(MemberRow {
+        segment_id: row.try_get("segment_id")?,
+        profile_id: row.try_get("profile_id")?,
+        cluster_index: row.try_get("cluster_index")?,
+        distance: row.try_get("distance")?,
+        entered_at: row.try_get("entered_at")?,
+    })
+}
+
+impl SqlSegmentationStore {
+    /// A store over `db` (already migrated).
+    #[must_use]
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    async fn begin_write(&self) -> StoreResult<WriteTx<'_>> {
+        Ok(self.db.begin_write().await?)
+    }
+
+    async fn check_cursor(
+        &self,
+        conn: &mut AnyConnection,
+        feed: &str,
+        expected: Option<&str>,
+        cursor: &str,
+    ) -> StoreResult<()> {
+        self.db.lock_id(conn, FEED_LOCK).await?;
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT cursor FROM seg_feed_cursors WHERE feed = $1")
+                .bind(feed)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if stored.as_deref() != expected {
+            return Err(StoreError::CursorMoved(feed.to_owned()));
+        }
+        sqlx::query(
+            "INSERT INTO seg_feed_cursors (feed, cursor) VALUES ($1, $2) \
+             ON CONFLICT (feed) DO UPDATE SET cursor = excluded.cursor",
+        )
+        .bind(feed)
+        .bind(cursor)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn survivor(conn: &mut AnyConnection, id: &str) -> StoreResult<String> {
+        let s: Option<String> =
+            sqlx::query_scalar("SELECT survivor_id FROM seg_aliases WHERE merged_id = $1")
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        Ok(s.unwrap_or_else(|| id.to_owned()))
+    }
+
+    /// Appends changes under the change-log lock; fills in their seq.
+    async fn append_changes(
+        &self,
+        conn: &mut AnyConnection,
+        changes: &mut [ChangeRow],
+    ) -> StoreResult<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.db.lock_id(conn, CHANGES_LOCK).await?;
+        let before: i64 =
+            sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM seg_changes")
+                .fetch_one(&mut *conn)
+                .await?;
+        let rows: &[ChangeRow] = changes;
+        insert_many(
+            conn,
+            "seg_changes (change_id, profile_id, segment_id, cluster_index, change_type, reason, run_id, occurred_at)",
+            "",
+            8,
+            rows.len(),
+            |q, i| {
+                let c = &rows[i];
+                q.bind(c.change_id.clone())
+                    .bind(c.profile_id.clone())
+                    .bind(c.segment_id.clone())
+                    .bind(c.cluster_index)
+                    .bind(i64::from(c.change_type))
+                    .bind(i64::from(c.reason))
+                    .bind(c.run_id.clone())
+                    .bind(c.occurred_at)
+            },
+        )
+        .await?;
+        // Under the lock the new rows are exactly the seqs after `before`, in insertion order.
+        let ids: Vec<(i64, String)> =
+            sqlx::query_as("SELECT seq, change_id FROM seg_changes WHERE seq > $1 ORDER BY seq")
+                .bind(before)
+                .fetch_all(&mut *conn)
+                .await?;
+        let by_id: HashMap<String, i64> = ids.into_iter().map(|(s, c)| (c, s)).collect();
+        for c in changes.iter_mut() {
+            c.seq = by_id.get(&c.change_id).copied().unwrap_or(0);
+        }
+        Ok(())
+    }
+
+    async fn delete_members(
+        conn: &mut AnyConnection,
+        keys: &[(String, String)],
+    ) -> StoreResult<()> {
+        for chunk in keys.chunks(LOOKUP_CHUNK) {
+            let conds: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    format!(
+                        "(segment_id = ${} AND profile_id = ${})",
+                        2 * i + 1,
+                        2 * i + 2
+                    )
+                })
+                .collect();
+            let sql = format!("DELETE FROM seg_memberships WHERE {}", conds.join(" OR "));
+            let mut q = sqlx::query(&sql);
+            for (s, p) in chunk {
+                q = q.bind(s.clone()).bind(p.clone());
+            }
+            q.execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_members(conn: &mut AnyConnection, rows: &[MemberRow]) -> StoreResult<()> {
+        insert_many(
+            conn,
+            "seg_memberships (segment_id, profile_id, cluster_index, distance, entered_at)",
+            "",
+            5,
+            rows.len(),
+            |q, i| {
+                let m = &rows[i];
+                q.bind(m.segment_id.clone())
+                    .bind(m.profile_id.clone())
+                    .bind(m.cluster_index)
+                    .bind(m.distance)
+                    .bind(m.entered_at)
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Ends every membership of `profile` with `reason` and forgets its real-time scores.
+    async fn exit_profile(
+        conn: &mut AnyConnection,
+        profile: &str,
+        reason: pb::MembershipChangeReason,
+        now: i64,
+        out: &mut Vec<ChangeRow>,
+    ) -> StoreResult<()> {
+        let rows = sqlx::query(
+            "SELECT segment_id, profile_id, cluster_index, distance, entered_at \
+             FROM seg_memberships WHERE profile_id = $1 ORDER BY segment_id",
+        )
+        .bind(profile)
+        .fetch_all(&mut *conn)
+        .await?;
+        for r in &rows {
+            let m = member_from_row(r)?;
+            out.push(change(
+                &m.profile_id,
+                &m.segment_id,
+                m.cluster_index,
+                pb::MembershipChangeType::Exited,
+                reason,
+                "",
+                now,
+            ));
+        }
+        for sql in [
+            "DELETE FROM seg_memberships WHERE profile_id = $1",
+            "DELETE FROM seg_scores WHERE profile_id = $1",
+        ] {
+            sqlx::query(sql).bind(profile).execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
+    async fn load(&self, filter: Option<&[String]>, as_of: i64) -> StoreResult<Vec<ProfileData>> {
+        let mut data: BTreeMap<String, ProfileData> = BTreeMap::new();
+        let mut orders: HashMap<(String, String), StoredOrder> = HashMap::new();
+        let since_day = as_of.div_euclid(DAY_MICROS) - ENGAGEMENT_DAYS;
+        let chunks: Vec<Option<&[String]>> = match filter {
+            None => vec![None],
+            Some(ids) => ids.chunks(LOOKUP_CHUNK).map(Some).collect(),
+        };
+        let mut conn = self.db.pool.acquire().await?;
+        for chunk in chunks {
+            let (cond, binds): (String, Vec<String>) = match chunk {
+                None => ("1 = 1".into(), Vec::new()),
+                Some(ids) => (
+                    format!("profile_id IN ({})", placeholders(1, ids.len())),
+                    ids.to_vec(),
+                ),
+            };
+            let n = binds.len();
+
+            for row in bind_strings(
+                &format!("SELECT profile_id FROM seg_profiles WHERE {cond}"),
+                &binds,
+            )
+            .fetch_all(&mut *conn)
+            .await?
+            {
+                let id: String = row.try_get(0)?;
+                data.insert(
+                    id.clone(),
+                    ProfileData {
+                        profile_id: id,
+                        ..Default::default()
+                    },
+                );
+            }
+            for row in bind_strings(&format!(
+                "SELECT profile_id, order_id, placed_at, amount_minor, discount_minor FROM seg_orders WHERE {cond}"
+            ), &binds)
+            .fetch_all(&mut *conn)
+            .await?
+            {
+                let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+                orders.insert(
+                    key,
+                    StoredOrder {
+                        placed_at: row.try_get(2)?,
+                        amount_minor: row.try_get(3)?,
+                        discount_minor: row.try_get(4)?,
+                        refunded_minor: 0,
+                        fully_refunded: false,
+                        lines: Vec::new(),
+                    },
+                );
+            }
+            for row in bind_strings(&format!(
+                "SELECT profile_id, order_id, category, amount_minor FROM seg_order_lines WHERE {cond}"
+            ), &binds)
+            .fetch_all(&mut *conn)
+            .await?
+            {
+                let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+                if let Some(o) = orders.get_mut(&key) {
+                    o.lines.push((row.try_get(2)?, row.try_get(3)?));
+                }
+            }
+            for row in bind_strings(&format!(
+                "SELECT profile_id, order_id, CAST(SUM(amount_minor) AS BIGINT), CAST(MAX(full_refund) AS BIGINT) \
+                 FROM seg_refunds WHERE {cond} GROUP BY profile_id, order_id"
+            ), &binds)
+            .fetch_all(&mut *conn)
+            .await?
+            {
+                let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+                if let Some(o) = orders.get_mut(&key) {
+                    let amount: i64 = row.try_get(2)?;
+                    let full: i64 = row.try_get(3)?;
+                    o.refunded_minor = amount;
+                    o.fully_refunded = full != 0;
+                }
+            }
+            let eng_sql = format!(
+                "SELECT profile_id, kind, CAST(SUM(n) AS BIGINT) FROM seg_engagement \
+                 WHERE {cond} AND day > ${} GROUP BY profile_id, kind",
+                n + 1
+            );
+            for row in bind_strings(&eng_sql, &binds)
+                .bind(since_day)
+                .fetch_all(&mut *conn)
+                .await?
+            {
+                let id: String = row.try_get(0)?;
+                if let Some(d) = data.get_mut(&id) {
+                    d.engagement.insert(row.try_get(1)?, row.try_get(2)?);
+                }
+            }
+        }
+        for ((profile, _), order) in orders {
+            if let Some(d) = data.get_mut(&profile) {
+                d.orders.push(order);
+            }
+        }
+        for d in data.values_mut() {
+            d.orders.sort_by_key(|o| o.placed_at);
+        }
+        Ok(data.into_values().collect())
+    }
+
+    async fn move_facts(conn: &mut AnyConnection, from: &str, to: &str) -> StoreResult<()> {
+        let statements = [
+            "INSERT INTO seg_orders (profile_id, order_id, placed_at, amount_minor, discount_minor, converted) \
+             SELECT $1, order_id, placed_at, amount_minor, discount_minor, converted FROM seg_orders \
+             WHERE profile_id = $2 ON CONFLICT DO NOTHING",
+            "INSERT INTO seg_order_lines (profile_id, order_id, category, amount_minor) \
+             SELECT $1, order_id, category, amount_minor FROM seg_order_lines \
+             WHERE profile_id = $2 ON CONFLICT DO NOTHING",
+            "INSERT INTO seg_refunds (profile_id, refund_key, order_id, amount_minor, full_refund) \
+             SELECT $1, refund_key, order_id, amount_minor, full_refund FROM seg_refunds \
+             WHERE profile_id = $2 ON CONFLICT DO NOTHING",
+            "INSERT INTO seg_engagement (profile_id, day, kind, n) \
+             SELECT $1, day, kind, n FROM seg_engagement WHERE profile_id = $2 \
+             ON CONFLICT (profile_id, day, kind) DO UPDATE SET n = seg_engagement.n + excluded.n",
+        ];
+        for sql in statements {
+            sqlx::query(sql)
+                .bind(to)
+                .bind(from)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Self::forget(conn, from).await
+    }
+
+    async fn forget(conn: &mut AnyConnection, id: &str) -> StoreResult<()> {
+        for table in [
+            "seg_orders",
+            "seg_order_lines",
+            "seg_refunds",
+            "seg_engagement",
+            "seg_profiles",
+            "seg_scores",
+            "seg_memberships",
+        ] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE profile_id = $1"))
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn run_segment_filter(cluster: Option<i64>, next_param: usize) -> String {
+    if cluster.is_some() {
+        format!(" AND m.cluster_index = ${next_param}")
+    } else {
+        String::new()
+    }
+}
+
+#[async_trait]
+impl SegmentationStore for SqlSegmentationStore {
+    async fn feed_cursor(&self, feed: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT cursor FROM seg_feed_cursors WHERE feed = $1")
+                .bind(feed)
+                .fetch_optional(&self.db.pool)
+                .await?,
+        )
+    }
+
+    async fn apply_events(
+        &self,
+        feed: &str,
+        expected: Option<&str>,
+        cursor: &str,
+        facts: &[Fact],
+    ) -> StoreResult<BTreeSet<String>> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        self.check_cursor(conn, feed, expected, cursor).await?;
+        let mut touched = BTreeSet::new();
+        let mut aliases: HashMap<String, String> = HashMap::new();
+        for fact in facts {
+            let raw = match fact {
+                Fact::Order { profile_id, .. }
+                | Fact::Refund { profile_id, .. }
+                | Fact::Engagement { profile_id, .. }
+                | Fact::Seen { profile_id, .. } => profile_id,
+            };
+            let profile = match aliases.get(raw) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = Self::survivor(conn, raw).await?;
+                    aliases.insert(raw.clone(), p.clone());
+                    p
+                }
+            };
+            let at = match fact {
+                Fact::Order { placed_at, .. } => *placed_at,
+                Fact::Engagement { at, .. } | Fact::Seen { at, .. } => *at,
+                Fact::Refund { .. } => clientele_runtime::time::now_micros(),
+            };
+            sqlx::query(
+                "INSERT INTO seg_profiles (profile_id, first_seen) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(&profile)
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
+            match fact {
+                Fact::Order {
+                    order_id,
+                    placed_at,
+                    amount_minor,
+                    discount_minor,
+                    converted,
+                    lines,
+                    ..
+                } => {
+                    let inserted = sqlx::query(
+                        "INSERT INTO seg_orders (profile_id, order_id, placed_at, amount_minor, discount_minor, converted) \
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&profile)
+                    .bind(order_id)
+                    .bind(*placed_at)
+                    .bind(*amount_minor)
+                    .bind(*discount_minor)
+                    .bind(i64::from(*converted))
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    if inserted > 0 {
+                        for (category, amount) in lines {
+                            sqlx::query(
+                                "INSERT INTO seg_order_lines (profile_id, order_id, category, amount_minor) \
+                                 VALUES ($1, $2, $3, $4) ON CONFLICT (profile_id, order_id, category) \
+                                 DO UPDATE SET amount_minor = seg_order_lines.amount_minor + excluded.amount_minor",
+                            )
+                            .bind(&profile)
+                            .bind(order_id)
+                            .bind(category)
+                            .bind(*amount)
+                            .execute(&mut *conn)
+                            .await?;
+                        }
+                        touched.insert(profile.clone());
+                    }
+                }
+                Fact::Refund {
+                    refund_key,
+                    order_id,
+                    amount_minor,
+                    full,
+                    ..
+                } => {
+                    sqlx::query(
+                        "INSERT INTO seg_refunds (profile_id, refund_key, order_id, amount_minor, full_refund) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&profile)
+                    .bind(refund_key)
+                    .bind(order_id)
+                    .bind(*amount_minor)
+                    .bind(i64::from(*full))
+                    .execute(&mut *conn)
+                    .await?;
+                    touched.insert(profile.clone());
+                }
+                Fact::Engagement { at, kind, .. } => {
+                    sqlx::query(
+                        "INSERT INTO seg_engagement (profile_id, day, kind, n) VALUES ($1, $2, $3, 1) \
+                         ON CONFLICT (profile_id, day, kind) DO UPDATE SET n = seg_engagement.n + 1",
+                    )
+                    .bind(&profile)
+                    .bind(at.div_euclid(DAY_MICROS))
+                    .bind(kind)
+                    .execute(&mut *conn)
+                    .await?;
+                    touched.insert(profile.clone());
+                }
+                Fact::Seen { .. } => {}
+            }
+        }
+        w.tx.commit().await?;
+        Ok(touched)
+    }
+
+    async fn apply_profile_events(
+        &self,
+        feed: &str,
+        expected: Option<&str>,
+        cursor: &str,
+        events: &[ProfileEvent],
+        now: i64,
+    ) -> StoreResult<(BTreeSet<String>, Vec<ChangeRow>)> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        self.check_cursor(conn, feed, expected, cursor).await?;
+        let mut touched = BTreeSet::new();
+        let mut changes = Vec::new();
+        for event in events {
+            match event {
+                ProfileEvent::Touched(id) => {
+                    let id = Self::survivor(conn, id).await?;
+                    sqlx::query(
+                        "INSERT INTO seg_profiles (profile_id, first_seen) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&id)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await?;
+                    touched.insert(id);
+                }
+                ProfileEvent::Merged { survivor, merged } => {
+                    sqlx::query(
+                        "INSERT INTO seg_profiles (profile_id, first_seen) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(survivor)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await?;
+                    for m in merged {
+                        if m == survivor {
+                            continue;
+                        }
+                        Self::exit_profile(
+                            conn,
+                            m,
+                            pb::MembershipChangeReason::ProfileMerged,
+                            now,
+                            &mut changes,
+                        )
+                        .await?;
+                        Self::move_facts(conn, m, survivor).await?;
+                        sqlx::query(
+                            "INSERT INTO seg_aliases (merged_id, survivor_id) VALUES ($1, $2) \
+                             ON CONFLICT (merged_id) DO UPDATE SET survivor_id = excluded.survivor_id",
+                        )
+                        .bind(m)
+                        .bind(survivor)
+                        .execute(&mut *conn)
+                        .await?;
+                        sqlx::query(
+                            "UPDATE seg_aliases SET survivor_id = $1 WHERE survivor_id = $2",
+                        )
+                        .bind(survivor)
+                        .bind(m)
+                        .execute(&mut *conn)
+                        .await?;
+                        touched.remove(m);
+                    }
+                    touched.insert(survivor.clone());
+                }
+                ProfileEvent::Erased(id) => {
+                    Self::exit_profile(
+                        conn,
+                        id,
+                        pb::MembershipChangeReason::ProfileErased,
+                        now,
+                        &mut changes,
+                    )
+                    .await?;
+                    Self::forget(conn, id).await?;
+                    // The person's merged-away ids are the same person: forget them too.
+                    let mut ids: Vec<String> = sqlx::query_scalar(
+                        "SELECT merged_id FROM seg_aliases WHERE survivor_id = $1",
+                    )
+                    .bind(id)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    ids.push(id.clone());
+                    for pid in &ids {
+                        for table in ["seg_run_scores", "seg_run_members", "seg_changes"] {
+                            sqlx::query(&format!("DELETE FROM {table} WHERE profile_id = $1"))
+                                .bind(pid)
+                                .execute(&mut *conn)
+                                .await?;
+                        }
+                    }
+                    sqlx::query("DELETE FROM seg_aliases WHERE survivor_id = $1 OR merged_id = $1")
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await?;
+                    touched.remove(id);
+                }
+            }
+        }
+        self.append_changes(conn, &mut changes).await?;
+        w.tx.commit().await?;
+        Ok((touched, changes))
+    }
+
+    async fn resolve_profile(&self, profile_id: &str) -> StoreResult<Option<String>> {
+        let mut conn = self.db.pool.acquire().await?;
+        let id = Self::survivor(&mut conn, profile_id).await?;
+        let known: Option<String> =
+            sqlx::query_scalar("SELECT profile_id FROM seg_profiles WHERE profile_id = $1")
+                .bind(&id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        Ok(known)
+    }
+
+    async fn define_segment(
+        &self,
+        segment: &pb::Segment,
+        kind: i32,
+        expected_version: i64,
+        now: i64,
+    ) -> StoreResult<(SegmentRecord, bool)> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        self.db
+            .lock_keys(conn, [format!("segment:{}", segment.segment_id)])
+            .await?;
+        let def = stored_definition(segment);
+        let sql = format!("SELECT {SEGMENT_COLUMNS} FROM seg_segments WHERE segment_id = $1");
+        let existing = sqlx::query(&sql)
+            .bind(&segment.segment_id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .map(|r| segment_from_row(&r))
+            .transpose()?;
+        let created = match &existing {
+            None => {
+                if expected_version != 0 {
+                    return Err(StoreError::VersionMismatch {
+                        id: segment.segment_id.clone(),
+                        expected: expected_version,
+                        actual: 0,
+                    });
+                }
+                sqlx::query(
+                    "INSERT INTO seg_segments (segment_id, definition, kind, version, created_at, updated_at, deleted, last_run_id) \
+                     VALUES ($1, $2, $3, 1, $4, $5, 0, '')",
+                )
+                .bind(&segment.segment_id)
+                .bind(&def)
+                .bind(i64::from(kind))
+                .bind(now)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+                true
+            }
+            Some(e) if e.deleted => {
+                return Err(StoreError::SegmentDeleted(segment.segment_id.clone()));
+            }
+            Some(e) => {
+                if expected_version != 0 && e.version != expected_version {
+                    return Err(StoreError::VersionMismatch {
+                        id: segment.segment_id.clone(),
+                        expected: expected_version,
+                        actual: e.version,
+                    });
+                }
+                if stored_definition(&e.segment) != def {
+                    sqlx::query(
+                        "UPDATE seg_segments SET definition = $1, kind = $2, version = version + 1, \
+                         updated_at = $3, last_run_id = '' WHERE segment_id = $4",
+                    )
+                    .bind(&def)
+                    .bind(i64::from(kind))
+                    .bind(now)
+                    .bind(&segment.segment_id)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                false
+            }
+        };
+        let row = sqlx::query(&sql)
+            .bind(&segment.segment_id)
+            .fetch_one(&mut *conn)
+            .await?;
+        let record = segment_from_row(&row)?;
+        w.tx.commit().await?;
+        Ok((record, created))
+    }
+
+    async fn get_segment(&self, id: &str) -> StoreResult<SegmentRecord> {
+        let sql = format!("SELECT {SEGMENT_COLUMNS} FROM seg_segments WHERE segment_id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.db.pool)
+            .await?
+            .ok_or_else(|| StoreError::SegmentNotFound(id.to_owned()))?;
+        segment_from_row(&row)
+    }
+
+    async fn list_segments(
+        &self,
+        kinds: &[i32],
+        after: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<SegmentRecord>> {
+        let mut sql = format!(
+            "SELECT {SEGMENT_COLUMNS} FROM seg_segments WHERE deleted = 0 AND segment_id > $1"
+        );
+        if !kinds.is_empty() {
+            sql.push_str(&format!(" AND kind IN ({})", placeholders(2, kinds.len())));
+        }
+        sql.push_str(&format!(
+            " ORDER BY segment_id LIMIT CAST(${} AS BIGINT)",
+            kinds.len() + 2
+        ));
+        let mut q = sqlx::query(&sql).bind(after);
+        for k in kinds {
+            q = q.bind(i64::from(*k));
+        }
+        q.bind(limit)
+            .fetch_all(&self.db.pool)
+            .await?
+            .iter()
+            .map(segment_from_row)
+            .collect()
+    }
+
+    async fn live_segments(&self) -> StoreResult<Vec<SegmentRecord>> {
+        self.list_segments(&[], "", i64::MAX).await
+    }
+
+    async fn segment_sizes(&self, ids: &[String]) -> StoreResult<HashMap<String, i64>> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(LOOKUP_CHUNK) {
+            let sql = format!(
+                "SELECT segment_id, CAST(COUNT(*) AS BIGINT) FROM seg_memberships \
+                 WHERE segment_id IN ({}) GROUP BY segment_id",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            out.extend(q.fetch_all(&self.db.pool).await?);
+        }
+        Ok(out)
+    }
+
+    async fn delete_segment(&self, id: &str, now: i64) -> StoreResult<Vec<ChangeRow>> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        self.db.lock_keys(conn, [format!("segment:{id}")]).await?;
+        let deleted: Option<i64> =
+            sqlx::query_scalar("SELECT deleted FROM seg_segments WHERE segment_id = $1")
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        match deleted {
+            None => return Err(StoreError::SegmentNotFound(id.to_owned())),
+            Some(d) if d != 0 => return Ok(Vec::new()),
+            Some(_) => {}
+        }
+        let rows = sqlx::query(
+            "SELECT segment_id, profile_id, cluster_index, distance, entered_at \
+             FROM seg_memberships WHERE segment_id = $1 ORDER BY profile_id",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut changes = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let m = member_from_row(r)?;
+            changes.push(change(
+                &m.profile_id,
+                id,
+                m.cluster_index,
+                pb::MembershipChangeType::Exited,
+                pb::MembershipChangeReason::SegmentDeleted,
+                "",
+                now,
+            ));
+        }
+        sqlx::query("DELETE FROM seg_memberships WHERE segment_id = $1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("UPDATE seg_segments SET deleted = 1, updated_at = $1 WHERE segment_id = $2")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        self.append_changes(conn, &mut changes).await?;
+        w.tx.commit().await?;
+        Ok(changes)
+    }
+
+    async fn start_run(&self, run: &RunRecord) -> StoreResult<(RunRecord, bool)> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        self.db.lock_id(conn, RUN_LOCK).await?;
+        let sql = format!("SELECT {RUN_COLUMNS} FROM seg_runs WHERE idempotency_key = $1");
+        if let Some(row) = sqlx::query(&sql)
+            .bind(&run.idempotency_key)
+            .fetch_optional(&mut *conn)
+            .await?
+        {
+            return Ok((run_from_row(&row)?, false));
+        }
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM seg_runs WHERE state IN ($1, $2) ORDER BY created_at LIMIT 1"
+        );
+        if let Some(row) = sqlx::query(&sql)
+            .bind(pb::RecomputeState::Pending as i64)
+            .bind(pb::RecomputeState::Running as i64)
+            .fetch_optional(&mut *conn)
+            .await?
+        {
+            return Ok((run_from_row(&row)?, false));
+        }
+        sqlx::query(
+            "INSERT INTO seg_runs (run_id, idempotency_key, requested_by, state, phase, processed, total, \
+             created_at, error_message, outputs, changes_cursor, model) \
+             VALUES ($1, $2, $3, $4, 0, 0, 0, $5, '', '', '', '')",
+        )
+        .bind(&run.run_id)
+        .bind(&run.idempotency_key)
+        .bind(&run.requested_by)
+        .bind(pb::RecomputeState::Pending as i64)
+        .bind(run.created_at)
+        .execute(&mut *conn)
+        .await?;
+        w.tx.commit().await?;
+        Ok((self.get_run(&run.run_id).await?, true))
+    }
+
+    async fn run_progress(
+        &self,
+        run_id: &str,
+        phase: i32,
+        processed: i64,
+        total: i64,
+        now: i64,
+        data_as_of: Option<i64>,
+    ) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE seg_runs SET state = $1, phase = $2, processed = $3, total = $4, \
+             start_time = COALESCE(start_time, $5), data_as_of = COALESCE($6, data_as_of) \
+             WHERE run_id = $7",
+        )
+        .bind(pb::RecomputeState::Running as i64)
+        .bind(i64::from(phase))
+        .bind(processed)
+        .bind(total)
+        .bind(now)
+        .bind(data_as_of)
+        .bind(run_id)
+        .execute(&mut *w.tx)
+        .await?;
+        w.tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fail_run(&self, run_id: &str, message: &str, now: i64) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE seg_runs SET state = $1, error_message = $2, finish_time = $3 WHERE run_id = $4",
+        )
+        .bind(pb::RecomputeState::Failed as i64)
+        .bind(message)
+        .bind(now)
+        .bind(run_id)
+        .execute(&mut *w.tx)
+        .await?;
+        w.tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fail_interrupted_runs(&self, now: i64) -> StoreResult<u64> {
+        let mut w = self.begin_write().await?;
+        let n = sqlx::query(
+            "UPDATE seg_runs SET state = $1, error_message = 'interrupted by a restart', \
+             finish_time = $2 WHERE state IN ($3, $4)",
+        )
+        .bind(pb::RecomputeState::Failed as i64)
+        .bind(now)
+        .bind(pb::RecomputeState::Pending as i64)
+        .bind(pb::RecomputeState::Running as i64)
+        .execute(&mut *w.tx)
+        .await?
+        .rows_affected();
+        w.tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn get_run(&self, run_id: &str) -> StoreResult<RunRecord> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM seg_runs WHERE run_id = $1");
+        let row = sqlx::query(&sql)
+            .bind(run_id)
+            .fetch_optional(&self.db.pool)
+            .await?
+            .ok_or_else(|| StoreError::RunNotFound(run_id.to_owned()))?;
+        run_from_row(&row)
+    }
+
+    async fn list_runs(
+        &self,
+        states: &[i32],
+        before: Option<(i64, String)>,
+        limit: i64,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let mut sql = format!("SELECT {RUN_COLUMNS} FROM seg_runs WHERE 1 = 1");
+        let mut p = 1;
+        if before.is_some() {
+            sql.push_str(" AND (created_at < $1 OR (created_at = $2 AND run_id < $3))");
+            p = 4;
+        }
+        if !states.is_empty() {
+            sql.push_str(&format!(
+                " AND state IN ({})",
+                placeholders(p, states.len())
+            ));
+            p += states.len();
+        }
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, run_id DESC LIMIT CAST(${p} AS BIGINT)"
+        ));
+        let mut q = sqlx::query(&sql);
+        if let Some((at, id)) = before {
+            q = q.bind(at).bind(at).bind(id);
+        }
+        for s in states {
+            q = q.bind(i64::from(*s));
+        }
+        q.bind(limit)
+            .fetch_all(&self.db.pool)
+            .await?
+            .iter()
+            .map(run_from_row)
+            .collect()
+    }
+
+    async fn latest_run(&self) -> StoreResult<Option<RunRecord>> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM seg_runs WHERE state = $1 \
+             ORDER BY finish_time DESC, run_id DESC LIMIT 1"
+        );
+        sqlx::query(&sql)
+            .bind(pb::RecomputeState::Succeeded as i64)
+            .fetch_optional(&self.db.pool)
+            .await?
+            .map(|r| run_from_row(&r))
+            .transpose()
+    }
+
+    async fn publish_run(&self, p: RunPublication) -> StoreResult<RunRecord> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        self.db.lock_id(conn, CHANGES_LOCK).await?;
+        // Current memberships of the evaluated segments, diffed against the run's.
+        let mut current: HashMap<(String, String), MemberRow> = HashMap::new();
+        let ids: Vec<String> = p.segments.iter().map(|(s, _)| s.clone()).collect();
+        for chunk in ids.chunks(LOOKUP_CHUNK) {
+            let sql = format!(
+                "SELECT segment_id, profile_id, cluster_index, distance, entered_at \
+                 FROM seg_memberships WHERE segment_id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                let m = member_from_row(&r)?;
+                current.insert((m.segment_id.clone(), m.profile_id.clone()), m);
+            }
+        }
+        let (deletes, inserts, mut changes) = diff_memberships(
+            &current,
+            &p.members,
+            pb::MembershipChangeReason::Recompute,
+            &p.run_id,
+            p.now,
+        );
+        Self::delete_members(conn, &deletes).await?;
+        Self::insert_members(conn, &inserts).await?;
+        // Distances of stayers are refreshed in bulk only for CLUSTER segments; skipped here
+        // (the run snapshot holds the assignment; distance is informational).
+        self.append_changes(conn, &mut changes).await?;
+        let scores = &p.scores;
+        insert_many(
+            conn,
+            &format!("seg_run_scores (run_id, {SCORE_COLUMNS})"),
+            "",
+            15,
+            scores.len(),
+            |q, i| bind_score(q.bind(p.run_id.clone()), &scores[i]),
+        )
+        .await?;
+        let members = &p.members;
+        insert_many(
+            conn,
+            "seg_run_members (run_id, segment_id, profile_id, cluster_index)",
+            "",
+            4,
+            members.len(),
+            |q, i| {
+                let m = &members[i];
+                q.bind(p.run_id.clone())
+                    .bind(m.segment_id.clone())
+                    .bind(m.profile_id.clone())
+                    .bind(m.cluster_index)
+            },
+        )
+        .await?;
+        sqlx::query("DELETE FROM seg_scores WHERE scored_at <= $1")
+            .bind(p.now)
+            .execute(&mut *conn)
+            .await?;
+        for (id, version) in &p.segments {
+            sqlx::query(
+                "UPDATE seg_segments SET last_run_id = $1 WHERE segment_id = $2 AND version = $3",
+            )
+            .bind(&p.run_id)
+            .bind(id)
+            .bind(*version)
+            .execute(&mut *conn)
+            .await?;
+        }
+        let entered = changes
+            .iter()
+            .filter(|c| c.change_type == pb::MembershipChangeType::Entered as i32)
+            .count();
+        let mut outputs = p.outputs.clone();
+        outputs.entered = i64::try_from(entered).unwrap_or(i64::MAX);
+        outputs.exited = i64::try_from(changes.len() - entered).unwrap_or(i64::MAX);
+        let end: i64 =
+            sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM seg_changes")
+                .fetch_one(&mut *conn)
+                .await?;
+        let model = serde_json::to_string(&p.model).map_err(corrupt)?;
+        sqlx::query(
+            "UPDATE seg_runs SET state = $1, phase = $2, finish_time = $3, outputs = $4, \
+             changes_cursor = $5, model = $6 WHERE run_id = $7",
+        )
+        .bind(pb::RecomputeState::Succeeded as i64)
+        .bind(pb::RecomputePhase::Publishing as i64)
+        .bind(p.now)
+        .bind(hex::encode(outputs.encode_to_vec()))
+        .bind(crate::service::change_cursor(end))
+        .bind(model)
+        .bind(&p.run_id)
+        .execute(&mut *conn)
+        .await?;
+        // Retention: drop snapshots of succeeded runs beyond the newest `retained_runs`.
+        let succeeded: Vec<String> = sqlx::query_scalar(
+            "SELECT run_id FROM seg_runs WHERE state = $1 ORDER BY finish_time DESC, run_id DESC",
+        )
+        .bind(pb::RecomputeState::Succeeded as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+        let keep = usize::try_from(p.retained_runs).unwrap_or(usize::MAX);
+        let old = succeeded.into_iter().skip(keep);
+        for run in old {
+            for table in ["seg_run_scores", "seg_run_members"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE run_id = $1"))
+                    .bind(&run)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+        w.tx.commit().await?;
+        self.get_run(&p.run_id).await
+    }
+
+    async fn load_all_profiles(&self, as_of: i64) -> StoreResult<Vec<ProfileData>> {
+        self.load(None, as_of).await
+    }
+
+    async fn load_profiles(&self, ids: &[String], as_of: i64) -> StoreResult<Vec<ProfileData>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.load(Some(ids), as_of).await
+    }
+
+    async fn run_lifecycles(&self, run_id: &str) -> StoreResult<HashMap<String, (i64, i64)>> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT profile_id, lifecycle, lifecycle_since FROM seg_run_scores \
+             WHERE run_id = $1 AND lifecycle IS NOT NULL AND lifecycle_since IS NOT NULL",
+        )
+        .bind(run_id)
+        .fetch_all(&self.db.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(p, l, s)| (p, (l, s))).collect())
+    }
+
+    async fn memberships_of(&self, profile_ids: &[String]) -> StoreResult<Vec<MemberRow>> {
+        let mut out = Vec::new();
+        for chunk in profile_ids.chunks(LOOKUP_CHUNK) {
+            let sql = format!(
+                "SELECT m.segment_id, m.profile_id, m.cluster_index, m.distance, m.entered_at \
+                 FROM seg_memberships m JOIN seg_segments s ON s.segment_id = m.segment_id \
+                 WHERE s.deleted = 0 AND m.profile_id IN ({}) ORDER BY m.profile_id, m.segment_id",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            for r in q.fetch_all(&self.db.pool).await? {
+                out.push(member_from_row(&r)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn apply_realtime(
+        &self,
+        run_id: &str,
+        scores: &[ScoreRow],
+        segments: &[String],
+        members: &[MemberRow],
+        now: i64,
+    ) -> StoreResult<Vec<ChangeRow>> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        self.db.lock_id(conn, CHANGES_LOCK).await?;
+        let profiles: Vec<String> = scores.iter().map(|s| s.profile_id.clone()).collect();
+        let segs: BTreeSet<&String> = segments.iter().collect();
+        let mut current: HashMap<(String, String), MemberRow> = HashMap::new();
+        for chunk in profiles.chunks(LOOKUP_CHUNK) {
+            let sql = format!(
+                "SELECT segment_id, profile_id, cluster_index, distance, entered_at \
+                 FROM seg_memberships WHERE profile_id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                let m = member_from_row(&r)?;
+                if segs.contains(&m.segment_id) {
+                    current.insert((m.segment_id.clone(), m.profile_id.clone()), m);
+                }
+            }
+        }
+        let (deletes, inserts, mut changes) = diff_memberships(
+            &current,
+            members,
+            pb::MembershipChangeReason::Realtime,
+            "",
+            now,
+        );
+        Self::delete_members(conn, &deletes).await?;
+        Self::insert_members(conn, &inserts).await?;
+        self.append_changes(conn, &mut changes).await?;
+        for chunk in profiles.chunks(LOOKUP_CHUNK) {
+            let sql = format!(
+                "DELETE FROM seg_scores WHERE profile_id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            q.execute(&mut *conn).await?;
+        }
+        insert_many(
+            conn,
+            &format!("seg_scores (run_id, scored_at, {SCORE_COLUMNS})"),
+            "",
+            16,
+            scores.len(),
+            |q, i| bind_score(q.bind(run_id.to_owned()).bind(now), &scores[i]),
+        )
+        .await?;
+        w.tx.commit().await?;
+        Ok(changes)
+    }
+
+    async fn profile_scores(
+        &self,
+        profile_id: &str,
+    ) -> StoreResult<Option<(ScoreRow, String, i64)>> {
+        let sql = format!(
+            "SELECT run_id, scored_at, {SCORE_COLUMNS} FROM seg_scores WHERE profile_id = $1"
+        );
+        if let Some(row) = sqlx::query(&sql)
+            .bind(profile_id)
+            .fetch_optional(&self.db.pool)
+            .await?
+        {
+            return Ok(Some((
+                score_from_row(&row)?,
+                row.try_get("run_id")?,
+                row.try_get("scored_at")?,
+            )));
+        }
+        let Some(run) = self.latest_run().await? else {
+            return Ok(None);
+        };
+        let sql = format!(
+            "SELECT {SCORE_COLUMNS} FROM seg_run_scores WHERE run_id = $1 AND profile_id = $2"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&run.run_id)
+            .bind(profile_id)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        row.map(|r| {
+            Ok((
+                score_from_row(&r)?,
+                run.run_id.clone(),
+                run.finish_time.unwrap_or(0),
+            ))
+        })
+        .transpose()
+    }
+
+    async fn run_members(
+        &self,
+        run_id: &str,
+        segment_id: &str,
+        cluster: Option<i64>,
+        after_profile: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<(String, i64)>> {
+        let sql = format!(
+            "SELECT m.profile_id, m.cluster_index FROM seg_run_members m WHERE m.run_id = $1 \
+             AND m.segment_id = $2 AND m.profile_id > $3{} ORDER BY m.profile_id LIMIT CAST(${} AS BIGINT)",
+            run_segment_filter(cluster, 4),
+            if cluster.is_some() { 5 } else { 4 }
+        );
+        let mut q = sqlx::query_as(&sql)
+            .bind(run_id)
+            .bind(segment_id)
+            .bind(after_profile);
+        if let Some(c) = cluster {
+            q = q.bind(c);
+        }
+        Ok(q.bind(limit).fetch_all(&self.db.pool).await?)
+    }
+
+    async fn run_member_count(
+        &self,
+        run_id: &str,
+        segment_id: &str,
+        cluster: Option<i64>,
+    ) -> StoreResult<i64> {
+        let sql = format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM seg_run_members m WHERE m.run_id = $1 AND m.segment_id = $2{}",
+            run_segment_filter(cluster, 3)
+        );
+        let mut q = sqlx::query_scalar(&sql).bind(run_id).bind(segment_id);
+        if let Some(c) = cluster {
+            q = q.bind(c);
+        }
+        Ok(q.fetch_one(&self.db.pool).await?)
+    }
+
+    async fn run_retained(&self, run_id: &str) -> StoreResult<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM seg_run_scores WHERE run_id = $1 LIMIT 1) x",
+        )
+        .bind(run_id)
+        .fetch_one(&self.db.pool)
+        .await?;
+        let m: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM seg_run_members WHERE run_id = $1 LIMIT 1) x",
+        )
+        .bind(run_id)
+        .fetch_one(&self.db.pool)
+        .await?;
+        Ok(n + m > 0)
+    }
+
+    async fn run_summary(
+        &self,
+        run_id: &str,
+        segment_id: &str,
+        cluster: Option<i64>,
+    ) -> StoreResult<SummaryRow> {
+        let sql = format!(
+            "SELECT CAST(COUNT(*) AS BIGINT), CAST(COUNT(s.r) AS BIGINT), \
+             CAST(COALESCE(AVG(s.r), 0) AS DOUBLE PRECISION), CAST(COALESCE(AVG(s.f), 0) AS DOUBLE PRECISION), \
+             CAST(COALESCE(AVG(s.m), 0) AS DOUBLE PRECISION), CAST(COALESCE(AVG(s.recency_days), 0) AS DOUBLE PRECISION), \
+             CAST(COALESCE(AVG(s.frequency), 0) AS DOUBLE PRECISION), CAST(COALESCE(SUM(s.monetary_minor), 0) AS BIGINT), \
+             CAST(COUNT(s.clv) AS BIGINT), CAST(COALESCE(AVG(s.clv), 0) AS DOUBLE PRECISION), \
+             CAST(COALESCE(AVG(s.p_alive), 0) AS DOUBLE PRECISION) \
+             FROM seg_run_members m LEFT JOIN seg_run_scores s ON s.run_id = m.run_id AND s.profile_id = m.profile_id \
+             WHERE m.run_id = $1 AND m.segment_id = $2{}",
+            run_segment_filter(cluster, 3)
+        );
+        let mut q = sqlx::query(&sql).bind(run_id).bind(segment_id);
+        if let Some(c) = cluster {
+            q = q.bind(c);
+        }
+        let r = q.fetch_one(&self.db.pool).await?;
+        Ok(SummaryRow {
+            size: r.try_get(0)?,
+            scored: r.try_get(1)?,
+            mean_rfm: (r.try_get(2)?, r.try_get(3)?, r.try_get(4)?),
+            mean_recency_days: r.try_get(5)?,
+            mean_frequency: r.try_get(6)?,
+            revenue: r.try_get(7)?,
+            predicted: r.try_get(8)?,
+            mean_clv: r.try_get(9)?,
+            mean_p_alive: r.try_get(10)?,
+        })
+    }
+
+    async fn run_totals(&self, run_id: &str) -> StoreResult<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(monetary_minor), 0) AS BIGINT) \
+             FROM seg_run_scores WHERE run_id = $1 AND r IS NOT NULL",
+        )
+        .bind(run_id)
+        .fetch_one(&self.db.pool)
+        .await?)
+    }
+
+    async fn run_score_groups(
+        &self,
+        run_id: &str,
+        dimension: &str,
+    ) -> StoreResult<HashMap<String, String>> {
+        let sql = if dimension == "rfm" {
+            "SELECT profile_id, rfm_name FROM seg_run_scores WHERE run_id = $1 AND rfm_name IS NOT NULL"
+        } else {
+            "SELECT profile_id, CAST(lifecycle AS TEXT) FROM seg_run_scores WHERE run_id = $1 AND lifecycle IS NOT NULL"
+        };
+        let rows: Vec<(String, String)> = sqlx::query_as(sql)
+            .bind(run_id)
+            .fetch_all(&self.db.pool)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn run_member_rows(
+        &self,
+        run_id: &str,
+        segments: &[String],
+    ) -> StoreResult<Vec<(String, String, i64)>> {
+        let sql = format!(
+            "SELECT profile_id, segment_id, cluster_index FROM seg_run_members \
+             WHERE run_id = $1 AND segment_id IN ({})",
+            placeholders(2, segments.len())
+        );
+        let mut q = sqlx::query_as(&sql).bind(run_id);
+        for s in segments {
+            q = q.bind(s.clone());
+        }
+        Ok(q.fetch_all(&self.db.pool).await?)
+    }
+
+    async fn changes_after(&self, seq: i64, limit: i64) -> StoreResult<Vec<ChangeRow>> {
+        sqlx::query(
+            "SELECT seq, change_id, profile_id, segment_id, cluster_index, change_type, reason, run_id, occurred_at \
+             FROM seg_changes WHERE seq > $1 ORDER BY seq LIMIT CAST($2 AS BIGINT)",
+        )
+        .bind(seq)
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?
+        .iter()
+        .map(change_from_row)
+        .collect()
+    }
+
+    async fn changes_end(&self) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM seg_changes")
+                .fetch_one(&self.db.pool)
+                .await?,
+        )
+    }
+}

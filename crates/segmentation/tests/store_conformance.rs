@@ -1,0 +1,461 @@
+//! The store conformance suite: every test runs against PostgreSQL and against SQLite, so the
+//! embedded default behaves exactly like production.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use clientele_proto::v1 as pb;
+use clientele_runtime::db::{self, DatabaseTarget};
+use clientele_runtime::testing;
+use clientele_segmentation::scoring::RunModel;
+use clientele_segmentation::store::{
+    Fact, MemberRow, ProfileEvent, RunPublication, RunRecord, ScoreRow, SegmentationStore,
+    SqlSegmentationStore, StoreError,
+};
+use clientele_segmentation::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+const T0: i64 = 1_700_000_000_000_000;
+const DAY: i64 = 86_400_000_000;
+
+#[derive(Debug, Clone, Copy)]
+enum Engine {
+    Postgres,
+    Sqlite,
+}
+
+struct Fixture {
+    store: SqlSegmentationStore,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture(engine: Engine) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let target = match engine {
+        Engine::Postgres => DatabaseTarget::Postgres {
+            url: testing::postgres_url(),
+            schema: testing::unique_schema("segmentation"),
+        },
+        Engine::Sqlite => DatabaseTarget::Sqlite {
+            path: dir.path().join("segmentation.db"),
+        },
+    };
+    let database = db::open(
+        &target,
+        4,
+        &POSTGRES_MIGRATIONS,
+        &SQLITE_MIGRATIONS,
+        "segmentation",
+    )
+    .await
+    .expect("database (is PostgreSQL running?)");
+    Fixture {
+        store: SqlSegmentationStore::new(database),
+        _dir: dir,
+    }
+}
+
+fn order(profile: &str, id: &str, at: i64, amount: i64) -> Fact {
+    Fact::Order {
+        profile_id: profile.into(),
+        order_id: id.into(),
+        placed_at: at,
+        amount_minor: amount,
+        discount_minor: 0,
+        converted: true,
+        lines: vec![("books".into(), amount)],
+    }
+}
+
+fn rule_segment(id: &str, expression: &str) -> pb::Segment {
+    pb::Segment {
+        segment_id: id.into(),
+        display_name: id.into(),
+        definition: Some(pb::segment::Definition::Rule(pb::RuleDefinition {
+            expression: expression.into(),
+        })),
+        ..Default::default()
+    }
+}
+
+fn run(id: &str, key: &str) -> RunRecord {
+    RunRecord {
+        run_id: id.into(),
+        idempotency_key: key.into(),
+        requested_by: "test".into(),
+        state: pb::RecomputeState::Pending as i32,
+        phase: 0,
+        processed: 0,
+        total: 0,
+        created_at: T0,
+        start_time: None,
+        finish_time: None,
+        error_message: String::new(),
+        data_as_of: None,
+        outputs: None,
+        changes_cursor: String::new(),
+        model: None,
+    }
+}
+
+fn member(segment: &str, profile: &str) -> MemberRow {
+    MemberRow {
+        segment_id: segment.into(),
+        profile_id: profile.into(),
+        cluster_index: -1,
+        distance: None,
+        entered_at: 0,
+    }
+}
+
+fn publication(run_id: &str, members: Vec<MemberRow>, now: i64) -> RunPublication {
+    RunPublication {
+        run_id: run_id.into(),
+        scores: vec![ScoreRow {
+            profile_id: "p1".into(),
+            rfm: Some((5, 4, 3)),
+            rfm_name: Some("Champions".into()),
+            frequency: Some(3),
+            monetary_minor: Some(900),
+            ..Default::default()
+        }],
+        members,
+        segments: vec![("vip".into(), 1)],
+        outputs: pb::RecomputeOutputs::default(),
+        model: RunModel::default(),
+        now,
+        retained_runs: 10,
+    }
+}
+
+macro_rules! conformance {
+    ($engine:expr) => {
+        use super::*;
+
+        #[tokio::test]
+        async fn events_are_folded_once_and_refunds_apply_to_later_orders() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let facts = vec![
+                Fact::Refund {
+                    profile_id: "p1".into(),
+                    refund_key: "web/r1".into(),
+                    order_id: "o1".into(),
+                    amount_minor: 300,
+                    full: false,
+                },
+                order("p1", "o1", T0, 1000),
+                order("p1", "o1", T0 + DAY, 5000),
+                Fact::Engagement {
+                    profile_id: "p1".into(),
+                    at: T0,
+                    kind: "page_viewed".into(),
+                },
+            ];
+            let touched = s
+                .apply_events("ingest", None, "log:4", &facts)
+                .await
+                .unwrap();
+            assert!(touched.contains("p1"));
+            // A second consumer that read after the old cursor cannot apply the batch again.
+            let again = s.apply_events("ingest", None, "log:4", &facts).await;
+            assert!(matches!(again, Err(StoreError::CursorMoved(_))));
+            assert_eq!(
+                s.feed_cursor("ingest").await.unwrap().as_deref(),
+                Some("log:4")
+            );
+            let data = s.load_profiles(&["p1".into()], T0 + DAY).await.unwrap();
+            assert_eq!(data.len(), 1);
+            assert_eq!(data[0].orders.len(), 1, "the first order event wins");
+            assert_eq!(data[0].orders[0].amount_minor, 1000);
+            assert_eq!(data[0].orders[0].refunded_minor, 300);
+            assert_eq!(data[0].orders[0].lines, vec![("books".to_owned(), 1000)]);
+            assert_eq!(data[0].engagement.get("page_viewed"), Some(&1));
+        }
+
+        #[tokio::test]
+        async fn segment_versions_follow_changes_and_deleted_ids_are_never_reused() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let kind = pb::SegmentKind::Rule as i32;
+            let (a, created) = s
+                .define_segment(&rule_segment("vip", "orders > 1"), kind, 0, T0)
+                .await
+                .unwrap();
+            assert!(created);
+            assert_eq!(a.version, 1);
+            let (b, created) = s
+                .define_segment(&rule_segment("vip", "orders > 1"), kind, 1, T0)
+                .await
+                .unwrap();
+            assert!(!created);
+            assert_eq!(b.version, 1, "an unchanged definition keeps its version");
+            let (c, _) = s
+                .define_segment(&rule_segment("vip", "orders > 2"), kind, 0, T0)
+                .await
+                .unwrap();
+            assert_eq!(c.version, 2);
+            let stale = s
+                .define_segment(&rule_segment("vip", "orders > 3"), kind, 1, T0)
+                .await;
+            assert!(matches!(
+                stale,
+                Err(StoreError::VersionMismatch { actual: 2, .. })
+            ));
+            let create_with_version = s
+                .define_segment(&rule_segment("new", "orders > 3"), kind, 4, T0)
+                .await;
+            assert!(matches!(
+                create_with_version,
+                Err(StoreError::VersionMismatch { actual: 0, .. })
+            ));
+            s.delete_segment("vip", T0).await.unwrap();
+            assert!(
+                s.delete_segment("vip", T0).await.unwrap().is_empty(),
+                "idempotent"
+            );
+            let reuse = s
+                .define_segment(&rule_segment("vip", "orders > 1"), kind, 0, T0)
+                .await;
+            assert!(matches!(reuse, Err(StoreError::SegmentDeleted(_))));
+            assert!(matches!(
+                s.delete_segment("never", T0).await,
+                Err(StoreError::SegmentNotFound(_))
+            ));
+            assert!(s.live_segments().await.unwrap().is_empty());
+        }
+
+        #[tokio::test]
+        async fn at_most_one_run_is_active_and_keys_are_idempotent() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let r1 = "00000000-0000-4000-8000-000000000001";
+            let (a, created) = s.start_run(&run(r1, "k1")).await.unwrap();
+            assert!(created);
+            assert_eq!(a.state, pb::RecomputeState::Pending as i32);
+            let (b, created) = s
+                .start_run(&run("00000000-0000-4000-8000-000000000002", "k2"))
+                .await
+                .unwrap();
+            assert!(!created);
+            assert_eq!(b.run_id, r1, "the active run is returned");
+            s.fail_run(r1, "boom", T0).await.unwrap();
+            let (c, created) = s
+                .start_run(&run("00000000-0000-4000-8000-000000000003", "k1"))
+                .await
+                .unwrap();
+            assert!(!created);
+            assert_eq!(c.run_id, r1, "the key's run is returned");
+            assert_eq!(c.error_message, "boom");
+            let (d, created) = s
+                .start_run(&run("00000000-0000-4000-8000-000000000004", "k4"))
+                .await
+                .unwrap();
+            assert!(created);
+            assert_eq!(s.fail_interrupted_runs(T0).await.unwrap(), 1);
+            assert_eq!(
+                s.get_run(&d.run_id).await.unwrap().state,
+                pb::RecomputeState::Failed as i32
+            );
+            assert!(matches!(
+                s.get_run("nope").await,
+                Err(StoreError::RunNotFound(_))
+            ));
+        }
+
+        #[tokio::test]
+        async fn publishing_runs_diffs_memberships_into_ordered_changes() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let kind = pb::SegmentKind::Rule as i32;
+            s.define_segment(&rule_segment("vip", "orders > 1"), kind, 0, T0)
+                .await
+                .unwrap();
+            let r1 = "00000000-0000-4000-8000-000000000001";
+            s.start_run(&run(r1, "k1")).await.unwrap();
+            let done = s
+                .publish_run(publication(
+                    r1,
+                    vec![member("vip", "p1"), member("vip", "p2")],
+                    T0 + 1,
+                ))
+                .await
+                .unwrap();
+            assert_eq!(done.state, pb::RecomputeState::Succeeded as i32);
+            assert_eq!(done.outputs.as_ref().unwrap().entered, 2);
+            assert_eq!(done.changes_cursor, "mc:2");
+            let r2 = "00000000-0000-4000-8000-000000000002";
+            s.start_run(&run(r2, "k2")).await.unwrap();
+            let done = s
+                .publish_run(publication(
+                    r2,
+                    vec![member("vip", "p2"), member("vip", "p3")],
+                    T0 + 2,
+                ))
+                .await
+                .unwrap();
+            let out = done.outputs.unwrap();
+            assert_eq!((out.entered, out.exited), (1, 1));
+            let changes = s.changes_after(0, 100).await.unwrap();
+            let seqs: Vec<i64> = changes.iter().map(|c| c.seq).collect();
+            assert_eq!(seqs, vec![1, 2, 3, 4]);
+            assert_eq!(changes[3].profile_id, "p1");
+            assert_eq!(
+                changes[3].change_type,
+                pb::MembershipChangeType::Exited as i32
+            );
+            assert_eq!(changes[3].run_id, r2);
+            assert_eq!(s.latest_run().await.unwrap().unwrap().run_id, r2);
+            assert_eq!(s.run_member_count(r1, "vip", None).await.unwrap(), 2);
+            let page = s.run_members(r2, "vip", None, "p2", 10).await.unwrap();
+            assert_eq!(page, vec![("p3".to_owned(), -1)]);
+            let sizes = s.segment_sizes(&["vip".into()]).await.unwrap();
+            assert_eq!(sizes.get("vip"), Some(&2));
+            let summary = s.run_summary(r1, "vip", None).await.unwrap();
+            assert_eq!((summary.size, summary.scored, summary.revenue), (2, 1, 900));
+            assert_eq!(s.run_totals(r1).await.unwrap(), (1, 900));
+        }
+
+        #[tokio::test]
+        async fn merges_move_facts_to_the_survivor_and_erasure_forgets_everything() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            s.apply_events(
+                "ingest",
+                None,
+                "log:2",
+                &[order("a", "o1", T0, 100), order("b", "o2", T0, 200)],
+            )
+            .await
+            .unwrap();
+            s.define_segment(
+                &rule_segment("vip", "orders > 0"),
+                pb::SegmentKind::Rule as i32,
+                0,
+                T0,
+            )
+            .await
+            .unwrap();
+            let r1 = "00000000-0000-4000-8000-000000000001";
+            s.start_run(&run(r1, "k1")).await.unwrap();
+            s.publish_run(publication(
+                r1,
+                vec![member("vip", "a"), member("vip", "b")],
+                T0,
+            ))
+            .await
+            .unwrap();
+            let (touched, changes) = s
+                .apply_profile_events(
+                    "profiles",
+                    None,
+                    "7",
+                    &[ProfileEvent::Merged {
+                        survivor: "a".into(),
+                        merged: vec!["b".into()],
+                    }],
+                    T0,
+                )
+                .await
+                .unwrap();
+            assert!(touched.contains("a"));
+            assert_eq!(changes.len(), 1);
+            assert_eq!(changes[0].profile_id, "b");
+            assert_eq!(
+                changes[0].reason,
+                pb::MembershipChangeReason::ProfileMerged as i32
+            );
+            assert_eq!(s.resolve_profile("b").await.unwrap().as_deref(), Some("a"));
+            // A late event of the merged id lands on the survivor.
+            s.apply_events(
+                "ingest",
+                Some("log:2"),
+                "log:3",
+                &[order("b", "o3", T0, 300)],
+            )
+            .await
+            .unwrap();
+            let data = s.load_profiles(&["a".into()], T0 + DAY).await.unwrap();
+            assert_eq!(data[0].orders.len(), 3);
+            let (_, changes) = s
+                .apply_profile_events(
+                    "profiles",
+                    Some("7"),
+                    "8",
+                    &[ProfileEvent::Erased("a".into())],
+                    T0,
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                changes[0].reason,
+                pb::MembershipChangeReason::ProfileErased as i32
+            );
+            assert_eq!(s.resolve_profile("a").await.unwrap(), None);
+            assert!(s.load_profiles(&["a".into()], T0).await.unwrap().is_empty());
+            assert_eq!(s.run_member_count(r1, "vip", None).await.unwrap(), 0);
+        }
+
+        #[tokio::test]
+        async fn realtime_updates_replace_only_the_evaluated_segments() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let kind = pb::SegmentKind::Rule as i32;
+            s.define_segment(&rule_segment("vip", "orders > 1"), kind, 0, T0)
+                .await
+                .unwrap();
+            s.define_segment(&rule_segment("big", "orders > 5"), kind, 0, T0)
+                .await
+                .unwrap();
+            s.apply_events("ingest", None, "log:1", &[order("p1", "o1", T0, 100)])
+                .await
+                .unwrap();
+            let score = ScoreRow {
+                profile_id: "p1".into(),
+                ..Default::default()
+            };
+            let c1 = s
+                .apply_realtime(
+                    "r",
+                    std::slice::from_ref(&score),
+                    &["vip".into(), "big".into()],
+                    &[member("vip", "p1"), member("big", "p1")],
+                    T0,
+                )
+                .await
+                .unwrap();
+            assert_eq!(c1.len(), 2);
+            let c2 = s
+                .apply_realtime(
+                    "r",
+                    std::slice::from_ref(&score),
+                    &["vip".into()],
+                    &[],
+                    T0 + 1,
+                )
+                .await
+                .unwrap();
+            assert_eq!(c2.len(), 1);
+            assert_eq!(c2[0].segment_id, "vip");
+            assert_eq!(c2[0].reason, pb::MembershipChangeReason::Realtime as i32);
+            let now: Vec<String> = s
+                .memberships_of(&["p1".into()])
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| m.segment_id)
+                .collect();
+            assert_eq!(now, vec!["big".to_owned()]);
+            let (row, run, at) = s.profile_scores("p1").await.unwrap().unwrap();
+            assert_eq!(
+                (row.profile_id.as_str(), run.as_str(), at),
+                ("p1", "r", T0 + 1)
+            );
+        }
+    };
+}
+
+mod postgres {
+    conformance!(Engine::Postgres);
+}
+
+mod sqlite {
+    conformance!(Engine::Sqlite);
+}
