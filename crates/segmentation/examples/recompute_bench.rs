@@ -74,13 +74,18 @@ async fn main() {
         let profile = format!("{:08x}-0000-4000-8000-{:012x}", p, p);
         let k = 1 + rng.gen_range(0..6) * rng.gen_range(0..2) + rng.gen_range(0..2);
         let start = rng.gen_range(0..700);
+        let gap = rng.gen_range(7..90);
+        let spend = rng.gen_range(1_500..20_000);
         for o in 0..k {
-            let days = (start - o * rng.gen_range(5..60)).max(0);
+            let days = start - o * gap;
+            if days < 0 {
+                break;
+            }
             facts.push(Fact::Order {
                 profile_id: profile.clone(),
                 order_id: format!("o{o}"),
                 placed_at: now - i64::from(days) * DAY - rng.gen_range(0..DAY),
-                amount_minor: rng.gen_range(1_000..30_000),
+                amount_minor: spend / 2 + rng.gen_range(0..spend),
                 discount_minor: 0,
                 converted: true,
                 lines: vec![(["books", "home", "toys"][o as usize % 3].into(), 1_000)],

@@ -390,10 +390,11 @@ impl Engine {
         use pb::RecomputePhase as P;
         let mut timings = Vec::new();
         let mut clock = std::time::Instant::now();
-        let mut lap = |name: &'static str, timings: &mut Vec<(&'static str, std::time::Duration)>| {
-            timings.push((name, clock.elapsed()));
-            clock = std::time::Instant::now();
-        };
+        let mut lap =
+            |name: &'static str, timings: &mut Vec<(&'static str, std::time::Duration)>| {
+                timings.push((name, clock.elapsed()));
+                clock = std::time::Instant::now();
+            };
         let as_of = now_micros();
         self.progress(run_id, P::Features, 0, 0, Some(as_of))
             .await?;
@@ -530,7 +531,12 @@ impl Engine {
         self.store.publish_run(publication).await?;
         lap("publish", &mut timings);
         self.changed.notify_waiters();
-        tracing::info!(run_id, profiles = total, ?timings, "recompute run published");
+        tracing::info!(
+            run_id,
+            profiles = total,
+            ?timings,
+            "recompute run published"
+        );
         Ok(timings)
     }
 }

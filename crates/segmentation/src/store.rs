@@ -31,6 +31,8 @@ const FEED_LOCK: i64 = 0x7365_675f_6665_6564;
 const RUN_LOCK: i64 = 0x7365_675f_7275_6e73;
 /// Bind parameters per statement (SQLite allows 32 766, PostgreSQL 65 535).
 const MAX_PARAMS: usize = 30_000;
+/// Bind parameters per multi-row INSERT on SQLite.
+const SQLITE_PARAMS: usize = 480;
 /// Ids per `IN (…)` lookup.
 const LOOKUP_CHUNK: usize = 500;
 /// Engagement window, days.
@@ -484,7 +486,14 @@ async fn insert_many<'a, F>(
 where
     F: for<'q> Fn(AnyQuery<'q>, usize) -> AnyQuery<'q>,
 {
-    let per = (MAX_PARAMS / cols).max(1);
+    // SQLite binds `$n` parameters by name lookup, which grows with the parameter count;
+    // statements of a few hundred parameters are much faster there than huge ones.
+    let max_params = if conn.backend_name() == "SQLite" {
+        SQLITE_PARAMS
+    } else {
+        MAX_PARAMS
+    };
+    let per = (max_params / cols).max(1);
     let mut start = 0;
     while start < rows {
         let end = (start + per).min(rows);
