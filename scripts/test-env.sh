@@ -11,7 +11,11 @@ set -euo pipefail
 
 scratch=$(mktemp -d -t clientele-test-XXXXXX)
 pids=()
+run_db=
 cleanup() {
+  if [ -n "$run_db" ]; then
+    psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists $run_db with (force)" >/dev/null 2>&1 || true
+  fi
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   if [ -n "${PGCTL:-}" ] && [ -d "$scratch/pg" ]; then
     as_pg "$PGCTL" -D "$scratch/pg" -m immediate stop >/dev/null 2>&1 || true
@@ -55,10 +59,12 @@ install_missing() {
 # --- PostgreSQL ---------------------------------------------------------------------------
 if [ -z "${CLIENTELE_TEST_DATABASE_URL:-}" ]; then
   if port_open 5432 && psql -h 127.0.0.1 -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1; then
-    say "reusing PostgreSQL on 127.0.0.1:5432"
-    psql -h 127.0.0.1 -U postgres -d postgres -Atc "select 1 from pg_database where datname='test'" | grep -q 1 \
-      || psql -h 127.0.0.1 -U postgres -d postgres -qc 'create database test'
-    export CLIENTELE_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test
+    # A database per run: tests create a schema each, and dropping the database at exit
+    # removes them all, so repeated runs leave nothing behind.
+    run_db="clientele_test_$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+    say "reusing PostgreSQL on 127.0.0.1:5432 (database $run_db for this run)"
+    psql -h 127.0.0.1 -U postgres -d postgres -qc "create database $run_db"
+    export CLIENTELE_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:5432/$run_db"
   else
     INITDB=$(find_pg_bin initdb || true); PGCTL=$(find_pg_bin pg_ctl || true)
     if [ -z "$INITDB" ] || [ -z "$PGCTL" ]; then
