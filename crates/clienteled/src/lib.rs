@@ -36,6 +36,67 @@ pub struct Args {
     /// Settings file (TOML). Also `CLIENTELE_CONFIG`.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Apply the schema migrations of the targeted services and exit without serving (the
+    /// Kubernetes migration Job). Idempotent: an up-to-date schema is left as it is.
+    #[arg(long)]
+    pub migrate_only: bool,
+}
+
+/// Opens (and so migrates) the database of every service `target` names, then closes it.
+/// Each service's migrations run under sqlx's PostgreSQL advisory lock, so this may race with
+/// starting replicas safely.
+async fn migrate(settings: &Settings, target: Target) -> anyhow::Result<()> {
+    use clientele_runtime::db;
+    type Migrations = (
+        Target,
+        &'static str,
+        &'static sqlx::migrate::Migrator,
+        &'static sqlx::migrate::Migrator,
+    );
+    let all: [Migrations; 5] = [
+        (
+            Target::Profiles,
+            "profiles",
+            &clientele_profiles::POSTGRES_MIGRATIONS,
+            &clientele_profiles::SQLITE_MIGRATIONS,
+        ),
+        (
+            Target::Ingest,
+            "ingest",
+            &clientele_ingest::POSTGRES_MIGRATIONS,
+            &clientele_ingest::SQLITE_MIGRATIONS,
+        ),
+        (
+            Target::Segmentation,
+            "segmentation",
+            &clientele_segmentation::POSTGRES_MIGRATIONS,
+            &clientele_segmentation::SQLITE_MIGRATIONS,
+        ),
+        (
+            Target::Offers,
+            "offers",
+            &clientele_offers::POSTGRES_MIGRATIONS,
+            &clientele_offers::SQLITE_MIGRATIONS,
+        ),
+        (
+            Target::Experiments,
+            "experiments",
+            &clientele_experiments::POSTGRES_MIGRATIONS,
+            &clientele_experiments::SQLITE_MIGRATIONS,
+        ),
+    ];
+    for (t, name, postgres, sqlite) in all {
+        if target != Target::All && target != t {
+            continue;
+        }
+        let db_target = DatabaseTarget::for_service(settings, name);
+        let database = db::open(&db_target, 1, postgres, sqlite, name)
+            .await
+            .with_context(|| format!("migrating the {name} schema"))?;
+        database.pool.close().await;
+        tracing::info!(service = name, "schema up to date");
+    }
+    Ok(())
 }
 
 /// With no tokens configured on the embedded default, creates a development token with every
@@ -88,6 +149,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &settings,
         &format!("clientele-{:?}", args.target).to_lowercase(),
     )?;
+    if args.migrate_only {
+        return migrate(&settings, args.target).await;
+    }
     ensure_tokens(&mut settings)?;
     let mut mount = Mount::default();
     let wants = |t: Target| args.target == Target::All || args.target == t;
