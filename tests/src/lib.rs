@@ -4,6 +4,8 @@
 //!
 //! The binaries must be built first (`make test` does: `cargo build -p clienteled -p clientele`).
 
+pub mod story;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

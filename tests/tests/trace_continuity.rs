@@ -110,11 +110,12 @@ async fn one_ingest_call_is_one_trace_across_ingest_and_profiles() {
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut request = tonic::Request::new(pb::IngestBatchRequest {
         events: events.clone(),
-        ..Default::default()
     });
     request.metadata_mut().insert(
         "traceparent",
-        format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap(),
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
     );
     let reply = IngestServiceClient::new(ingest.channel())
         .ingest_batch(request)
