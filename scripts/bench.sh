@@ -11,7 +11,8 @@
 #                                (default postgres://postgres@127.0.0.1:5432/test)
 #   CLIENTELE_TEST_REDIS_URL     Redis (default redis://127.0.0.1:6379)
 #   CARGO_TARGET_DIR             where binaries are built (default target/)
-#   BENCH_JSON_OUT               JSON lines appended here (default <target>/bench/results.jsonl)
+#   BENCH_JSON_OUT               JSON lines appended here (default <target>/bench/run-<time>.jsonl;
+#                                BENCHMARKS.md's latest-run table is regenerated from it)
 # Extra arguments go to `clientele-bench profiles`, e.g. `--duration-secs 30 --concurrency 100`;
 # BENCH_INGEST_ARGS to `clientele-bench ingest`, e.g. `--customers 10000`.
 #
@@ -26,7 +27,8 @@ CARGO=${CARGO:-cargo}
 target_dir=${CARGO_TARGET_DIR:-target}
 db_url=${CLIENTELE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 redis_url=${CLIENTELE_TEST_REDIS_URL:-redis://127.0.0.1:6379}
-json_out=${BENCH_JSON_OUT:-$target_dir/bench/results.jsonl}
+# Each run writes its own file, from which the table in BENCHMARKS.md is regenerated.
+json_out=${BENCH_JSON_OUT:-$target_dir/bench/run-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
 
 say() { echo "bench: $*" >&2; }
 rand_hex() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
@@ -171,3 +173,6 @@ CLIENTELE_TOKEN="$token" "$bin/clientele-bench" ingest \
   --server-pid "$ingest_pid" \
   --json-out "$json_out" \
   ${BENCH_INGEST_ARGS:-}
+
+# --- the table -----------------------------------------------------------------------------
+python3 scripts/bench_table.py "$json_out" BENCHMARKS.md
