@@ -1,0 +1,230 @@
+//! One leader per background job when a service runs several replicas (Kubernetes scales
+//! every service horizontally). Feed consumers and outbox forwarders are idempotent, but two
+//! replicas following the same feed would do every piece of work twice and race on their
+//! cursors; so each such job runs only in the replica that holds a PostgreSQL session-level
+//! advisory lock named after it, on a connection of its own.
+//!
+//! If the leader dies, PostgreSQL drops its session and the lock, and another replica takes
+//! over within [`RETRY`]. A leader that loses its connection (network partition) notices on
+//! the next [`HEARTBEAT`] and stops its job before another can have been running long. On
+//! SQLite (one process by construction) the job simply runs.
+
+use std::future::Future;
+use std::time::Duration;
+
+use sqlx::Acquire as _;
+
+use crate::db::{Backend, Database};
+
+/// How often a follower tries to take the lock.
+pub const RETRY: Duration = Duration::from_secs(2);
+/// How often the leader checks that its session (and so its lock) is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The advisory lock key of job `name`: FNV-1a 64 of `clientele-leader:<name>`, so names are
+/// the only thing to keep unique (include the service: `segmentation.profile-feed`).
+pub fn lock_key(name: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in "clientele-leader:".bytes().chain(name.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    i64::from_ne_bytes(h.to_ne_bytes())
+}
+
+/// Runs `job()` for as long as this process leads `name`; when leadership is lost the job's
+/// future is dropped and the process goes back to waiting. `job` is called again on every new
+/// term, so it must resume from durable state (a stored cursor), which is what feed consumers
+/// do anyway. Never returns on PostgreSQL; on SQLite returns when `job()` does.
+pub async fn lead<F, Fut>(database: Database, name: &str, mut job: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    if database.backend != Backend::Postgres {
+        job().await;
+        return;
+    }
+    let key = lock_key(name);
+    loop {
+        match acquire(&database, key).await {
+            Ok(Some(mut conn)) => {
+                tracing::info!(job = name, "leading");
+                tokio::select! {
+                    () = job() => {
+                        tracing::info!(job = name, "job ended; giving up leadership");
+                    }
+                    e = heartbeat(&mut conn) => {
+                        tracing::warn!(job = name, error = %e, "lost the leader session; stopping the job");
+                    }
+                }
+                // Closing the session releases the lock (if it is not already gone).
+                drop(conn);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(job = name, error = %e, "cannot try the leader lock"),
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// A dedicated session holding the lock, or `None` when another replica holds it.
+async fn acquire(
+    database: &Database,
+    key: i64,
+) -> Result<Option<sqlx::AnyConnection>, sqlx::Error> {
+    // Detached: the lock lives as long as this session, which must not go back to the pool.
+    let mut conn = database.pool.acquire().await?.detach();
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(conn.acquire().await?)
+        .await?;
+    Ok(got.then_some(conn))
+}
+
+/// Returns (with the error) once the session stops answering.
+async fn heartbeat(conn: &mut sqlx::AnyConnection) -> sqlx::Error {
+    loop {
+        tokio::time::sleep(HEARTBEAT).await;
+        if let Err(e) = sqlx::query("SELECT 1").execute(&mut *conn).await {
+            return e;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::db::{DatabaseTarget, open};
+
+    static NO_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+
+    async fn database() -> Database {
+        let target = DatabaseTarget::Postgres {
+            url: crate::testing::postgres_url(),
+            schema: crate::testing::unique_schema("leader"),
+        };
+        open(&target, 4, &NO_MIGRATIONS, &NO_MIGRATIONS, "leader")
+            .await
+            .expect("PostgreSQL for tests")
+    }
+
+    /// A job that counts how many copies of it run at once, forever.
+    /// `leader` records which replica started last.
+    fn counting_job(
+        replica: usize,
+        leader: Arc<AtomicUsize>,
+        running: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+        started: Arc<AtomicUsize>,
+    ) -> impl FnMut() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        move || {
+            let (running, most, started) = (running.clone(), most.clone(), started.clone());
+            leader.store(replica, Ordering::SeqCst);
+            Box::pin(async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                struct Guard(Arc<AtomicUsize>);
+                impl Drop for Guard {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let _g = Guard(running);
+                std::future::pending::<()>().await;
+            })
+        }
+    }
+
+    #[test]
+    fn lock_keys_differ_by_name_and_are_stable() {
+        assert_eq!(
+            lock_key("segmentation.profile-feed"),
+            lock_key("segmentation.profile-feed")
+        );
+        assert_ne!(
+            lock_key("segmentation.profile-feed"),
+            lock_key("offers.ingest-feed")
+        );
+    }
+
+    #[tokio::test]
+    async fn only_one_replica_runs_a_job_and_another_takes_over_when_it_dies() {
+        let name = format!("test-{}", uuid::Uuid::new_v4());
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let started = Arc::new(AtomicUsize::new(0));
+        let leader = Arc::new(AtomicUsize::new(usize::MAX));
+        let mut replicas = Vec::new();
+        for replica in 0..3 {
+            let db = database().await;
+            let job = counting_job(
+                replica,
+                leader.clone(),
+                running.clone(),
+                most.clone(),
+                started.clone(),
+            );
+            let name = name.clone();
+            replicas.push(tokio::spawn(async move { lead(db, &name, job).await }));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while running.load(Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "nobody leads");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Followers retry every 2 s: give them two chances to (wrongly) start a second copy.
+        tokio::time::sleep(RETRY * 2 + Duration::from_millis(500)).await;
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            1,
+            "two replicas ran the job at once"
+        );
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+
+        // The leader dies (its task and session are dropped): another replica takes over.
+        let first = leader.load(Ordering::SeqCst);
+        replicas[first].abort();
+        let deadline = tokio::time::Instant::now() + RETRY * 4;
+        while started.load(Ordering::SeqCst) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no replica took over"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_ne!(leader.load(Ordering::SeqCst), first);
+        tokio::time::sleep(RETRY + Duration::from_millis(500)).await;
+        assert_eq!(running.load(Ordering::SeqCst), 1);
+        assert_eq!(most.load(Ordering::SeqCst), 1);
+        for r in replicas {
+            r.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn on_sqlite_the_job_just_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = DatabaseTarget::Sqlite {
+            path: dir.path().join("x.db"),
+        };
+        let db = open(&target, 1, &NO_MIGRATIONS, &NO_MIGRATIONS, "leader")
+            .await
+            .unwrap();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        lead(db, "sqlite-job", move || {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .await;
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+}
