@@ -163,6 +163,19 @@ fn valid_schema(s: &str) -> bool {
         && !s.starts_with(|c: char| c.is_ascii_digit())
 }
 
+/// `migrator` with `ignore_missing` set: a schema already migrated by a NEWER version of the
+/// service (migrations this binary does not know) is accepted, so rolling back to the previous
+/// image after an upgrade works. That is safe because migrations only ever add (README:
+/// upgrades); a migration that changed or dropped something would have to say so.
+fn rollback_tolerant(migrator: &Migrator) -> Migrator {
+    // sqlx exposes no constructor from a static migrator's list; the fields are public (for
+    // `migrate!`), which is what this relies on.
+    let mut tolerant = Migrator::DEFAULT;
+    tolerant.migrations = migrator.migrations.clone();
+    tolerant.set_ignore_missing(true);
+    tolerant
+}
+
 /// Opens (creating if needed) and migrates a service database. `postgres` and `sqlite` are
 /// the service's migrations for each engine. `service` labels the pool metrics.
 pub async fn open(
@@ -195,7 +208,7 @@ pub async fn open(
                 })
                 .connect_with(opts)
                 .await?;
-            postgres.run(&pool).await?;
+            rollback_tolerant(postgres).run(&pool).await?;
             Database {
                 pool,
                 backend: Backend::Postgres,
@@ -225,7 +238,7 @@ pub async fn open(
                 })
                 .connect_with(opts)
                 .await?;
-            sqlite.run(&pool).await?;
+            rollback_tolerant(sqlite).run(&pool).await?;
             Database {
                 pool,
                 backend: Backend::Sqlite,
@@ -250,8 +263,43 @@ pub async fn open(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
-    use super::valid_schema;
+    use super::*;
+
+    /// A migration only a newer release has.
+    fn newer(migrator: &Migrator) -> Migrator {
+        let mut m = Migrator::DEFAULT;
+        let mut list = migrator.migrations.to_vec();
+        list.push(sqlx::migrate::Migration::new(
+            99_999,
+            "from the future".into(),
+            sqlx::migrate::MigrationType::Simple,
+            "CREATE TABLE future_feature (id BIGINT PRIMARY KEY)".into(),
+            false,
+        ));
+        m.migrations = list.into();
+        m
+    }
+
+    #[tokio::test]
+    async fn an_older_release_starts_on_a_schema_a_newer_one_migrated() {
+        static OLD: Migrator = Migrator::DEFAULT;
+        let new = newer(&OLD);
+        let target = DatabaseTarget::Postgres {
+            url: crate::testing::postgres_url(),
+            schema: crate::testing::unique_schema("rollback"),
+        };
+        open(&target, 2, &new, &new, "rollback").await.unwrap();
+        // the previous image, which lacks migration 99999, still opens the database
+        open(&target, 2, &OLD, &OLD, "rollback").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let target = DatabaseTarget::Sqlite {
+            path: dir.path().join("r.db"),
+        };
+        open(&target, 1, &new, &new, "rollback").await.unwrap();
+        open(&target, 1, &OLD, &OLD, "rollback").await.unwrap();
+    }
 
     #[test]
     fn schema_names_must_be_plain_identifiers() {
