@@ -193,3 +193,101 @@ pub async fn recompute(segmentation: &Service, key: &str) -> pb::Recompute {
     }
     panic!("recompute {} did not finish in two minutes", run.run_id);
 }
+
+/// Streams `events` through IngestStream as producer `producer` (batches of 500, keeping the
+/// server's window full), half-closes, and returns the per-batch results once every batch is
+/// acknowledged.
+///
+/// # Panics
+/// When the stream fails or ends before every batch is acknowledged.
+pub async fn stream_events(
+    ingest: &Service,
+    producer: &str,
+    events: &[pb::Event],
+) -> Vec<pb::BatchResult> {
+    use tokio::sync::mpsc;
+    let batches: Vec<&[pb::Event]> = events.chunks(500).collect();
+    let total = batches.len() as u64;
+    let (tx, req_rx) = mpsc::channel(64);
+    tx.send(pb::IngestStreamRequest {
+        kind: Some(pb::ingest_stream_request::Kind::Open(
+            pb::IngestStreamOpen {
+                producer_id: producer.into(),
+                last_received_ack: 0,
+            },
+        )),
+    })
+    .await
+    .expect("open");
+    let mut rx = IngestServiceClient::new(ingest.channel())
+        .ingest_stream(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+        .await
+        .expect("ingest stream")
+        .into_inner();
+    let window = match rx.message().await.expect("opened").and_then(|m| m.kind) {
+        Some(pb::ingest_stream_response::Kind::Opened(o)) => {
+            u64::from(o.max_unacked_batches.max(1))
+        }
+        other => panic!("expected opened, got {other:?}"),
+    };
+    let mut tx = Some(tx);
+    let mut results = BTreeMap::new();
+    let (mut next, mut acked) = (1u64, 0u64);
+    loop {
+        if let Some(sender) = &tx {
+            while next <= total && next - acked <= window {
+                let events = batches[usize::try_from(next - 1).expect("index")].to_vec();
+                sender
+                    .send(pb::IngestStreamRequest {
+                        kind: Some(pb::ingest_stream_request::Kind::Batch(
+                            pb::IngestStreamBatch {
+                                sequence: next,
+                                events,
+                            },
+                        )),
+                    })
+                    .await
+                    .expect("send batch");
+                next += 1;
+            }
+            if next > total {
+                tx = None; // half-close: the server acknowledges the rest and ends the stream
+            }
+        }
+        match rx.message().await.expect("stream") {
+            Some(pb::IngestStreamResponse {
+                kind: Some(pb::ingest_stream_response::Kind::Ack(ack)),
+            }) => {
+                for b in ack.batches {
+                    results.insert(b.sequence, b);
+                }
+                acked = acked.max(ack.durable_through_sequence);
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(acked, total, "every batch acknowledged");
+    results.into_values().collect()
+}
+
+/// The profile id of generated customer `customer_id` (resolving their customer id only).
+///
+/// # Panics
+/// When resolution fails.
+pub async fn profile_of(profiles: &Service, customer_id: &str) -> String {
+    ProfileServiceClient::new(profiles.channel())
+        .resolve(pb::ResolveRequest {
+            identifiers: Some(pb::IdentifierSet {
+                identifiers: vec![pb::Identifier {
+                    r#type: pb::IdentifierType::CustomerId as i32,
+                    value: customer_id.into(),
+                    namespace: String::new(),
+                }],
+            }),
+        })
+        .await
+        .expect("resolve")
+        .into_inner()
+        .profile_id
+}
