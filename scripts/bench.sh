@@ -174,5 +174,54 @@ CLIENTELE_TOKEN="$token" "$bin/clientele-bench" ingest \
   --json-out "$json_out" \
   ${BENCH_INGEST_ARGS:-}
 
+# --- experiments (clientele-bench assign) -----------------------------------------------------
+# Criterion's in-process figure first (nothing else running), then `clienteled --target
+# experiments` on its own port with the feed consumers off (the ingest log left by the ingest
+# bench would otherwise be folded during the measurement), then Assign / BatchAssign beside
+# gRPC health Check on the same server. BENCH_ASSIGN_ARGS go to `clientele-bench assign`;
+# BENCH_SKIP_CRITERION=1 skips the criterion run.
+criterion_estimates=$target_dir/criterion/assign_variant/v2_ascii/new/estimates.json
+if [ "${BENCH_SKIP_CRITERION:-0}" != 1 ]; then
+  say "criterion: in-process assign_variant (v2, ASCII ids)"
+  "$CARGO" bench -p clientele-experiments --bench assignment -- \
+    --warm-up-time 1 --measurement-time 5 'assign_variant/v2_ascii$' >&2
+fi
+exp_pid=
+stop_experiments() {
+  if [ -n "$exp_pid" ] && kill -0 "$exp_pid" 2>/dev/null; then
+    kill -TERM "$exp_pid" 2>/dev/null || true
+    wait "$exp_pid" 2>/dev/null || true
+  fi
+}
+trap 'status=$?; stop_experiments; (exit $status); cleanup' EXIT
+exp_port=$(free_port 50753)
+exp_log=$target_dir/bench/clienteled-experiments.log
+say "starting clienteled --target experiments on 127.0.0.1:$exp_port (log $exp_log)"
+env -u CLIENTELE_CONFIG \
+  CLIENTELE_DATABASE_URL="$bench_url" \
+  CLIENTELE_GRPC_ADDR="127.0.0.1:$exp_port" \
+  CLIENTELE_METRICS_ADDR="127.0.0.1:$(free_port 9753)" \
+  CLIENTELE_DATA_DIR="$scratch/data" \
+  CLIENTELE_IDENTITY__HASH_SECRET="$secret" \
+  CLIENTELE_TOKENS="[{client=\"bench\",token=\"$token\",scopes=[\"*\"]}]" \
+  CLIENTELE_SERVICE_TOKEN="$token" \
+  CLIENTELE_EXPERIMENTS__CONSUMERS=false \
+  CLIENTELE_SHUTDOWN_GRACE_SECS=5 \
+  "$bin/clienteled" --target experiments >"$exp_log" 2>&1 &
+exp_pid=$!
+for _ in $(seq 300); do
+  kill -0 "$exp_pid" 2>/dev/null || { say "experiments exited; see $exp_log"; tail -n 20 "$exp_log" >&2; exit 1; }
+  port_open "$exp_port" && break
+  sleep 0.2
+done
+
+CLIENTELE_TOKEN="$token" "$bin/clientele-bench" assign \
+  --endpoint "http://127.0.0.1:$exp_port" \
+  --server-pid "$exp_pid" \
+  --criterion-estimates "$criterion_estimates" \
+  --json-out "$json_out" \
+  ${BENCH_ASSIGN_ARGS:-}
+stop_experiments
+# --- end of experiments ------------------------------------------------------------------------
 # --- the table -----------------------------------------------------------------------------
 python3 scripts/bench_table.py "$json_out" BENCHMARKS.md

@@ -5,6 +5,7 @@
 //! baseline on the same machine in the same run, so results are reported as ratios that stay
 //! meaningful across machines. Missing a goal prints `MISS`; only errors exit non-zero.
 
+mod assign;
 mod baseline;
 mod cpu;
 mod ingest;
@@ -28,6 +29,8 @@ enum Command {
     Profiles(profiles::ProfilesArgs),
     /// A generated event stream through IngestStream, beside a raw PostgreSQL COPY.
     Ingest(ingest::IngestArgs),
+    /// ExperimentService Assign / BatchAssign over gRPC, beside gRPC health Check.
+    Assign(assign::AssignArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +41,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Profiles(args) => runtime.block_on(profiles::run(args)),
         Command::Ingest(args) => runtime.block_on(ingest::run(args)),
+        Command::Assign(args) => runtime.block_on(assign::run(args)),
     }
 }

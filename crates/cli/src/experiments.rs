@@ -33,12 +33,23 @@ pub enum ExperimentsCommand {
         /// Experiment key.
         key: String,
     },
+    /// Assign one unit (a profile id for the default hash attribute) and print its variant;
+    /// `--expose` also logs its first exposure, as a client showing the variant would.
+    Assign {
+        /// Experiment key.
+        key: String,
+        /// The unit id (value of the experiment's hash attribute).
+        unit_id: String,
+        /// Log the exposure (only the first one per unit counts).
+        #[arg(long)]
+        expose: bool,
+    },
 }
 
 /// Arguments of `experiments create`.
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
-    /// Experiment key (`[a-z0-9][a-z0-9_-]*`); also the hashing seed.
+    /// Experiment key (`[a-z0-9][a-z0-9_.-]*`, at most 64 bytes); also the hashing seed.
     pub key: String,
     /// What the experiment is expected to show.
     #[arg(long, default_value = "")]
@@ -49,9 +60,15 @@ pub struct CreateArgs {
     /// Share of eligible units in the experiment, 0 to 1.
     #[arg(long, default_value_t = 1.0)]
     pub coverage: f64,
-    /// Primary metric: `key:binary` or `key:continuous:CURRENCY` (e.g. `revenue:continuous:USD`).
+    /// Primary metric: `key:binary` or `key:continuous:CURRENCY` (e.g. `revenue:continuous:USD`),
+    /// recorded with RecordConversion; append `@EVENT` to derive it from ingested events instead:
+    /// `@order_completed` (purchases after exposure; a continuous metric sums order totals net
+    /// of refunds), another kind in lower case (`@cart_abandoned`) or `@custom:NAME`.
     #[arg(long, value_parser = parse_metric)]
     pub metric: pb::Metric,
+    /// A guardrail metric, same syntax as `--metric` (repeatable).
+    #[arg(long = "guardrail", value_parser = parse_metric)]
+    pub guardrails: Vec<pb::Metric>,
     /// Days after exposure in which a conversion counts.
     #[arg(long, default_value_t = 14)]
     pub conversion_window_days: i64,
@@ -74,9 +91,37 @@ pub fn parse_variant(s: &str) -> Result<(String, f64), String> {
     Ok((k.to_string(), w))
 }
 
+/// `order_completed`, `cart_abandoned`, … or `custom:NAME` → an event metric source.
+pub fn parse_event_source(s: &str) -> Result<pb::EventMetricSource, String> {
+    if let Some(name) = s.strip_prefix("custom:") {
+        if name.is_empty() {
+            return Err("`custom:` needs the custom event name".into());
+        }
+        return Ok(pb::EventMetricSource {
+            kind: pb::EventKind::Custom as i32,
+            custom_event_name: name.to_string(),
+        });
+    }
+    match pb::EventKind::from_str_name(&format!("EVENT_KIND_{}", s.to_ascii_uppercase())) {
+        Some(k) if k != pb::EventKind::Unspecified && k != pb::EventKind::Custom => {
+            Ok(pb::EventMetricSource {
+                kind: k as i32,
+                custom_event_name: String::new(),
+            })
+        }
+        _ => Err(format!(
+            "`{s}` is not an event kind (e.g. order_completed, cart_abandoned, custom:NAME)"
+        )),
+    }
+}
+
 /// `key:binary` or `key:continuous:CUR` → a recorded metric (conversions are recorded with
-/// `RecordConversion`).
+/// `RecordConversion`); with `@EVENT` appended, a metric derived from ingested events.
 pub fn parse_metric(s: &str) -> Result<pb::Metric, String> {
+    let (s, event) = match s.split_once('@') {
+        Some((m, e)) => (m, Some(parse_event_source(e)?)),
+        None => (s, None),
+    };
     let parts: Vec<&str> = s.split(':').collect();
     let (key, kind, currency) = match parts.as_slice() {
         [k, "binary"] => (*k, pb::MetricType::Binary, ""),
@@ -92,7 +137,10 @@ pub fn parse_metric(s: &str) -> Result<pb::Metric, String> {
         name: key.to_string(),
         r#type: kind as i32,
         goal: pb::MetricGoal::Increase as i32,
-        source: Some(pb::metric::Source::Recorded(pb::RecordedMetricSource {})),
+        source: Some(match event {
+            Some(e) => pb::metric::Source::Event(e),
+            None => pb::metric::Source::Recorded(pb::RecordedMetricSource {}),
+        }),
         currency: currency.to_string(),
         ..Default::default()
     })
@@ -141,6 +189,10 @@ pub async fn run(command: ExperimentsCommand, options: &ConnectionOptions) -> an
     let mut client = ExperimentServiceClient::new(authed_channel(options)?);
     match command {
         ExperimentsCommand::Create(a) => {
+            let window = prost_types::Duration {
+                seconds: a.conversion_window_days.saturating_mul(86_400),
+                nanos: 0,
+            };
             let experiment = pb::Experiment {
                 key: a.key.clone(),
                 display_name: a.key.clone(),
@@ -158,12 +210,17 @@ pub async fn run(command: ExperimentsCommand, options: &ConnectionOptions) -> an
                 hash_version: 2,
                 holdout: pb::HoldoutParticipation::Exclude as i32,
                 primary_metric: Some(pb::Metric {
-                    conversion_window: Some(prost_types::Duration {
-                        seconds: a.conversion_window_days * 86_400,
-                        nanos: 0,
-                    }),
+                    conversion_window: Some(window),
                     ..a.metric
                 }),
+                guardrail_metrics: a
+                    .guardrails
+                    .into_iter()
+                    .map(|m| pb::Metric {
+                        conversion_window: Some(window),
+                        ..m
+                    })
+                    .collect(),
                 targeting: (!a.segments.is_empty()).then(|| pb::Targeting {
                     segments: a
                         .segments
@@ -231,6 +288,62 @@ pub async fn run(command: ExperimentsCommand, options: &ConnectionOptions) -> an
                 options.output,
             )
         }
+        ExperimentsCommand::Assign {
+            key,
+            unit_id,
+            expose,
+        } => {
+            let a = client
+                .assign(pb::AssignRequest {
+                    experiment_key: key.clone(),
+                    unit_id: unit_id.clone(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .assignment
+                .context("server returned no assignment")?;
+            let reason = pb::AssignmentReason::try_from(a.reason)
+                .map_or("UNKNOWN", |r| r.as_str_name())
+                .trim_start_matches("ASSIGNMENT_REASON_")
+                .to_ascii_lowercase();
+            let mut first_exposure = None;
+            if expose && a.in_experiment {
+                let r = client
+                    .log_exposure(pb::LogExposureRequest {
+                        experiment_key: key,
+                        unit_id: unit_id.clone(),
+                        variant_index: a.variant_index,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                first_exposure = Some(r.first_exposure);
+            }
+            let text = match options.output {
+                OutputFormat::Json => serde_json::json!({
+                    "unit_id": unit_id,
+                    "variant_index": a.variant_index,
+                    "variant_key": a.variant_key,
+                    "in_experiment": a.in_experiment,
+                    "reason": reason,
+                    "first_exposure": first_exposure,
+                })
+                .to_string(),
+                OutputFormat::Human => {
+                    let exposure = match first_exposure {
+                        Some(true) => ", exposure logged",
+                        Some(false) => ", exposed before",
+                        None => "",
+                    };
+                    format!(
+                        "{unit_id}: variant {} {} ({reason}){exposure}",
+                        a.variant_index, a.variant_key
+                    )
+                }
+            };
+            emit(&format!("{text}\n"))
+        }
         ExperimentsCommand::Results { key } => {
             let r = client
                 .get_results(pb::GetResultsRequest {
@@ -271,5 +384,28 @@ mod tests {
         );
         assert!(parse_metric("revenue:continuous").is_err());
         assert!(parse_metric("x:ratio").is_err());
+    }
+
+    #[test]
+    fn metrics_with_an_event_suffix_are_derived_from_ingested_events() {
+        let m = parse_metric("revenue:continuous:USD@order_completed").unwrap();
+        assert_eq!(
+            m.source,
+            Some(pb::metric::Source::Event(pb::EventMetricSource {
+                kind: pb::EventKind::OrderCompleted as i32,
+                custom_event_name: String::new(),
+            }))
+        );
+        let m = parse_metric("quiz:binary@custom:acme.quiz_completed").unwrap();
+        assert!(matches!(
+            m.source,
+            Some(pb::metric::Source::Event(ref e)) if e.custom_event_name == "acme.quiz_completed"
+        ));
+        assert!(parse_metric("x:binary@nonsense").is_err());
+        assert!(parse_metric("x:binary@custom:").is_err());
+        assert!(matches!(
+            parse_metric("x:binary").unwrap().source,
+            Some(pb::metric::Source::Recorded(_))
+        ));
     }
 }

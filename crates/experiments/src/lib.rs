@@ -8,6 +8,7 @@
 //!   and cross-products), so results are computed from SQL aggregates without loading units.
 //! * [`holdout`]: the global long-term holdout shared with the OfferService.
 //! * [`definition`]: validation of experiment definitions and targeting evaluation.
+//! * [`events`]: how ingested events (purchases, refunds, …) become conversions.
 //! * [`results`]: per-variant aggregates → `GetResultsResponse` figures.
 //! * [`render`]: a plain-text table of results for the CLI.
 //!
@@ -15,10 +16,14 @@
 //! * [`store`]: the [`store::ExperimentStore`] trait and its SQL implementation for
 //!   PostgreSQL and SQLite (sticky first exposures, exactly-once conversions).
 //! * [`service`]: the tonic service.
+//! * [`consumer`]: follows IngestService.WatchEvents (event-derived conversions) and
+//!   ProfileService.WatchChanges (merges, erasure) with durable cursors.
 //! * [`setup`]: builds the service from settings.
 
 pub mod assignment;
+pub mod consumer;
 pub mod definition;
+pub mod events;
 pub mod holdout;
 pub mod model;
 pub mod render;

@@ -137,10 +137,9 @@ pub struct MetricDef {
 
 /// One conversion, exactly once per `idempotency_key`.
 ///
-/// This is also the ingest seam: the consumer of ingested events (IngestService, being built
-/// separately) turns each event of an event-derived metric into one of these, with an
-/// idempotency key derived from the event id (e.g. `event:<event_id>`), and calls
-/// [`crate::store::ExperimentStore::record_conversion`].
+/// Conversions derived from ingested events are written by
+/// [`crate::store::ExperimentStore::apply_events`] under event source keys (see
+/// [`crate::events`]); this record is the RecordConversion path.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConversionRecord {
     /// Exactly-once key, 1..=128 printable ASCII bytes.
@@ -191,6 +190,25 @@ pub struct AggregateQuery {
     pub window_micros: i64,
     /// For CONTINUOUS metrics, only values in this currency count; `None` for BINARY.
     pub currency: Option<String>,
+    /// True for event-derived metrics: conversions are keyed by profile id (`metric_key` is
+    /// then the event source key, see [`crate::events`]) and match each exposure's profile
+    /// (its `profile_id`, or its unit id when the hash attribute is `profile_id`), following
+    /// merges. False: conversions match the unit id under `hash_attribute`.
+    pub event_derived: bool,
+}
+
+/// A profile change the experiment data follows (ProfileService.WatchChanges).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileChange {
+    /// `merged` profile ids now belong to `survivor`.
+    Merged {
+        /// The surviving profile id.
+        survivor: String,
+        /// The ids merged into it.
+        merged: Vec<String>,
+    },
+    /// The profile (and every id merged into it) was erased.
+    Erased(String),
 }
 
 /// Sufficient statistics of one variant for one metric, straight from SQL aggregates.

@@ -270,6 +270,11 @@ impl ExperimentServiceImpl {
         Self { store, holdout }
     }
 
+    /// The store (shared with the feed consumer).
+    pub fn store(&self) -> Arc<dyn ExperimentStore> {
+        self.store.clone()
+    }
+
     /// The global holdout configuration in force.
     pub fn holdout(&self) -> &HoldoutConfig {
         &self.holdout
@@ -1054,10 +1059,11 @@ impl ExperimentService for ExperimentServiceImpl {
                 .aggregate(&AggregateQuery {
                     experiment_key: record.key.clone(),
                     hash_attribute: def.hash_attribute.clone(),
-                    metric_key: m.key.clone(),
+                    metric_key: crate::events::conversion_key(m),
                     window_micros: definition::window_micros(m),
                     currency: (m.r#type == pb::MetricType::Continuous as i32)
                         .then(|| m.currency.clone()),
+                    event_derived: crate::events::is_event_metric(m),
                 })
                 .await?;
             if units.is_none() {

@@ -19,10 +19,14 @@ use prost::Message;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
+use crate::events::{EventFact, ORDER_COMPLETED};
 use crate::model::{
     AggregateQuery, ConversionRecord, ExperimentRecord, ExposureOutcome, ExposureRecord, Lifecycle,
-    MetricDef, VariantAggregates,
+    MetricDef, ProfileChange, VariantAggregates,
 };
+
+/// The conversion-unit attribute of event-derived conversions and of profile-keyed units.
+const PROFILE_ATTRIBUTE: &str = "profile_id";
 
 /// Advisory lock key serialising experiment starts (namespace exclusivity), PostgreSQL.
 const START_LOCK: i64 = 0x636c_6e74_6578_7073;
@@ -79,6 +83,10 @@ pub enum StoreError {
     /// Stored data could not be decoded.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// A feed's stored cursor is no longer the one the batch was read after (another
+    /// consumer applied it first); nothing was written and the batch is re-read.
+    #[error("feed `{0}` moved on concurrently")]
+    CursorMoved(String),
 }
 
 /// Result type of the store.
@@ -149,7 +157,41 @@ pub trait ExperimentStore: Send + Sync + std::fmt::Debug {
     /// (see [`ConversionRecord`]); RecordConversion calls it for recorded ones.
     async fn record_conversion(&self, conversion: &ConversionRecord) -> StoreResult<bool>;
     /// Per-variant sufficient statistics of one metric, one row per variant with units.
+    ///
+    /// A unit is a *person*: exposures under profile ids later merged into one survivor
+    /// (see [`ExperimentStore::apply_profile_changes`]) count once, as the earliest of them
+    /// (by exposure time, then id), and conversions recorded under any of the person's ids
+    /// count for it.
     async fn aggregate(&self, query: &AggregateQuery) -> StoreResult<Vec<VariantAggregates>>;
+    /// The stored cursor of `feed`, `None` before its first batch.
+    async fn feed_cursor(&self, feed: &str) -> StoreResult<Option<String>>;
+    /// Applies a batch of the ingest feed read after `expected`, together with the new
+    /// `cursor`, in one transaction ([`StoreError::CursorMoved`] and nothing written when the
+    /// stored cursor is no longer `expected`). Each fact is written exactly once (by its
+    /// idempotency key and, for orders, its order id); facts of erased profiles are dropped.
+    /// Returns the number of conversions written.
+    async fn apply_events(
+        &self,
+        feed: &str,
+        expected: Option<&str>,
+        cursor: &str,
+        facts: &[EventFact],
+    ) -> StoreResult<u64>;
+    /// Applies a batch of profile changes read after `expected` with the new `cursor`, in one
+    /// transaction. Merges record aliases (kept flat). Erasure anonymises the person's
+    /// experiment data: every id of the person (the profile and the ids merged into it) is
+    /// replaced by one random pseudonym in exposures, conversions and orders, exposures folded
+    /// away by a merge are deleted, aliases are deleted and the ids remembered as erased, so
+    /// results keep their figures while nothing links them to the person any more.
+    /// Idempotent: a replayed erasure finds nothing left to rewrite.
+    async fn apply_profile_changes(
+        &self,
+        feed: &str,
+        expected: Option<&str>,
+        cursor: &str,
+        changes: &[ProfileChange],
+        now: i64,
+    ) -> StoreResult<()>;
 }
 
 /// The SQL implementation of [`ExperimentStore`] for PostgreSQL and SQLite.
@@ -290,6 +332,398 @@ impl SqlExperimentStore {
                     defined_by: stored.defined_by,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Moves `feed` from `expected` to `cursor`, or [`StoreError::CursorMoved`]. Runs first in
+    /// a batch's transaction, so on PostgreSQL the cursor row lock serialises replicas.
+    async fn advance_cursor(
+        conn: &mut AnyConnection,
+        feed: &str,
+        expected: Option<&str>,
+        cursor: &str,
+    ) -> StoreResult<()> {
+        let changed = match expected {
+            None => sqlx::query(
+                "INSERT INTO feed_cursors (feed, feed_cursor) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(feed)
+            .bind(cursor)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected(),
+            Some(old) => sqlx::query(
+                "UPDATE feed_cursors SET feed_cursor = $1 WHERE feed = $2 AND feed_cursor = $3",
+            )
+            .bind(cursor)
+            .bind(feed)
+            .bind(old)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected(),
+        };
+        if changed == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::CursorMoved(feed.to_owned()))
+        }
+    }
+
+    /// Inserts one profile-keyed conversion unless its key exists; true when written.
+    #[allow(clippy::too_many_arguments)]
+    async fn insert_event_conversion(
+        conn: &mut AnyConnection,
+        idempotency_key: &str,
+        source_key: &str,
+        profile_id: &str,
+        occurred_at: i64,
+        value_minor: i64,
+        currency: &str,
+    ) -> StoreResult<bool> {
+        let record = ConversionRecord {
+            idempotency_key: idempotency_key.to_owned(),
+            metric_key: source_key.to_owned(),
+            unit_ids: std::iter::once((PROFILE_ATTRIBUTE.to_owned(), profile_id.to_owned()))
+                .collect(),
+            occurred_at,
+            value_minor,
+            currency: currency.to_owned(),
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO conversions (idempotency_key, metric_key, occurred_at, value_minor, currency, fingerprint, recorded_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(idempotency_key)
+        .bind(source_key)
+        .bind(occurred_at)
+        .bind(value_minor)
+        .bind(currency)
+        .bind(record.fingerprint())
+        .bind(clientele_runtime::time::now_micros())
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO conversion_units (idempotency_key, attribute, unit_id) VALUES ($1, $2, $3)",
+        )
+        .bind(idempotency_key)
+        .bind(PROFILE_ATTRIBUTE)
+        .bind(profile_id)
+        .execute(&mut *conn)
+        .await?;
+        Ok(true)
+    }
+
+    async fn is_erased(conn: &mut AnyConnection, profile_id: &str) -> StoreResult<bool> {
+        Ok(
+            sqlx::query("SELECT profile_id FROM erased_profiles WHERE profile_id = $1")
+                .bind(profile_id)
+                .fetch_optional(&mut *conn)
+                .await?
+                .is_some(),
+        )
+    }
+
+    /// Writes one fact; returns the conversions written.
+    async fn apply_fact(conn: &mut AnyConnection, fact: &EventFact) -> StoreResult<u64> {
+        if let Some(p) = fact.profile_id()
+            && Self::is_erased(conn, p).await?
+        {
+            return Ok(0);
+        }
+        let mut written = 0;
+        match fact {
+            EventFact::Order {
+                idempotency_key,
+                order_id,
+                profile_id,
+                occurred_at,
+                value_minor,
+                currency,
+            } => {
+                let first = sqlx::query(
+                    "INSERT INTO event_orders (order_id, profile_id, occurred_at, currency) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                )
+                .bind(order_id)
+                .bind(profile_id)
+                .bind(*occurred_at)
+                .bind(currency)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected()
+                    == 1;
+                if !first {
+                    // A redelivery, or another ORDER_COMPLETED for a known order: first wins.
+                    return Ok(0);
+                }
+                written += u64::from(
+                    Self::insert_event_conversion(
+                        conn,
+                        idempotency_key,
+                        ORDER_COMPLETED,
+                        profile_id,
+                        *occurred_at,
+                        *value_minor,
+                        currency,
+                    )
+                    .await?,
+                );
+                let pending = sqlx::query(
+                    "SELECT idempotency_key, amount_minor, currency FROM pending_refunds \
+                     WHERE order_id = $1 ORDER BY idempotency_key",
+                )
+                .bind(order_id)
+                .fetch_all(&mut *conn)
+                .await?;
+                for row in pending {
+                    let key: String = row.try_get("idempotency_key")?;
+                    let amount: i64 = row.try_get("amount_minor")?;
+                    let refund_currency: String = row.try_get("currency")?;
+                    if &refund_currency == currency {
+                        written += u64::from(
+                            Self::insert_event_conversion(
+                                conn,
+                                &key,
+                                ORDER_COMPLETED,
+                                profile_id,
+                                *occurred_at,
+                                -amount,
+                                currency,
+                            )
+                            .await?,
+                        );
+                    } else {
+                        tracing::info!(order = %order_id, "refund in another currency than its order ignored");
+                    }
+                }
+                sqlx::query("DELETE FROM pending_refunds WHERE order_id = $1")
+                    .bind(order_id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            EventFact::Refund {
+                idempotency_key,
+                order_id,
+                amount_minor,
+                currency,
+                own,
+            } => {
+                if let Some(own) = own {
+                    written += Box::pin(Self::apply_fact(conn, own)).await?;
+                }
+                let order = sqlx::query(
+                    "SELECT profile_id, occurred_at, currency FROM event_orders WHERE order_id = $1",
+                )
+                .bind(order_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                match order {
+                    Some(row) => {
+                        let profile_id: String = row.try_get("profile_id")?;
+                        let at: i64 = row.try_get("occurred_at")?;
+                        let order_currency: String = row.try_get("currency")?;
+                        if &order_currency == currency {
+                            written += u64::from(
+                                Self::insert_event_conversion(
+                                    conn,
+                                    idempotency_key,
+                                    ORDER_COMPLETED,
+                                    &profile_id,
+                                    at,
+                                    -amount_minor,
+                                    currency,
+                                )
+                                .await?,
+                            );
+                        } else {
+                            tracing::info!(order = %order_id, "refund in another currency than its order ignored");
+                        }
+                    }
+                    None => {
+                        sqlx::query(
+                            "INSERT INTO pending_refunds (idempotency_key, order_id, amount_minor, currency) \
+                             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                        )
+                        .bind(idempotency_key)
+                        .bind(order_id)
+                        .bind(*amount_minor)
+                        .bind(currency)
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                }
+            }
+            EventFact::Other {
+                idempotency_key,
+                source_key,
+                profile_id,
+                occurred_at,
+            } => {
+                written += u64::from(
+                    Self::insert_event_conversion(
+                        conn,
+                        idempotency_key,
+                        source_key,
+                        profile_id,
+                        *occurred_at,
+                        0,
+                        "",
+                    )
+                    .await?,
+                );
+            }
+        }
+        Ok(written)
+    }
+
+    /// Records that `merged` now belong to `survivor`, keeping aliases flat.
+    async fn apply_merge(
+        conn: &mut AnyConnection,
+        survivor: &str,
+        merged: &[String],
+    ) -> StoreResult<()> {
+        for m in merged.iter().filter(|m| m.as_str() != survivor) {
+            sqlx::query("UPDATE unit_aliases SET survivor_id = $1 WHERE survivor_id = $2")
+                .bind(survivor)
+                .bind(m)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(
+                "INSERT INTO unit_aliases (alias_id, survivor_id) VALUES ($1, $2) \
+                 ON CONFLICT (alias_id) DO UPDATE SET survivor_id = excluded.survivor_id",
+            )
+            .bind(m)
+            .bind(survivor)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Anonymises everything of the person `profile_id` (see
+    /// [`ExperimentStore::apply_profile_changes`]).
+    async fn apply_erasure(
+        conn: &mut AnyConnection,
+        profile_id: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        let mut ids = vec![profile_id.to_owned()];
+        for row in sqlx::query("SELECT alias_id FROM unit_aliases WHERE survivor_id = $1")
+            .bind(profile_id)
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            ids.push(row.try_get("alias_id")?);
+        }
+        let pseudonym = format!("erased:{}", uuid::Uuid::new_v4().simple());
+        // Profile-keyed exposures: per experiment the earliest is the unit results count
+        // (later ones were folded into it by the merge); it is kept under the pseudonym, the
+        // folded ones are deleted.
+        let mut by_experiment: HashMap<String, Vec<(i64, String)>> = HashMap::new();
+        for id in &ids {
+            for row in
+                sqlx::query("SELECT experiment_key, exposed_at FROM exposures WHERE unit_id = $1")
+                    .bind(id)
+                    .fetch_all(&mut *conn)
+                    .await?
+            {
+                by_experiment
+                    .entry(row.try_get("experiment_key")?)
+                    .or_default()
+                    .push((row.try_get("exposed_at")?, id.clone()));
+            }
+        }
+        for (experiment, mut rows) in by_experiment {
+            rows.sort();
+            for (i, (_, unit)) in rows.iter().enumerate() {
+                if i == 0 {
+                    sqlx::query(
+                        "UPDATE exposures SET unit_id = $1, profile_id = $2 \
+                         WHERE experiment_key = $3 AND unit_id = $4",
+                    )
+                    .bind(&pseudonym)
+                    .bind(&pseudonym)
+                    .bind(&experiment)
+                    .bind(unit)
+                    .execute(&mut *conn)
+                    .await?;
+                } else {
+                    sqlx::query("DELETE FROM exposures WHERE experiment_key = $1 AND unit_id = $2")
+                        .bind(&experiment)
+                        .bind(unit)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+            }
+        }
+        for id in &ids {
+            // Exposures under another attribute (an anonymous id) that name the profile: the
+            // unit id gets a pseudonym of its own, the profile the person's.
+            let units: Vec<String> =
+                sqlx::query("SELECT DISTINCT unit_id FROM exposures WHERE profile_id = $1")
+                    .bind(id)
+                    .fetch_all(&mut *conn)
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get("unit_id"))
+                    .collect::<Result<_, _>>()?;
+            for unit in units {
+                let unit_pseudonym = format!("erased:{}", uuid::Uuid::new_v4().simple());
+                sqlx::query(
+                    "UPDATE exposures SET unit_id = $1, profile_id = $2 \
+                     WHERE unit_id = $3 AND profile_id = $4",
+                )
+                .bind(&unit_pseudonym)
+                .bind(&pseudonym)
+                .bind(&unit)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+                let still_used = sqlx::query("SELECT unit_id FROM exposures WHERE unit_id = $1")
+                    .bind(&unit)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .is_some();
+                if !still_used {
+                    sqlx::query(
+                        "UPDATE conversion_units SET unit_id = $1 WHERE unit_id = $2 AND attribute <> $3",
+                    )
+                    .bind(&unit_pseudonym)
+                    .bind(&unit)
+                    .bind(PROFILE_ATTRIBUTE)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+            }
+            sqlx::query(
+                "UPDATE conversion_units SET unit_id = $1 WHERE unit_id = $2 AND attribute = $3",
+            )
+            .bind(&pseudonym)
+            .bind(id)
+            .bind(PROFILE_ATTRIBUTE)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query("UPDATE event_orders SET profile_id = $1 WHERE profile_id = $2")
+                .bind(&pseudonym)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("DELETE FROM unit_aliases WHERE alias_id = $1 OR survivor_id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(
+                "INSERT INTO erased_profiles (profile_id, erased_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
         }
         Ok(())
     }
@@ -627,27 +1061,49 @@ impl ExperimentStore for SqlExperimentStore {
     }
 
     async fn aggregate(&self, query: &AggregateQuery) -> StoreResult<Vec<VariantAggregates>> {
-        // Per unit: whether it converted within its window and the sum of its values; then
-        // per variant the sums the statistics need. Every sum is cast to a type sqlx::Any
-        // decodes on both engines (PostgreSQL's SUM(bigint) is NUMERIC, which it cannot).
-        // Parameters appear in order ($1..$5) for SQLite's positional binding.
-        let sql = "WITH per_unit AS ( \
-               SELECT e.variant_index AS v, \
-                      CAST(e.pre_period_value AS DOUBLE PRECISION) AS x, \
-                      CASE WHEN u.n IS NULL THEN 0 ELSE 1 END AS c, \
-                      CAST(COALESCE(u.total, 0) AS DOUBLE PRECISION) AS y \
-               FROM exposures e LEFT JOIN ( \
-                   SELECT e2.unit_id AS unit_id, COUNT(*) AS n, SUM(cv.value_minor) AS total \
-                   FROM exposures e2 \
-                   JOIN conversion_units cu ON cu.unit_id = e2.unit_id \
-                   JOIN conversions cv ON cv.idempotency_key = cu.idempotency_key \
-                   WHERE e2.experiment_key = $1 AND cu.attribute = $2 AND cv.metric_key = $3 \
-                     AND cv.occurred_at >= e2.exposed_at \
-                     AND cv.occurred_at <= e2.exposed_at + CAST($4 AS BIGINT) \
-                     AND ($5 = '' OR cv.currency = $5) \
-                   GROUP BY e2.unit_id \
-               ) u ON u.unit_id = e.unit_id \
+        // `ex`: every exposure with its person (the surviving profile id when the hash
+        // attribute is `profile_id`, else the unit id) and the id its conversions are keyed
+        // by (`match_raw`). `units`: one exposure per person, the earliest. `conv`: the
+        // metric's conversions with their person. Then per unit whether it converted within
+        // its window and the sum of its values, and per variant the sums the statistics need.
+        // Every sum is cast to a type sqlx::Any decodes on both engines (PostgreSQL's
+        // SUM(bigint) is NUMERIC, which it cannot).
+        let sql = "WITH ex AS ( \
+               SELECT e.unit_id AS unit_id, e.variant_index AS v, e.exposed_at AS exposed_at, \
+                      e.pre_period_value AS x, \
+                      CASE WHEN $6 = 'profile_id' THEN COALESCE(ua.survivor_id, e.unit_id) \
+                           ELSE e.unit_id END AS person, \
+                      CASE WHEN $7 = 0 THEN e.unit_id \
+                           WHEN e.profile_id <> '' THEN e.profile_id \
+                           WHEN $6 = 'profile_id' THEN e.unit_id \
+                           ELSE '' END AS match_raw \
+               FROM exposures e LEFT JOIN unit_aliases ua ON ua.alias_id = e.unit_id \
                WHERE e.experiment_key = $1 \
+             ), ranked AS ( \
+               SELECT ex.*, ROW_NUMBER() OVER (PARTITION BY person ORDER BY exposed_at, unit_id) AS rn \
+               FROM ex \
+             ), units AS ( \
+               SELECT r.person AS person, r.v AS v, r.x AS x, r.exposed_at AS exposed_at, \
+                      CASE WHEN $2 = 'profile_id' THEN COALESCE(ma.survivor_id, r.match_raw) \
+                           ELSE r.match_raw END AS m \
+               FROM ranked r LEFT JOIN unit_aliases ma ON ma.alias_id = r.match_raw \
+               WHERE r.rn = 1 \
+             ), conv AS ( \
+               SELECT CASE WHEN $2 = 'profile_id' THEN COALESCE(ca.survivor_id, cu.unit_id) \
+                           ELSE cu.unit_id END AS m, \
+                      cv.occurred_at AS occurred_at, cv.value_minor AS value_minor \
+               FROM conversions cv \
+               JOIN conversion_units cu ON cu.idempotency_key = cv.idempotency_key \
+               LEFT JOIN unit_aliases ca ON ca.alias_id = cu.unit_id \
+               WHERE cv.metric_key = $3 AND cu.attribute = $2 AND ($5 = '' OR cv.currency = $5) \
+             ), per_unit AS ( \
+               SELECT u.v AS v, CAST(u.x AS DOUBLE PRECISION) AS x, \
+                      CASE WHEN COUNT(c.m) = 0 THEN 0 ELSE 1 END AS c, \
+                      CAST(COALESCE(SUM(c.value_minor), 0) AS DOUBLE PRECISION) AS y \
+               FROM units u LEFT JOIN conv c ON c.m = u.m AND u.m <> '' \
+                    AND c.occurred_at >= u.exposed_at \
+                    AND c.occurred_at <= u.exposed_at + CAST($4 AS BIGINT) \
+               GROUP BY u.person, u.v, u.x \
              ) \
              SELECT v, COUNT(*) AS units, CAST(SUM(c) AS BIGINT) AS converted, \
                     CAST(SUM(y) AS DOUBLE PRECISION) AS sum_y, \
@@ -657,12 +1113,19 @@ impl ExperimentStore for SqlExperimentStore {
                     CAST(SUM(x * y) AS DOUBLE PRECISION) AS sum_xy, \
                     CAST(SUM(x * c) AS DOUBLE PRECISION) AS sum_xc \
              FROM per_unit GROUP BY v ORDER BY v";
+        let conversion_attribute = if query.event_derived {
+            PROFILE_ATTRIBUTE
+        } else {
+            query.hash_attribute.as_str()
+        };
         let rows = sqlx::query(sql)
             .bind(&query.experiment_key)
-            .bind(&query.hash_attribute)
+            .bind(conversion_attribute)
             .bind(&query.metric_key)
             .bind(query.window_micros)
             .bind(query.currency.clone().unwrap_or_default())
+            .bind(&query.hash_attribute)
+            .bind(i64::from(query.event_derived))
             .fetch_all(&self.db.pool)
             .await?;
         rows.iter()
@@ -683,5 +1146,59 @@ impl ExperimentStore for SqlExperimentStore {
                 })
             })
             .collect()
+    }
+
+    async fn feed_cursor(&self, feed: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query("SELECT feed_cursor FROM feed_cursors WHERE feed = $1")
+                .bind(feed)
+                .fetch_optional(&self.db.pool)
+                .await?
+                .map(|r| r.try_get("feed_cursor"))
+                .transpose()?,
+        )
+    }
+
+    async fn apply_events(
+        &self,
+        feed: &str,
+        expected: Option<&str>,
+        cursor: &str,
+        facts: &[EventFact],
+    ) -> StoreResult<u64> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        Self::advance_cursor(conn, feed, expected, cursor).await?;
+        let mut written = 0;
+        for fact in facts {
+            written += Self::apply_fact(conn, fact).await?;
+        }
+        w.tx.commit().await?;
+        Ok(written)
+    }
+
+    async fn apply_profile_changes(
+        &self,
+        feed: &str,
+        expected: Option<&str>,
+        cursor: &str,
+        changes: &[ProfileChange],
+        now: i64,
+    ) -> StoreResult<()> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        Self::advance_cursor(conn, feed, expected, cursor).await?;
+        for change in changes {
+            match change {
+                ProfileChange::Merged { survivor, merged } => {
+                    Self::apply_merge(conn, survivor, merged).await?;
+                }
+                ProfileChange::Erased(profile_id) => {
+                    Self::apply_erasure(conn, profile_id, now).await?;
+                }
+            }
+        }
+        w.tx.commit().await?;
+        Ok(())
     }
 }

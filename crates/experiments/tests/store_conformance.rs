@@ -7,8 +7,10 @@ mod support;
 use std::collections::BTreeMap;
 
 use clientele_experiments::ExperimentStore;
+use clientele_experiments::events::{EventFact, ORDER_COMPLETED};
 use clientele_experiments::model::{
     AggregateQuery, ConversionRecord, ExperimentRecord, ExposureRecord, Lifecycle, MetricDef,
+    ProfileChange,
 };
 use clientele_experiments::store::StoreError;
 use clientele_proto::v1 as pb;
@@ -254,6 +256,7 @@ async fn aggregates_give_per_variant_sufficient_statistics(e: Engine) {
         metric_key: "revenue".into(),
         window_micros: 168 * HOUR,
         currency: Some("USD".into()),
+        event_derived: false,
     };
     let rows = f.store.aggregate(&q).await.unwrap();
     assert_eq!(rows.len(), 2);
@@ -282,6 +285,243 @@ async fn aggregates_give_per_variant_sufficient_statistics(e: Engine) {
     assert_eq!(binary[0].converted, 2);
 }
 
+fn order_fact(key: &str, order_id: &str, profile: &str, at: i64, value: i64) -> EventFact {
+    EventFact::Order {
+        idempotency_key: key.into(),
+        order_id: order_id.into(),
+        profile_id: profile.into(),
+        occurred_at: at,
+        value_minor: value,
+        currency: "USD".into(),
+    }
+}
+
+fn refund_fact(key: &str, order_id: &str, amount: i64) -> EventFact {
+    EventFact::Refund {
+        idempotency_key: key.into(),
+        order_id: order_id.into(),
+        amount_minor: amount,
+        currency: "USD".into(),
+        own: None,
+    }
+}
+
+fn revenue_query(experiment: &str) -> AggregateQuery {
+    AggregateQuery {
+        experiment_key: experiment.into(),
+        hash_attribute: "profile_id".into(),
+        metric_key: ORDER_COMPLETED.into(),
+        window_micros: 168 * HOUR,
+        currency: Some("USD".into()),
+        event_derived: true,
+    }
+}
+
+/// (variant, units, converted, sum of values) per variant.
+async fn figures(f: &support::Fixture, q: &AggregateQuery) -> Vec<(i32, u64, u64, f64)> {
+    f.store
+        .aggregate(q)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| (a.variant, a.units, a.converted, a.sum_value))
+        .collect()
+}
+
+async fn a_feed_batch_applies_only_after_the_cursor_it_was_read_from(e: Engine) {
+    let f = fixture(e).await;
+    let facts = [order_fact("event:s/1", "o1", "p1", T0, 100)];
+    assert_eq!(
+        f.store
+            .apply_events("ingest", None, "c1", &facts)
+            .await
+            .unwrap(),
+        1
+    );
+    // A second consumer that read from the start lost the race: nothing is written.
+    assert!(matches!(
+        f.store.apply_events("ingest", None, "c1", &facts).await,
+        Err(StoreError::CursorMoved(feed)) if feed == "ingest"
+    ));
+    assert!(matches!(
+        f.store
+            .apply_events("ingest", Some("c0"), "c2", &facts)
+            .await,
+        Err(StoreError::CursorMoved(_))
+    ));
+    assert_eq!(
+        f.store.feed_cursor("ingest").await.unwrap().as_deref(),
+        Some("c1")
+    );
+    // Redelivered facts after the cursor write nothing twice.
+    assert_eq!(
+        f.store
+            .apply_events("ingest", Some("c1"), "c2", &facts)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        f.store.feed_cursor("ingest").await.unwrap().as_deref(),
+        Some("c2")
+    );
+}
+
+async fn refunds_reduce_their_orders_revenue_even_when_they_arrive_first(e: Engine) {
+    let f = fixture(e).await;
+    f.store
+        .log_exposure(&exposure("exp-r", "p1", 0, T0, 0.0))
+        .await
+        .unwrap();
+    let facts = [
+        refund_fact("refund:s/r1", "o1", 300),
+        order_fact("event:s/1", "o1", "p1", T0 + HOUR, 1_000),
+        // The same order id again (another event): the first one wins.
+        order_fact("event:s/2", "o1", "p1", T0 + HOUR, 5_000),
+        refund_fact("refund:s/r2", "o1", 200),
+        // A refund of an order bought before exposure reduces nothing in the experiment.
+        order_fact("event:s/3", "o0", "p1", T0 - HOUR, 700),
+        refund_fact("refund:s/r3", "o0", 700),
+    ];
+    f.store
+        .apply_events("ingest", None, "c1", &facts)
+        .await
+        .unwrap();
+    assert_eq!(
+        figures(&f, &revenue_query("exp-r")).await,
+        vec![(0, 1, 1, 500.0)]
+    );
+}
+
+async fn merged_profiles_are_one_unit_and_their_purchases_count_once(e: Engine) {
+    let f = fixture(e).await;
+    // a and b are one person (b merged into a, then a into s): the earliest exposure, b's,
+    // is the unit; c is someone else.
+    for (unit, variant, at) in [("b", 1, T0), ("a", 0, T0 + HOUR), ("c", 0, T0)] {
+        f.store
+            .log_exposure(&exposure("exp-m", unit, variant, at, 0.0))
+            .await
+            .unwrap();
+    }
+    let merges = [
+        ProfileChange::Merged {
+            survivor: "a".into(),
+            merged: vec!["b".into()],
+        },
+        ProfileChange::Merged {
+            survivor: "s".into(),
+            merged: vec!["a".into()],
+        },
+    ];
+    f.store
+        .apply_profile_changes("profiles", None, "2", &merges, T0)
+        .await
+        .unwrap();
+    let facts = [
+        order_fact("event:s/1", "o1", "s", T0 + 2 * HOUR, 400),
+        order_fact("event:s/2", "o2", "a", T0 + 3 * HOUR, 100),
+    ];
+    f.store
+        .apply_events("ingest", None, "c1", &facts)
+        .await
+        .unwrap();
+    assert_eq!(
+        figures(&f, &revenue_query("exp-m")).await,
+        vec![(0, 1, 0, 0.0), (1, 1, 1, 500.0)]
+    );
+}
+
+async fn erasure_anonymises_without_changing_aggregates_and_replays_as_a_no_op(e: Engine) {
+    let f = fixture(e).await;
+    for (unit, variant, at) in [("b", 1, T0), ("a", 0, T0 + HOUR), ("c", 0, T0)] {
+        f.store
+            .log_exposure(&exposure("exp-e", unit, variant, at, 1.0))
+            .await
+            .unwrap();
+    }
+    // An experiment on anonymous ids whose exposure names the profile.
+    f.store
+        .log_exposure(&ExposureRecord {
+            profile_id: "a".into(),
+            ..exposure("exp-anon", "device-9", 1, T0, 0.0)
+        })
+        .await
+        .unwrap();
+    f.store
+        .apply_profile_changes(
+            "profiles",
+            None,
+            "1",
+            &[ProfileChange::Merged {
+                survivor: "a".into(),
+                merged: vec!["b".into()],
+            }],
+            T0,
+        )
+        .await
+        .unwrap();
+    let facts = [
+        order_fact("event:s/1", "o1", "a", T0 + 2 * HOUR, 400),
+        order_fact("event:s/2", "o2", "c", T0 + 2 * HOUR, 50),
+    ];
+    f.store
+        .apply_events("ingest", None, "c1", &facts)
+        .await
+        .unwrap();
+    let anon = AggregateQuery {
+        experiment_key: "exp-anon".into(),
+        hash_attribute: "anonymous_id".into(),
+        ..revenue_query("exp-anon")
+    };
+    let before = (
+        figures(&f, &revenue_query("exp-e")).await,
+        figures(&f, &anon).await,
+    );
+    assert_eq!(before.0, vec![(0, 1, 1, 50.0), (1, 1, 1, 400.0)]);
+    assert_eq!(before.1, vec![(1, 1, 1, 400.0)]);
+
+    let erase = [ProfileChange::Erased("a".into())];
+    f.store
+        .apply_profile_changes("profiles", Some("1"), "2", &erase, T0)
+        .await
+        .unwrap();
+    let gone = f
+        .store
+        .exposures(&[
+            ("exp-e".into(), "a".into()),
+            ("exp-e".into(), "b".into()),
+            ("exp-anon".into(), "device-9".into()),
+        ])
+        .await
+        .unwrap();
+    assert!(gone.is_empty(), "{gone:?}");
+    let after = (
+        figures(&f, &revenue_query("exp-e")).await,
+        figures(&f, &anon).await,
+    );
+    assert_eq!(after, before);
+    // Redelivered, the erasure finds nothing; later events of the erased ids are dropped.
+    f.store
+        .apply_profile_changes("profiles", Some("2"), "2", &erase, T0)
+        .await
+        .unwrap();
+    let late = [order_fact("event:s/9", "o9", "b", T0 + 3 * HOUR, 999)];
+    assert_eq!(
+        f.store
+            .apply_events("ingest", Some("c1"), "c2", &late)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        (
+            figures(&f, &revenue_query("exp-e")).await,
+            figures(&f, &anon).await
+        ),
+        before
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -304,4 +544,8 @@ conformance!(
     the_first_exposure_is_kept_for_good,
     conversions_are_recorded_exactly_once_per_key,
     aggregates_give_per_variant_sufficient_statistics,
+    a_feed_batch_applies_only_after_the_cursor_it_was_read_from,
+    refunds_reduce_their_orders_revenue_even_when_they_arrive_first,
+    merged_profiles_are_one_unit_and_their_purchases_count_once,
+    erasure_anonymises_without_changing_aggregates_and_replays_as_a_no_op,
 );

@@ -55,6 +55,8 @@ pub struct Settings {
     pub segmentation: SegmentationSettings,
     /// Loyalty programme and offer settings.
     pub offers: OfferSettings,
+    /// Experiment settings.
+    pub experiments: ExperimentSettings,
     /// Seconds SIGTERM waits for in-flight calls before the process exits anyway.
     pub shutdown_grace_secs: u64,
 }
@@ -103,6 +105,22 @@ impl Default for OfferSettings {
             program_file: None,
             consumers: true,
         }
+    }
+}
+
+/// ExperimentService settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExperimentSettings {
+    /// Run the background feed consumer: conversions of event-derived metrics from
+    /// IngestService.WatchEvents (at `endpoints.ingest`) and merges and erasures from
+    /// ProfileService.WatchChanges (at `endpoints.profiles`).
+    pub consumers: bool,
+}
+
+impl Default for ExperimentSettings {
+    fn default() -> Self {
+        Self { consumers: true }
     }
 }
 
@@ -180,6 +198,7 @@ impl Default for Settings {
             holdout: HoldoutSettings::default(),
             segmentation: SegmentationSettings::default(),
             offers: OfferSettings::default(),
+            experiments: ExperimentSettings::default(),
             shutdown_grace_secs: 30,
         }
     }
