@@ -690,6 +690,23 @@ impl OfferServiceImpl {
     }
 }
 
+/// Copies one field of `Eligibility` (a FieldMask sub-path such as `tier_ids`) from `new`
+/// into `e`; false if `field` is not a (leaf) field of Eligibility.
+fn update_eligibility_field(e: &mut pb::Eligibility, new: &pb::Eligibility, field: &str) -> bool {
+    match field {
+        "include_segments" => e.include_segments.clone_from(&new.include_segments),
+        "exclude_segments" => e.exclude_segments.clone_from(&new.exclude_segments),
+        "tier_ids" => e.tier_ids.clone_from(&new.tier_ids),
+        "lifecycle_states" => e.lifecycle_states.clone_from(&new.lifecycle_states),
+        "rule_expression" => e.rule_expression.clone_from(&new.rule_expression),
+        "consents" => e.consents.clone_from(&new.consents),
+        "store_ids" => e.store_ids.clone_from(&new.store_ids),
+        "channels" => e.channels.clone_from(&new.channels),
+        _ => return false,
+    }
+    true
+}
+
 /// Checks DecideRequest.attributes: at most 32, keys in the trait-name format, values set.
 fn validate_attributes(attributes: &HashMap<String, pb::Value>) -> Result<(), Status> {
     if attributes.len() > 32 {
@@ -1151,7 +1168,27 @@ impl OfferService for OfferServiceImpl {
         let mut o = current.offer.clone();
         let mut status = current.status;
         for (i, path) in mask.paths.iter().enumerate() {
-            let top = path.split('.').next().unwrap_or_default();
+            let (top, rest) = path.split_once('.').unwrap_or((path.as_str(), ""));
+            if !rest.is_empty() {
+                if top != "eligibility" {
+                    return Err(invalid_field(
+                        &format!("update_mask.paths[{i}]"),
+                        format!(
+                            "`{path}`: nested paths are supported only under `eligibility`; \
+                             update `{top}` as a whole"
+                        ),
+                    ));
+                }
+                let new_e = new.eligibility.clone().unwrap_or_default();
+                let e = o.eligibility.get_or_insert_with(Default::default);
+                if !update_eligibility_field(e, &new_e, rest) {
+                    return Err(invalid_field(
+                        &format!("update_mask.paths[{i}]"),
+                        format!("`{path}` is not a field of Eligibility"),
+                    ));
+                }
+                continue;
+            }
             match top {
                 "display_name" => o.display_name.clone_from(&new.display_name),
                 "description" => o.description.clone_from(&new.description),

@@ -348,6 +348,74 @@ async fn erasure_removes_offers_points_and_tier_activity_once(engine: Engine) {
     assert_eq!(balance(&s, &keep).await.available_points, 50);
 }
 
+async fn update_mask_sets_one_eligibility_field_and_refuses_other_nested_paths(engine: Engine) {
+    let s = serve(engine).await;
+    let mut base = offer("upd");
+    base.eligibility = Some(pb::Eligibility {
+        tier_ids: vec!["gold".into()],
+        channels: vec![pb::Channel::Web as i32],
+        ..Default::default()
+    });
+    create(&s, base.clone()).await.unwrap();
+    let update = |paths: &[&str], e: pb::Eligibility| pb::UpdateOfferRequest {
+        offer: Some(pb::Offer {
+            eligibility: Some(e),
+            ..base.clone()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| (*p).to_string()).collect(),
+        }),
+        expected_version: 0,
+    };
+    let silver_only = pb::Eligibility {
+        tier_ids: vec!["silver".into()],
+        ..Default::default()
+    };
+    let o = s
+        .client()
+        .update_offer(update(&["eligibility.tier_ids"], silver_only.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .offer
+        .unwrap();
+    let e = o.eligibility.unwrap();
+    assert_eq!(e.tier_ids, ["silver"]);
+    assert_eq!(e.channels, [pb::Channel::Web as i32], "other fields kept");
+    assert_eq!(o.version, 2);
+
+    for (paths, field) in [
+        (&["budget.max_issued"][..], "update_mask.paths[0]"),
+        (
+            &["priority", "eligibility.nope"][..],
+            "update_mask.paths[1]",
+        ),
+    ] {
+        let err = s
+            .client()
+            .update_offer(update(paths, silver_only.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(violated_field(&err).as_deref(), Some(field), "{paths:?}");
+    }
+    let err = s
+        .client()
+        .update_offer(update(
+            &["eligibility.rule_expression"],
+            pb::Eligibility {
+                rule_expression: "orders >>= 2".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_field(&err).as_deref(),
+        Some("offer.eligibility.rule_expression")
+    );
+}
+
 macro_rules! service_tests {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -373,4 +441,5 @@ service_tests!(
     rules_are_checked_at_definition_and_decide_explains_them,
     spend_tiers_segment_multipliers_and_day_caps_apply_at_accrual,
     erasure_removes_offers_points_and_tier_activity_once,
+    update_mask_sets_one_eligibility_field_and_refuses_other_nested_paths,
 );
