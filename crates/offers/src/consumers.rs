@@ -1,6 +1,7 @@
-//! Feed consumers: points accrual and reversal from IngestService.WatchEvents, and triggers
+//! Feed consumers: points accrual and reversal from IngestService.WatchEvents, triggers
 //! from both feeds (segment entries from SegmentationService.WatchMembershipChanges, events
-//! such as CART_ABANDONED from IngestService.WatchEvents).
+//! such as CART_ABANDONED from IngestService.WatchEvents), and erasure from
+//! ProfileService.WatchChanges (PROFILE_CHANGE_KIND_ERASED).
 //!
 //! Exactly once per order: an ORDER_COMPLETED is accrued under the ledger key
 //! `order:<order_id>` and the feed cursor is stored **in the same transaction** as the ledger
@@ -12,6 +13,7 @@
 //! (the membership change_id or the event's `source/event_id`) before issuing, with an
 //! idempotency key derived from both; an ineligible firing is counted as skipped.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,10 +24,12 @@ use clientele_runtime::time::micros;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::catalogue::SegmentId;
 use crate::convert::utc;
-use crate::earning::{EarningCustomer, Order, PeriodToDate};
+use crate::earning::{EarningCustomer, Order};
 use crate::ledger::{LedgerCommand, LedgerError};
 use crate::money::{CurrencyCode, Money};
+use crate::program::{EarnActivity, period_to_date};
 use crate::service::OfferServiceImpl;
 use crate::store::{EntryMeta, StoreError};
 
@@ -35,6 +39,8 @@ type Intercepted = InterceptedService<Channel, ClientInterceptor>;
 pub const INGEST_FEED: &str = "ingest";
 /// Cursor name of the membership feed.
 pub const MEMBERSHIP_FEED: &str = "segmentation";
+/// Cursor name of the profile change feed (erasures): the last applied sequence number.
+pub const PROFILES_FEED: &str = "profiles";
 /// Records read per pass.
 const BATCH: usize = 500;
 
@@ -55,6 +61,7 @@ pub struct Consumers {
     service: OfferServiceImpl,
     ingest: pb::ingest_service_client::IngestServiceClient<Intercepted>,
     segments: pb::segmentation_service_client::SegmentationServiceClient<Intercepted>,
+    profiles: pb::profile_service_client::ProfileServiceClient<Intercepted>,
     idle: Duration,
     /// The open membership stream, kept across passes: before any cursor is stored it was
     /// opened `from_now`, and closing it would lose the changes until the next open.
@@ -63,7 +70,8 @@ pub struct Consumers {
 }
 
 impl Consumers {
-    /// Consumers feeding `service` from the services at `ingest` and `segmentation`.
+    /// Consumers feeding `service` from the services at `ingest`, `segmentation` and
+    /// `profiles`.
     ///
     /// # Errors
     /// An invalid endpoint or token.
@@ -71,6 +79,7 @@ impl Consumers {
         service: OfferServiceImpl,
         ingest: &str,
         segmentation: &str,
+        profiles: &str,
         token: Option<&str>,
         idle: Duration,
     ) -> Result<Self, tonic::Status> {
@@ -86,6 +95,10 @@ impl Consumers {
             ),
             segments: pb::segmentation_service_client::SegmentationServiceClient::with_interceptor(
                 ch(segmentation)?,
+                i.clone(),
+            ),
+            profiles: pb::profile_service_client::ProfileServiceClient::with_interceptor(
+                ch(profiles)?,
                 i,
             ),
             idle,
@@ -151,6 +164,10 @@ impl Consumers {
             return Ok(());
         };
         let profile = stored.profile_id.as_str();
+        if !profile.is_empty() && store.is_erased(profile).await? {
+            store.set_cursor(INGEST_FEED, &r.cursor).await?;
+            return Ok(()); // erased: nothing is recreated for the person
+        }
         let at = event
             .occurred_at
             .as_ref()
@@ -160,16 +177,10 @@ impl Consumers {
         let mut wrote = false;
         match &event.payload {
             Some(pb::event::Payload::OrderCompleted(o)) if !profile.is_empty() => {
-                if let Some(cmd) = self.accrual(profile, o, at).await? {
+                let key = format!("order:{}", o.order_id);
+                if let Some(cmd) = self.accrual(profile, &key, o, at).await? {
                     let res = store
-                        .apply_ledger(
-                            profile,
-                            &format!("order:{}", o.order_id),
-                            cmd,
-                            Utc::now(),
-                            EntryMeta::default(),
-                            cursor,
-                        )
+                        .apply_ledger(profile, &key, cmd, Utc::now(), EntryMeta::default(), cursor)
                         .await;
                     wrote = ledger_outcome(res)?;
                 }
@@ -182,10 +193,28 @@ impl Consumers {
                     && m.amount_minor > 0
                     && let Ok(currency) = CurrencyCode::new(&m.currency)
                 {
+                    let key = format!("refund:{}/{}", event.source, event.event_id);
+                    let spend = self
+                        .service
+                        .program()
+                        .qualifying_spend(&m.currency, -m.amount_minor);
+                    if spend != 0 {
+                        store
+                            .record_activity(
+                                profile,
+                                &EarnActivity {
+                                    key: key.clone(),
+                                    at,
+                                    spend_minor: spend,
+                                    points: 0,
+                                },
+                            )
+                            .await?;
+                    }
                     let res = store
                         .apply_ledger(
                             profile,
-                            &format!("refund:{}/{}", event.source, event.event_id),
+                            &key,
                             LedgerCommand::ReverseOrder {
                                 order_id: rf.order_id.clone(),
                                 refund: Money::new(m.amount_minor, currency),
@@ -209,10 +238,19 @@ impl Consumers {
         Ok(())
     }
 
-    /// The accrual command for an order at the profile's tier rates, if it earns anything.
+    /// The accrual command for an order, if it earns anything, after recording the order's
+    /// activity (spend for spend-qualified tiers, points for the period caps).
+    ///
+    /// Earning applies the programme's rules: the tier held before this order (excluding the
+    /// order's own activity, so a redelivery computes the same tier), the highest multiplier
+    /// of the profile's current segments (SegmentationService.GetProfileSegments, asked only
+    /// when the programme has segment multipliers), and the day / month caps against the
+    /// points earned by the profile's other orders in the order's UTC day and month. An order
+    /// already in the ledger is not recomputed: the ledger replays its key.
     async fn accrual(
         &self,
         profile: &str,
+        key: &str,
         o: &pb::OrderCompleted,
         at: chrono::DateTime<Utc>,
     ) -> Result<Option<LedgerCommand>, ConsumerError> {
@@ -223,30 +261,62 @@ impl Consumers {
             return Ok(None);
         };
         let program = self.service.program();
-        let (ledger, _) = self.service.store().ledger(profile).await?;
-        let tier = program.tier_standing(&ledger, at).ok().map(|d| d.tier);
+        let store = self.service.store();
+        let (ledger, _) = store.ledger(profile).await?;
+        if ledger.entries().iter().any(|e| e.key.0 == key) {
+            return Ok(None); // accrued before; the cursor still advances
+        }
+        let activity = store.activity(profile).await?;
+        let tier = program
+            .tier_standing_with(&ledger, &activity, at, Some(key))
+            .ok()
+            .map(|d| d.tier);
+        let segments = if program.earning.segment_multipliers.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.service
+                .upstreams()
+                .segments
+                .segments(profile)
+                .await?
+                .segments
+                .into_iter()
+                .map(SegmentId::new)
+                .collect()
+        };
         let order = Order {
             id: o.order_id.clone(),
             placed_at: at,
             amount: Money::new(total.amount_minor, currency),
             lines: Vec::new(),
         };
-        let customer = EarningCustomer {
-            tier,
-            segments: Default::default(),
+        let customer = EarningCustomer { tier, segments };
+        let to_date = period_to_date(&activity, at, Some(key));
+        let (earned, command) = match program.earning.earn_for_order(&order, &customer, to_date) {
+            Ok(e) => {
+                let command = program.earning.accrual_for_order(&order, &e);
+                (e.points, command)
+            }
+            Err(e) => {
+                tracing::debug!(order = %o.order_id, error = %e, "order earns no points");
+                (0, None)
+            }
         };
-        let earned =
-            match program
-                .earning
-                .earn_for_order(&order, &customer, PeriodToDate::default())
-            {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::debug!(order = %o.order_id, error = %e, "order earns no points");
-                    return Ok(None);
-                }
-            };
-        Ok(program.earning.accrual_for_order(&order, &earned))
+        let spend = program.qualifying_spend(&total.currency, total.amount_minor);
+        if spend != 0 || earned != 0 {
+            store
+                .record_activity(
+                    profile,
+                    &EarnActivity {
+                        key: key.to_string(),
+                        at,
+                        spend_minor: spend,
+                        points: earned,
+                    },
+                )
+                .await?;
+        }
+        Ok(command)
     }
 
     /// Redeems a code listed on an order (keyed by the order, so the RPC and the event
@@ -331,7 +401,13 @@ impl Consumers {
             .await
         {
             Ok(i) => Some(i.issue_id),
-            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            // Ineligible, or the profile was erased (or merged away) meanwhile.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                ) =>
+            {
                 tracing::info!(trigger = %t.trigger_id, profile, reason = %s.message(), "trigger firing skipped");
                 None
             }
@@ -428,18 +504,72 @@ impl Consumers {
         Ok(())
     }
 
-    /// Applies both feeds until both are caught up; returns (events, membership changes).
+    /// Reads up to a batch of ProfileService changes after the stored sequence and erases
+    /// every profile whose change is PROFILE_CHANGE_KIND_ERASED
+    /// ([`crate::OfferStore::erase_profile`], with the sequence stored in the same
+    /// transaction, so an erasure is applied once and a redelivery finds nothing left). Other
+    /// kinds only advance the cursor. Returns the number of changes read.
+    ///
+    /// # Errors
+    /// Upstream or store failures; the cursor then stays at the last applied change.
+    pub async fn consume_profile_changes_once(&self) -> Result<usize, ConsumerError> {
+        let store = self.service.store();
+        let expected = store.cursor(PROFILES_FEED).await?;
+        let after: i64 = expected
+            .as_deref()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let mut stream = self
+            .profiles
+            .clone()
+            .watch_changes(pb::WatchChangesRequest {
+                after_sequence: after,
+            })
+            .await?
+            .into_inner();
+        let mut n = 0;
+        let mut last = after;
+        while n < BATCH {
+            let Ok(next) = tokio::time::timeout(self.idle, stream.message()).await else {
+                break;
+            };
+            let Some(change) = next? else { break };
+            n += 1;
+            last = change.sequence;
+            if change.kind == pb::ProfileChangeKind::Erased as i32 && !change.profile_id.is_empty()
+            {
+                let seq = change.sequence.to_string();
+                let out = store
+                    .erase_profile(&change.profile_id, Some((PROFILES_FEED, &seq)))
+                    .await?;
+                tracing::info!(
+                    issued_offers = out.issued_offers,
+                    ledger_entries = out.ledger_entries,
+                    "erased profile's offers, points and tier activity"
+                );
+            }
+        }
+        drop(stream);
+        if last != after {
+            store.set_cursor(PROFILES_FEED, &last.to_string()).await?;
+        }
+        Ok(n)
+    }
+
+    /// Applies all three feeds until all are caught up; returns (events, membership changes);
+    /// profile changes (erasures) are applied first.
     ///
     /// # Errors
     /// As the single passes.
     pub async fn catch_up(&self) -> Result<(usize, usize), ConsumerError> {
         let (mut events, mut changes) = (0, 0);
         loop {
+            let p = self.consume_profile_changes_once().await?;
             let e = self.consume_events_once().await?;
             let m = self.consume_memberships_once().await?;
             events += e;
             changes += m;
-            if e == 0 && m == 0 {
+            if e == 0 && m == 0 && p == 0 {
                 return Ok((events, changes));
             }
         }

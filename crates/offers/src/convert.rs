@@ -162,7 +162,9 @@ pub fn domain_offer(rec: &OfferRecord) -> catalogue::Offer {
             segments_out: refs(&e.exclude_segments),
             tiers: e.tier_ids.iter().map(TierId::new).collect(),
             lifecycle_states: e.lifecycle_states.iter().map(|s| lifecycle(*s)).collect(),
-            rule: None,
+            rule: Some(e.rule_expression.trim())
+                .filter(|r| !r.is_empty())
+                .map(str::to_string),
         },
         channels: e.channels.iter().filter_map(|c| channel(*c)).collect(),
         marketing: !o.transactional,
@@ -292,7 +294,13 @@ pub fn pb_qualification(q: &QualificationReason, variant_key: &str) -> pb::Eligi
             C::LifecycleMatched,
             subject(S::LifecycleState(lifecycle_pb(l))),
         ),
-        QualificationReason::RuleHeld(_) => (C::RuleMatched, None),
+        QualificationReason::RuleHeld(rule) => {
+            return pb::EligibilityReason {
+                code: C::RuleMatched as i32,
+                subject: None,
+                detail: format!("rule `{rule}` is true"),
+            };
+        }
         QualificationReason::ConsentGranted(p) => (
             C::ConsentGranted,
             subject(S::ConsentPurpose(pb_purpose(*p) as i32)),
@@ -309,6 +317,7 @@ pub fn pb_qualification(q: &QualificationReason, variant_key: &str) -> pb::Eligi
     pb::EligibilityReason {
         code: code as i32,
         subject: subj,
+        detail: String::new(),
     }
 }
 
@@ -405,10 +414,18 @@ pub fn pb_rejection(
             None,
             format!("not in experiment {}", experiment.0),
         ),
-        RejectionReason::RuleNotSatisfied { .. } => (
+        RejectionReason::RuleNotSatisfied { rule } => {
+            (C::RuleNotMatched, None, format!("rule `{rule}` is false"))
+        }
+        RejectionReason::RuleUnknown { rule, detail } => (
             C::RuleNotMatched,
             None,
-            "the rule expression was false".into(),
+            format!("rule `{rule}` is unknown: {detail}"),
+        ),
+        RejectionReason::RuleFailed { rule, detail } => (
+            C::RuleError,
+            None,
+            format!("rule `{rule}` failed to evaluate: {detail}"),
         ),
         RejectionReason::FrequencyCapped {
             max_offers,

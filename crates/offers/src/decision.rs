@@ -35,16 +35,34 @@ use crate::catalogue::{
 };
 use crate::tiers::TierId;
 
-/// Answers whether a rule (an id or expression of the rules crate) holds for
-/// the customer being decided. Implemented for any `Fn(&str) -> bool`.
+/// The result of evaluating an offer's rule for the customer being decided. Only
+/// [`RuleOutcome::Held`] qualifies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RuleOutcome {
+    /// The rule is true.
+    Held,
+    /// The rule is false.
+    NotHeld,
+    /// The rule depends on a value the customer does not have (why, in English).
+    Unknown(String),
+    /// The rule could not be evaluated (why, in English); treated as false.
+    Error(String),
+}
+
+/// Evaluates a rule (an expression of the rules crate) for the customer being decided.
+/// Implemented for any `Fn(&str) -> bool` (true = held, false = not held).
 pub trait RuleEvaluator {
-    /// `true` if the rule holds. Unknown rules should return `false`.
-    fn holds(&self, rule: &str) -> bool;
+    /// The outcome of `rule` for this customer.
+    fn evaluate(&self, rule: &str) -> RuleOutcome;
 }
 
 impl<F: Fn(&str) -> bool> RuleEvaluator for F {
-    fn holds(&self, rule: &str) -> bool {
-        self(rule)
+    fn evaluate(&self, rule: &str) -> RuleOutcome {
+        if self(rule) {
+            RuleOutcome::Held
+        } else {
+            RuleOutcome::NotHeld
+        }
     }
 }
 
@@ -194,6 +212,20 @@ pub enum RejectionReason {
     RuleNotSatisfied {
         /// The rule.
         rule: String,
+    },
+    /// The targeting rule depends on a value the customer does not have.
+    RuleUnknown {
+        /// The rule.
+        rule: String,
+        /// What is missing.
+        detail: String,
+    },
+    /// The targeting rule could not be evaluated; treated as not holding.
+    RuleFailed {
+        /// The rule.
+        rule: String,
+        /// Why.
+        detail: String,
     },
     /// The customer's frequency cap leaves no room for this offer.
     FrequencyCapped {
@@ -482,10 +514,17 @@ fn evaluate(
         }
     }
     if let Some(rule) = &e.rule {
-        if request.rules.holds(rule) {
-            reasons.push(QualificationReason::RuleHeld(rule.clone()));
-        } else {
-            fail!(RejectionReason::RuleNotSatisfied { rule: rule.clone() });
+        match request.rules.evaluate(rule) {
+            RuleOutcome::Held => reasons.push(QualificationReason::RuleHeld(rule.clone())),
+            RuleOutcome::NotHeld => fail!(RejectionReason::RuleNotSatisfied { rule: rule.clone() }),
+            RuleOutcome::Unknown(detail) => fail!(RejectionReason::RuleUnknown {
+                rule: rule.clone(),
+                detail,
+            }),
+            RuleOutcome::Error(detail) => fail!(RejectionReason::RuleFailed {
+                rule: rule.clone(),
+                detail,
+            }),
         }
     }
     reasons

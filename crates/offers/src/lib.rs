@@ -12,6 +12,8 @@
 //!   ([`tiers::evaluate_tier`]).
 //! * [`catalogue`] — the offer catalogue and its eligibility data.
 //! * [`decision`] — which offers a customer may receive right now ([`decision::decide`]).
+//! * [`eligibility_rule`] — rule-expression eligibility: checking at definition, the facts a
+//!   rule reads, cached compiled rules.
 //! * [`money`] — integer money in minor units with an ISO 4217 code.
 //!
 //! Service layer (I/O lives only here):
@@ -29,6 +31,7 @@
 pub mod catalogue;
 pub mod decision;
 pub mod earning;
+pub mod eligibility_rule;
 pub mod ledger;
 pub mod money;
 pub mod tiers;

@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status};
 use crate::catalogue::{self, BudgetUsage, Catalogue, FrequencyCap};
 use crate::convert::{self, pb_entry, pb_offer, utc, utc_ts};
 use crate::decision::{CustomerContext, Decision, RequestContext, decide};
+use crate::eligibility_rule::{self, CompiledRules, RuleCache, RuleFacts};
 use crate::ledger::{LedgerCommand, LedgerError};
 use crate::program::Program;
 use crate::store::{
@@ -91,6 +92,7 @@ pub struct OfferServiceImpl {
     up: Upstreams,
     holdout: HoldoutConfig,
     frequency_cap: Option<FrequencyCap>,
+    rules: Arc<RuleCache>,
 }
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
@@ -309,11 +311,19 @@ fn validate_offer(o: &pb::Offer) -> Result<(), Status> {
         }
     }
     if let Some(e) = &o.eligibility {
-        if !e.rule_expression.is_empty() {
-            return Err(invalid_field(
-                "offer.eligibility.rule_expression",
-                "rule expressions are not supported by this build yet",
-            ));
+        if !e.rule_expression.trim().is_empty() {
+            if e.rule_expression.len() > clientele_rules::MAX_SOURCE_BYTES {
+                return Err(invalid_field(
+                    eligibility_rule::RULE_FIELD,
+                    format!("at most {} bytes", clientele_rules::MAX_SOURCE_BYTES),
+                ));
+            }
+            eligibility_rule::compile_offer_rule(&e.rule_expression).map_err(|err| {
+                invalid_field(
+                    eligibility_rule::RULE_FIELD,
+                    eligibility_rule::describe_error(&err),
+                )
+            })?;
         }
         for (i, r) in e.include_segments.iter().enumerate() {
             slug_field(
@@ -345,6 +355,7 @@ fn validate_offer(o: &pb::Offer) -> Result<(), Status> {
 struct Facts {
     granted: std::collections::BTreeSet<i32>,
     customer: CustomerContext,
+    rule_facts: RuleFacts,
     variant_keys: HashMap<String, String>,
     not_in_experiment: HashMap<String, String>,
 }
@@ -364,6 +375,7 @@ impl OfferServiceImpl {
             up,
             holdout,
             frequency_cap,
+            rules: Arc::default(),
         }
     }
 
@@ -431,6 +443,31 @@ impl OfferServiceImpl {
             .ok_or_else(|| not_found("profile", profile_id))
     }
 
+    /// The upstream sources (for the consumers: segment memberships at accrual).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.up
+    }
+
+    /// The profile's tier standing at `now`: from the ledger when tiers qualify by points
+    /// earned, from the stored order activity when they qualify by spend. `exclude` leaves out
+    /// the order being accrued.
+    pub async fn tier_of(
+        &self,
+        profile_id: &str,
+        ledger: &crate::ledger::PointsLedger,
+        now: DateTime<Utc>,
+        exclude: Option<&str>,
+    ) -> Result<crate::tiers::TierDecision, Status> {
+        let activity = if self.program.tiers_need_activity() {
+            self.store.activity(profile_id).await?
+        } else {
+            Vec::new()
+        };
+        self.program
+            .tier_standing_with(ledger, &activity, now, exclude)
+            .map_err(|e| Status::internal(format!("tier configuration: {e}")))
+    }
+
     /// Applies a ledger command and maps the outcome.
     async fn ledger_write(
         &self,
@@ -458,14 +495,13 @@ impl OfferServiceImpl {
         offers: &[OfferRecord],
         now: DateTime<Utc>,
         log_exposure: bool,
+        attributes: &HashMap<String, pb::Value>,
     ) -> Result<Facts, Status> {
         let profile = self.require_profile(profile_id).await?;
         let segments = self.up.segments.segments(profile_id).await?;
         let (ledger, _) = self.store.ledger(profile_id).await?;
-        let tier = self
-            .program
-            .tier_standing(&ledger, now)
-            .map_err(|e| Status::internal(format!("tier configuration: {e}")))?;
+        let tier = self.tier_of(profile_id, &ledger, now, None).await?;
+        let rule_facts = rule_facts(&profile, &segments, &ledger, &tier, now, attributes);
         let (per_offer, times) = self.store.profile_usage(profile_id).await?;
         let mut arms = BTreeMap::new();
         let mut variant_keys = HashMap::new();
@@ -523,6 +559,7 @@ impl OfferServiceImpl {
                 recent_issuances: times.into_iter().map(utc).collect(),
                 experiment_arms: arms,
             },
+            rule_facts,
             variant_keys,
             not_in_experiment: not_in,
         })
@@ -631,7 +668,10 @@ impl OfferServiceImpl {
         } else {
             HashMap::new()
         };
-        let rules = |_: &str| false;
+        let rules = CompiledRules {
+            cache: &self.rules,
+            facts: &facts.rule_facts,
+        };
         let mut customer = facts.customer.clone();
         customer.in_global_holdout = false; // handled above, with exemptions
         let decision = decide(
@@ -647,6 +687,112 @@ impl OfferServiceImpl {
             },
         );
         Ok((decision, extra))
+    }
+}
+
+/// Copies one field of `Eligibility` (a FieldMask sub-path such as `tier_ids`) from `new`
+/// into `e`; false if `field` is not a (leaf) field of Eligibility.
+fn update_eligibility_field(e: &mut pb::Eligibility, new: &pb::Eligibility, field: &str) -> bool {
+    match field {
+        "include_segments" => e.include_segments.clone_from(&new.include_segments),
+        "exclude_segments" => e.exclude_segments.clone_from(&new.exclude_segments),
+        "tier_ids" => e.tier_ids.clone_from(&new.tier_ids),
+        "lifecycle_states" => e.lifecycle_states.clone_from(&new.lifecycle_states),
+        "rule_expression" => e.rule_expression.clone_from(&new.rule_expression),
+        "consents" => e.consents.clone_from(&new.consents),
+        "store_ids" => e.store_ids.clone_from(&new.store_ids),
+        "channels" => e.channels.clone_from(&new.channels),
+        _ => return false,
+    }
+    true
+}
+
+/// Checks DecideRequest.attributes: at most 32, keys in the trait-name format, values set.
+fn validate_attributes(attributes: &HashMap<String, pb::Value>) -> Result<(), Status> {
+    if attributes.len() > 32 {
+        return Err(invalid_field("attributes", "at most 32 entries"));
+    }
+    for (k, v) in attributes {
+        let ok = (1..=64).contains(&k.len())
+            && k.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.');
+        if !ok {
+            return Err(invalid_field(
+                &format!("attributes[{k}]"),
+                "keys are 1..=64 bytes of [a-z0-9_.]",
+            ));
+        }
+        match &v.kind {
+            None => return Err(invalid_field(&format!("attributes[{k}]"), "value required")),
+            Some(pb::value::Kind::DoubleValue(d)) if !d.is_finite() => {
+                return Err(invalid_field(&format!("attributes[{k}]"), "must be finite"));
+            }
+            Some(pb::value::Kind::StringValue(s)) if s.len() > 1024 => {
+                return Err(invalid_field(
+                    &format!("attributes[{k}]"),
+                    "at most 1024 bytes",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What rules read about the profile: segmentation's features plus tier and points from the
+/// ledger, traits overlaid by the request's attributes, granted consents and memberships.
+fn rule_facts(
+    profile: &crate::upstream::ProfileFacts,
+    segments: &crate::upstream::SegmentFacts,
+    ledger: &crate::ledger::PointsLedger,
+    tier: &crate::tiers::TierDecision,
+    now: DateTime<Utc>,
+    attributes: &HashMap<String, pb::Value>,
+) -> RuleFacts {
+    use clientele_rules::Value;
+    let mut features = segments.features.clone();
+    features.insert("tier".into(), Value::String(tier.tier.0.clone()));
+    #[allow(clippy::cast_precision_loss)]
+    {
+        features.insert(
+            "points_available".into(),
+            Value::Number(ledger.balance(now) as f64),
+        );
+        features.insert(
+            "tier_qualifying_value".into(),
+            Value::Number(tier.qualifying_value as f64),
+        );
+    }
+    let mut traits: BTreeMap<String, Value> = profile
+        .traits
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), crate::upstream::rule_value(v)?)))
+        .collect();
+    for (k, v) in attributes {
+        if let Some(v) = crate::upstream::rule_value(v) {
+            traits.insert(k.clone(), v);
+        }
+    }
+    let consents = profile
+        .granted
+        .iter()
+        .filter_map(|p| {
+            Some(match pb::ConsentPurpose::try_from(*p).ok()? {
+                pb::ConsentPurpose::Email => "email",
+                pb::ConsentPurpose::Sms => "sms",
+                pb::ConsentPurpose::Push => "push",
+                pb::ConsentPurpose::Personalisation => "personalisation",
+                pb::ConsentPurpose::Analytics => "analytics",
+                pb::ConsentPurpose::Unspecified => return None,
+            })
+        })
+        .map(str::to_string)
+        .collect();
+    RuleFacts {
+        features,
+        traits,
+        consents,
+        segments: segments.segments.clone(),
     }
 }
 
@@ -739,10 +885,7 @@ impl OfferService for OfferServiceImpl {
         self.require_profile(&req.profile_id).await?;
         let now = Utc::now();
         let (ledger, stored) = self.store.ledger(&req.profile_id).await?;
-        let tier = self
-            .program
-            .tier_standing(&ledger, now)
-            .map_err(|e| Status::internal(format!("tier configuration: {e}")))?;
+        let tier = self.tier_of(&req.profile_id, &ledger, now, None).await?;
         let ids: HashMap<u64, &str> = stored
             .iter()
             .map(|s| (s.entry.seq.0, s.entry_id.as_str()))
@@ -1025,7 +1168,27 @@ impl OfferService for OfferServiceImpl {
         let mut o = current.offer.clone();
         let mut status = current.status;
         for (i, path) in mask.paths.iter().enumerate() {
-            let top = path.split('.').next().unwrap_or_default();
+            let (top, rest) = path.split_once('.').unwrap_or((path.as_str(), ""));
+            if !rest.is_empty() {
+                if top != "eligibility" {
+                    return Err(invalid_field(
+                        &format!("update_mask.paths[{i}]"),
+                        format!(
+                            "`{path}`: nested paths are supported only under `eligibility`; \
+                             update `{top}` as a whole"
+                        ),
+                    ));
+                }
+                let new_e = new.eligibility.clone().unwrap_or_default();
+                let e = o.eligibility.get_or_insert_with(Default::default);
+                if !update_eligibility_field(e, &new_e, rest) {
+                    return Err(invalid_field(
+                        &format!("update_mask.paths[{i}]"),
+                        format!("`{path}` is not a field of Eligibility"),
+                    ));
+                }
+                continue;
+            }
             match top {
                 "display_name" => o.display_name.clone_from(&new.display_name),
                 "description" => o.description.clone_from(&new.description),
@@ -1182,12 +1345,7 @@ impl OfferService for OfferServiceImpl {
         if req.offer_ids.len() > 100 {
             return Err(invalid_field("offer_ids", "at most 100"));
         }
-        if !req.attributes.is_empty() {
-            return Err(invalid_field(
-                "attributes",
-                "attributes feed rule expressions, which this build does not support yet",
-            ));
-        }
+        validate_attributes(&req.attributes)?;
         let real_now = Utc::now();
         let now = match &req.at {
             Some(t) => {
@@ -1225,7 +1383,7 @@ impl OfferService for OfferServiceImpl {
             v
         };
         let facts = self
-            .facts(&req.profile_id, &offers, now, !req.dry_run)
+            .facts(&req.profile_id, &offers, now, !req.dry_run, &req.attributes)
             .await?;
         let (decision, extra) = self.run_decision(
             &offers,
@@ -1277,6 +1435,7 @@ impl OfferService for OfferServiceImpl {
                     reasons.push(pb::EligibilityReason {
                         code: pb::EligibilityReasonCode::HoldoutExempt as i32,
                         subject: None,
+                        detail: String::new(),
                     });
                 }
                 Some(pb::RankedOffer {
@@ -1653,7 +1812,9 @@ impl OfferServiceImpl {
             Err(e) => return Err(e.into()),
         };
         let offers = vec![offer.clone()];
-        let facts = self.facts(&req.profile_id, &offers, now, true).await?;
+        let facts = self
+            .facts(&req.profile_id, &offers, now, true, &HashMap::new())
+            .await?;
         // Budget, caps and frequency are re-checked atomically by the store; the pure
         // decision checks everything else.
         let mut no_caps = facts;

@@ -121,6 +121,7 @@ pub async fn build_without_background(
         service.clone(),
         &settings.endpoint(&settings.endpoints.ingest),
         &settings.endpoint(&settings.endpoints.segmentation),
+        &settings.endpoint(&settings.endpoints.profiles),
         settings.service_token.as_deref(),
         std::time::Duration::from_millis(300),
     )

@@ -33,8 +33,9 @@ use sqlx::{AnyConnection, Row};
 
 use crate::ledger::{
     EntryChange, IdempotencyKey, LedgerCommand, LedgerEntry, LedgerError, LedgerRequest,
-    PointsLedger,
+    PointsLedger, anonymise_entry,
 };
+use crate::program::EarnActivity;
 
 /// How often a ledger write is retried after losing a sequence-number race.
 const LEDGER_ATTEMPTS: usize = 5;
@@ -313,6 +314,39 @@ pub trait OfferStore: Send + Sync + std::fmt::Debug {
         source_key: &str,
         issue_id: Option<&str>,
     ) -> StoreResult<()>;
+
+    /// The profile's recorded order activity (spend and points per order or refund).
+    async fn activity(&self, profile_id: &str) -> StoreResult<Vec<EarnActivity>>;
+    /// Records one order or refund once per `(profile_id, activity.key)`; false if it had
+    /// been recorded before (nothing changes then).
+    async fn record_activity(&self, profile_id: &str, activity: &EarnActivity)
+    -> StoreResult<bool>;
+    /// Erases what the service holds about a profile, in one transaction under the profile's
+    /// ledger lock, storing `cursor` with it: deletes its issued offers, trigger firings and
+    /// order activity, and anonymises its ledger entries (moved to a fresh random pseudonym,
+    /// identifying text blanked; points stay for the accounts). Offer usage counters and
+    /// budgets are left as they are: budget already spent stays spent. Idempotent: a second
+    /// call finds nothing left.
+    async fn erase_profile(
+        &self,
+        profile_id: &str,
+        cursor: Option<(&str, &str)>,
+    ) -> StoreResult<ErasureOutcome>;
+    /// Whether [`Self::erase_profile`] ran for the profile.
+    async fn is_erased(&self, profile_id: &str) -> StoreResult<bool>;
+}
+
+/// What an erasure removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErasureOutcome {
+    /// Issued offers deleted.
+    pub issued_offers: u64,
+    /// Ledger entries anonymised.
+    pub ledger_entries: u64,
+    /// Order activity rows deleted.
+    pub activity: u64,
+    /// Trigger firings deleted.
+    pub trigger_firings: u64,
 }
 
 /// [`OfferStore`] over a [`Database`].
@@ -1218,5 +1252,116 @@ impl OfferStore for SqlOfferStore {
             .await?;
         w.tx.commit().await?;
         Ok(())
+    }
+
+    async fn activity(&self, profile_id: &str) -> StoreResult<Vec<EarnActivity>> {
+        let rows = sqlx::query(
+            "SELECT activity_key, occurred_at, spend_minor, points FROM earn_activity \
+             WHERE profile_id = $1 ORDER BY occurred_at, activity_key",
+        )
+        .bind(profile_id)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EarnActivity {
+                    key: r.try_get("activity_key")?,
+                    at: crate::convert::utc(r.try_get("occurred_at")?),
+                    spend_minor: r.try_get("spend_minor")?,
+                    points: r.try_get("points")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_activity(
+        &self,
+        profile_id: &str,
+        activity: &EarnActivity,
+    ) -> StoreResult<bool> {
+        let mut w = self.begin_write().await?;
+        let done = sqlx::query(
+            "INSERT INTO earn_activity (profile_id, activity_key, occurred_at, spend_minor, points) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (profile_id, activity_key) DO NOTHING",
+        )
+        .bind(profile_id)
+        .bind(&activity.key)
+        .bind(activity.at.timestamp_micros())
+        .bind(activity.spend_minor)
+        .bind(activity.points)
+        .execute(&mut *w.tx)
+        .await?;
+        w.tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn erase_profile(
+        &self,
+        profile_id: &str,
+        cursor: Option<(&str, &str)>,
+    ) -> StoreResult<ErasureOutcome> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        self.db
+            .lock_keys(&mut *conn, [format!("offers:ledger:{profile_id}")])
+            .await?;
+        let mut deleted = [0_u64; 3];
+        for (i, table) in ["issued_offers", "trigger_firings", "earn_activity"]
+            .iter()
+            .enumerate()
+        {
+            deleted[i] = sqlx::query(&format!("DELETE FROM {table} WHERE profile_id = $1"))
+                .bind(profile_id)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+        }
+        let mut out = ErasureOutcome {
+            issued_offers: deleted[0],
+            trigger_firings: deleted[1],
+            activity: deleted[2],
+            ledger_entries: 0,
+        };
+        let stored = load_entries(conn, profile_id).await?;
+        if !stored.is_empty() {
+            let pseudonym = format!("erased:{}", uuid::Uuid::new_v4());
+            let meta = serde_json::to_string(&EntryMeta::default()).map_err(corrupt)?;
+            for s in &stored {
+                let body = serde_json::to_string(&anonymise_entry(&s.entry)).map_err(corrupt)?;
+                sqlx::query(
+                    "UPDATE ledger_entries SET profile_id = $1, idem_key = '', order_id = '', \
+                     meta = $2, body = $3 WHERE profile_id = $4 AND seq = $5",
+                )
+                .bind(&pseudonym)
+                .bind(&meta)
+                .bind(&body)
+                .bind(profile_id)
+                .bind(i64::try_from(s.entry.seq.0).map_err(corrupt)?)
+                .execute(&mut *conn)
+                .await?;
+                out.ledger_entries += 1;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO erased_profiles (profile_id, erased_at) VALUES ($1, $2) \
+             ON CONFLICT (profile_id) DO NOTHING",
+        )
+        .bind(profile_id)
+        .bind(clientele_runtime::time::now_micros())
+        .execute(&mut *conn)
+        .await?;
+        if let Some((consumer, value)) = cursor {
+            store_cursor(conn, consumer, value).await?;
+        }
+        w.tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn is_erased(&self, profile_id: &str) -> StoreResult<bool> {
+        let row = sqlx::query("SELECT 1 AS x FROM erased_profiles WHERE profile_id = $1")
+            .bind(profile_id)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(row.is_some())
     }
 }

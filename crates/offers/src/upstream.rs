@@ -39,12 +39,82 @@ pub trait ConsentSource: Send + Sync + std::fmt::Debug {
 }
 
 /// A profile's segment standing.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SegmentFacts {
     /// Segment ids the profile is in (clusters as `id#index`).
     pub segments: BTreeSet<String>,
     /// `pb::LifecycleState`, if the profile has one.
     pub lifecycle: Option<i32>,
+    /// Rule features SegmentationService publishes for the profile (see
+    /// [`crate::eligibility_rule::OFFER_RULE_FEATURES`]); absent ones are unknown.
+    pub features: BTreeMap<String, clientele_rules::Value>,
+}
+
+/// The rule features in a GetProfileSegments answer: RFM raw values and scores, lifecycle
+/// and predicted value. A part segmentation has not computed is left out (unknown to rules).
+pub fn segment_features(p: &pb::ProfileSegments) -> BTreeMap<String, clientele_rules::Value> {
+    use clientele_rules::Value;
+    let mut f = BTreeMap::new();
+    let mut num = |k: &str, v: f64| {
+        if v.is_finite() {
+            f.insert(k.to_string(), Value::Number(v));
+        }
+    };
+    if let Some(r) = &p.rfm {
+        num("recency_days", r.recency_days);
+        num("orders", f64::from(r.frequency_orders));
+        num("frequency", f64::from(r.frequency_orders));
+        #[allow(clippy::cast_precision_loss)]
+        if let Some(m) = &r.monetary_value {
+            num("monetary_minor", m.amount_minor as f64);
+        }
+        num("r_score", f64::from(r.recency));
+        num("f_score", f64::from(r.frequency));
+        num("m_score", f64::from(r.monetary));
+    }
+    if let Some(pv) = &p.predicted {
+        #[allow(clippy::cast_precision_loss)]
+        if let Some(c) = &pv.clv {
+            num("clv_minor", c.amount_minor as f64);
+        }
+        num("p_alive", pv.p_alive);
+        num("expected_purchases", pv.expected_purchases);
+    }
+    if let Some(r) = &p.rfm
+        && !r.segment_name.is_empty()
+    {
+        f.insert("rfm_segment".into(), Value::String(r.segment_name.clone()));
+    }
+    if let Some(name) = p.lifecycle.as_ref().and_then(|l| lifecycle_name(l.state)) {
+        f.insert("lifecycle".into(), Value::String(name.into()));
+    }
+    f
+}
+
+/// The rule-language name of a `pb::LifecycleState` (as segmentation's rules see it).
+pub fn lifecycle_name(state: i32) -> Option<&'static str> {
+    Some(match pb::LifecycleState::try_from(state).ok()? {
+        pb::LifecycleState::New => "new",
+        pb::LifecycleState::Active => "active",
+        pb::LifecycleState::AtRisk => "at_risk",
+        pb::LifecycleState::Lapsed => "lapsed",
+        pb::LifecycleState::Churned => "churned",
+        pb::LifecycleState::Unspecified => return None,
+    })
+}
+
+/// A trait or attribute value as rules see it (timestamps as Unix seconds).
+pub fn rule_value(v: &pb::Value) -> Option<clientele_rules::Value> {
+    use clientele_rules::Value;
+    use pb::value::Kind;
+    #[allow(clippy::cast_precision_loss)]
+    Some(match v.kind.as_ref()? {
+        Kind::StringValue(s) => Value::String(s.clone()),
+        Kind::IntValue(i) => Value::Number(*i as f64),
+        Kind::DoubleValue(d) => Value::Number(*d),
+        Kind::BoolValue(b) => Value::Bool(*b),
+        Kind::TimestampValue(t) => Value::Number(t.seconds as f64),
+    })
 }
 
 /// Reads segment memberships.
@@ -160,6 +230,7 @@ impl SegmentSource for GrpcSegments {
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(SegmentFacts::default()),
             Err(s) => return Err(upstream("SegmentationService", s)),
         };
+        let features = segment_features(&p);
         Ok(SegmentFacts {
             segments: p
                 .memberships
@@ -173,6 +244,7 @@ impl SegmentSource for GrpcSegments {
                 })
                 .collect(),
             lifecycle: p.lifecycle.map(|l| l.state),
+            features,
         })
     }
 }
