@@ -11,6 +11,7 @@ mod ingest;
 mod load;
 mod profiles;
 mod report;
+mod segmentation;
 
 use clap::Parser;
 
@@ -28,6 +29,8 @@ enum Command {
     Profiles(profiles::ProfilesArgs),
     /// A generated event stream through IngestStream, beside a raw PostgreSQL COPY.
     Ingest(ingest::IngestArgs),
+    /// Segmentation batch recompute, real-time re-score and k-means beside scikit-learn.
+    Segmentation(segmentation::SegmentationArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +41,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Profiles(args) => runtime.block_on(profiles::run(args)),
         Command::Ingest(args) => runtime.block_on(ingest::run(args)),
+        Command::Segmentation(args) => runtime.block_on(segmentation::run(args)),
     }
 }
