@@ -12,6 +12,7 @@ mod ingest;
 mod load;
 mod profiles;
 mod report;
+mod segmentation;
 
 use clap::Parser;
 
@@ -31,6 +32,8 @@ enum Command {
     Ingest(ingest::IngestArgs),
     /// ExperimentService Assign / BatchAssign over gRPC, beside gRPC health Check.
     Assign(assign::AssignArgs),
+    /// Segmentation batch recompute, real-time re-score and k-means beside scikit-learn.
+    Segmentation(segmentation::SegmentationArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Command::Profiles(args) => runtime.block_on(profiles::run(args)),
         Command::Ingest(args) => runtime.block_on(ingest::run(args)),
         Command::Assign(args) => runtime.block_on(assign::run(args)),
+        Command::Segmentation(args) => runtime.block_on(segmentation::run(args)),
     }
 }

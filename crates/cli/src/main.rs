@@ -10,6 +10,7 @@ mod money;
 mod offers;
 mod profiles;
 mod render;
+mod segments;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,9 @@ enum Command {
     /// Loyalty points: balance, ledger, adjust, redeem.
     #[command(subcommand)]
     Points(offers::PointsCommand),
+    /// Segments: list, show, members, flows between runs, recompute.
+    #[command(subcommand)]
+    Segments(segments::SegmentsCommand),
 }
 
 #[tokio::main]
@@ -59,6 +63,7 @@ async fn main() -> ExitCode {
         Command::Experiments(command) => experiments::run(command, &cli.connection).await,
         Command::Offers(command) => offers::run(command, &cli.connection).await,
         Command::Points(command) => offers::run_points(command, &cli.connection).await,
+        Command::Segments(command) => segments::run(command, &cli.connection).await,
         Command::Generate(args) => {
             generate::run(args, cli.connection.output == client::OutputFormat::Json)
         }

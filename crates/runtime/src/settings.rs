@@ -154,6 +154,22 @@ pub struct SegmentationSettings {
     pub clv_annual_discount_rate: f64,
     /// Recompute runs whose per-run snapshots (members, scores) are kept.
     pub retained_runs: u32,
+    /// The RFM name map: rectangles of the (R score × FM score) grid, first match wins, every
+    /// one of the 25 cells covered. Empty means the standard 11-segment map.
+    pub rfm_segments: Vec<RfmSegmentSetting>,
+}
+
+/// One rectangle of a configured RFM name map (`[[segmentation.rfm_segments]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RfmSegmentSetting {
+    /// Segment name, 1..=64 bytes (e.g. `"Champions"`; a standard name maps to its
+    /// `RfmSegment` value, any other to `RFM_SEGMENT_OTHER`).
+    pub name: String,
+    /// Inclusive R score range `[min, max]`, both in 1..=5.
+    pub recency: [u8; 2],
+    /// Inclusive FM score range `[min, max]` (FM = mean of F and M rounded up), both in 1..=5.
+    pub frequency_monetary: [u8; 2],
 }
 
 impl Default for SegmentationSettings {
@@ -171,6 +187,7 @@ impl Default for SegmentationSettings {
             prediction_horizon_days: 365,
             clv_annual_discount_rate: 0.1,
             retained_runs: 10,
+            rfm_segments: Vec::new(),
         }
     }
 }

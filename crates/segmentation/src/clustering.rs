@@ -20,6 +20,7 @@
 mod ari;
 mod gmm;
 mod kmeans;
+mod matching;
 mod preprocess;
 mod report;
 mod silhouette;
@@ -27,6 +28,7 @@ mod silhouette;
 pub use ari::adjusted_rand_index;
 pub use gmm::{GaussianMixture, GaussianMixtureConfig};
 pub use kmeans::{KMeans, KMeansConfig, kmeans_plus_plus};
+pub use matching::{match_centroids, min_cost_assignment};
 pub use preprocess::Log1pStandardizer;
 pub use report::{
     ClusteringReport, ClusteringRun, KChoice, KScore, SegmentationConfig, run_kmeans_segmentation,

@@ -428,7 +428,14 @@ impl Engine {
         let customers: Vec<&Scored> = scored.iter().filter(|s| s.window.frequency > 0).collect();
         for seg in &segments {
             if let Compiled::Cluster(def) = &seg.compiled {
-                match scoring::cluster_segment(seg.id(), seg.record.version, def, &customers) {
+                let previous = prev_model.as_ref().and_then(|m| m.clusters.get(seg.id()));
+                match scoring::cluster_segment(
+                    seg.id(),
+                    seg.record.version,
+                    def,
+                    &customers,
+                    previous,
+                ) {
                     Ok(result) => {
                         for (i, s) in customers.iter().enumerate() {
                             cluster_of.entry(s.profile_id.clone()).or_default().insert(

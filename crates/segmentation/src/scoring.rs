@@ -59,6 +59,50 @@ pub struct ScoringConfig {
     pub retained_runs: u32,
 }
 
+/// The configured RFM name map (`segmentation.rfm_segments`), or the standard one when none
+/// is configured.
+///
+/// # Errors
+/// A message naming the offending entry: an empty or over-long name, a bound outside 1..=5 or
+/// min > max, or (R, FM) cells that no rule covers.
+pub fn rfm_segment_map(
+    rules: &[clientele_runtime::settings::RfmSegmentSetting],
+) -> Result<SegmentMap, String> {
+    if rules.is_empty() {
+        return Ok(SegmentMap::standard());
+    }
+    let mut out = Vec::with_capacity(rules.len());
+    for (i, r) in rules.iter().enumerate() {
+        if r.name.trim().is_empty() || r.name.len() > 64 {
+            return Err(format!(
+                "segmentation.rfm_segments[{i}].name must be 1..=64 bytes"
+            ));
+        }
+        out.push(crate::rfm::SegmentRule::new(
+            &r.name,
+            r.recency[0],
+            r.recency[1],
+            r.frequency_monetary[0],
+            r.frequency_monetary[1],
+        ));
+    }
+    SegmentMap::new(out).map_err(|e| match e {
+        crate::rfm::RfmError::InvalidRule { name } => format!(
+            "segmentation.rfm_segments: `{name}` needs recency and frequency_monetary ranges \
+             [min, max] with 1 <= min <= max <= 5"
+        ),
+        crate::rfm::RfmError::UncoveredCells { cells } => {
+            let cells: Vec<String> = cells.iter().map(|(r, fm)| format!("R{r} FM{fm}")).collect();
+            format!(
+                "segmentation.rfm_segments does not cover {} (every R × FM cell needs a name; \
+                 add a catch-all last)",
+                cells.join(", ")
+            )
+        }
+        other => format!("segmentation.rfm_segments: {other}"),
+    })
+}
+
 impl ScoringConfig {
     /// Builds the configuration from settings.
     ///
@@ -103,7 +147,7 @@ impl ScoringConfig {
             reporting_currency: s.reporting_currency.clone(),
             currency_rates: s.currency_rates.clone(),
             rfm_window_days: s.rfm_window_days,
-            segment_map: SegmentMap::standard(),
+            segment_map: rfm_segment_map(&s.rfm_segments)?,
             lifecycle,
             churned_p_alive: s.lifecycle_churned_p_alive,
             horizon_days: s.prediction_horizon_days,
@@ -1354,6 +1398,7 @@ pub fn cluster_segment(
     version: i64,
     def: &pb::ClusterDefinition,
     scored: &[&Scored],
+    previous: Option<&ClusterModel>,
 ) -> Result<ClusterResult, ClusteringError> {
     let log1p: Vec<bool> = def
         .features
@@ -1428,6 +1473,27 @@ pub fn cluster_segment(
             kmeans.n_iter(),
             kmeans.converged(),
         )
+    };
+    // Keep indexes stable across runs: match the centroids to the previous run's of the same
+    // definition version and k (its centroids mapped through the new scaling).
+    let (labels, centroids) = match previous
+        .filter(|p| p.version == version && p.centroids.len() == k)
+        .and_then(|p| {
+            let mapped: Vec<Vec<f64>> = p
+                .centroids
+                .iter()
+                .map(|c| scaler.transform(&p.scaler.inverse(c)))
+                .collect();
+            crate::clustering::match_centroids(&centroids, &mapped)
+        }) {
+        Some(to) => {
+            let mut reordered = centroids.clone();
+            for (i, c) in centroids.into_iter().enumerate() {
+                reordered[to[i]] = c;
+            }
+            (labels.into_iter().map(|l| to[l]).collect(), reordered)
+        }
+        None => (labels, centroids),
     };
     let silhouette = silhouette_score_sampled(&data, &labels, sample, def.seed).unwrap_or(0.0);
     let mut aris = Vec::new();
@@ -1574,6 +1640,82 @@ mod tests {
         let mut again = features_of(&base()[0], NOW, &cfg);
         score_one(&mut again, &model, &cfg);
         assert_eq!(again.rfm, champ.rfm);
+    }
+
+    #[test]
+    fn cluster_indexes_follow_the_previous_runs_centroids() {
+        let cfg = config();
+        let scored: Vec<Scored> = base().iter().map(|d| features_of(d, NOW, &cfg)).collect();
+        let refs: Vec<&Scored> = scored.iter().collect();
+        let def = pb::ClusterDefinition {
+            k: 3,
+            method: pb::ClusteringMethod::Kmeans as i32,
+            features: vec![1, 2, 3],
+            scaling: pb::FeatureScaling::Standard as i32,
+            log1p_features: vec![2, 3],
+            seed: 5,
+            n_init: 3,
+            ..Default::default()
+        };
+        let first = cluster_segment("c", 1, &def, &refs, None).unwrap();
+        // A previous run that found the same groups under other numbers: index i there is
+        // index (i + 1) % 3 here.
+        let mut previous = first.model.clone();
+        previous.centroids.rotate_right(1);
+        let second = cluster_segment("c", 1, &def, &refs, Some(&previous)).unwrap();
+        for (a, b) in first.labels.iter().zip(&second.labels) {
+            assert_eq!(*b, (a + 1) % 3);
+        }
+        assert_eq!(second.model.centroids, previous.centroids);
+        for (i, c) in second.output.clusters.iter().enumerate() {
+            assert_eq!(c.index, i32::try_from(i).unwrap());
+            assert_eq!(c.size, first.output.clusters[(i + 2) % 3].size);
+        }
+        // Another definition version is not matched: its indexes mean something new.
+        let other = cluster_segment("c", 2, &def, &refs, Some(&previous)).unwrap();
+        assert_eq!(other.labels, first.labels);
+    }
+
+    #[test]
+    fn a_configured_rfm_map_replaces_the_standard_one_and_must_cover_every_cell() {
+        use clientele_runtime::settings::{RfmSegmentSetting, SegmentationSettings};
+        let rule = |name: &str, r: [u8; 2], fm: [u8; 2]| RfmSegmentSetting {
+            name: name.into(),
+            recency: r,
+            frequency_monetary: fm,
+        };
+        let mut settings = SegmentationSettings {
+            rfm_segments: vec![
+                rule("VIP", [4, 5], [4, 5]),
+                rule("Everyone else", [1, 5], [1, 5]),
+            ],
+            ..SegmentationSettings::default()
+        };
+        let cfg = ScoringConfig::from_settings(&settings).unwrap();
+        let mut scored: Vec<Scored> = base().iter().map(|d| features_of(d, NOW, &cfg)).collect();
+        score_base(&mut scored, &cfg, None);
+        assert_eq!(scored[0].rfm.as_ref().unwrap().1, "VIP");
+        let names: BTreeSet<&str> = scored
+            .iter()
+            .filter_map(|s| s.rfm.as_ref().map(|(_, n)| n.as_str()))
+            .collect();
+        assert_eq!(names, BTreeSet::from(["Everyone else", "VIP"]));
+        let proto = cfg.to_proto();
+        assert_eq!(proto.rfm_name_rules.len(), 2);
+        assert_eq!(
+            proto.rfm_name_rules[0].segment,
+            pb::RfmSegment::Other as i32
+        );
+
+        settings.rfm_segments.pop();
+        let e = ScoringConfig::from_settings(&settings).unwrap_err();
+        assert!(e.contains("does not cover R1 FM1"), "{e}");
+        settings.rfm_segments = vec![rule("Backwards", [5, 1], [1, 5])];
+        let e = ScoringConfig::from_settings(&settings).unwrap_err();
+        assert!(e.contains("`Backwards`"), "{e}");
+        settings.rfm_segments = vec![rule("", [1, 5], [1, 5])];
+        let e = ScoringConfig::from_settings(&settings).unwrap_err();
+        assert!(e.contains("rfm_segments[0].name"), "{e}");
     }
 
     #[test]

@@ -78,7 +78,13 @@ pub async fn build_without_background(
         "segmentation",
     )
     .await?;
-    let store = SqlSegmentationStore::new(database);
+    // On PostgreSQL batch runs are published with COPY over a small native pool.
+    let store = match target {
+        DatabaseTarget::Postgres { url, schema } => {
+            SqlSegmentationStore::connect_postgres(database, url, schema, 2).await?
+        }
+        DatabaseTarget::Sqlite { .. } => SqlSegmentationStore::new(database),
+    };
     let failed = store
         .fail_interrupted_runs(clientele_runtime::time::now_micros())
         .await?;

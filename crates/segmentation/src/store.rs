@@ -10,8 +10,13 @@
 //!   first takes one PostgreSQL advisory lock ([`CHANGES_LOCK`]), so sequence numbers are
 //!   committed in order and a watcher that has seen `seq = n` never later finds a smaller one.
 //!   On SQLite writers are serialised anyway.
-//! * **Bulk writes**: run snapshots and membership diffs are written with multi-row INSERTs,
-//!   chunked to stay under both engines' bind-parameter limits.
+//! * **Bulk writes**: on PostgreSQL a batch run is published over a native `PgPool` (opened
+//!   by [`SqlSegmentationStore::connect_postgres`]): only the diff against the current
+//!   memberships is applied (`DELETE … USING UNNEST` for exits, `COPY` for entries and the
+//!   change log), and the run snapshot (scores, members) is written with `COPY`, so a run
+//!   costs a constant number of statements whatever the number of profiles. Elsewhere (SQLite,
+//!   or a store built with [`SqlSegmentationStore::new`]) the same diff is written with
+//!   multi-row INSERTs chunked under the bind-parameter limits.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -20,6 +25,7 @@ use clientele_proto::v1 as pb;
 use clientele_runtime::db::{Database, WriteTx};
 use prost::Message;
 use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Any, AnyConnection, Row};
 
 use crate::scoring::{ProfileData, RunModel, StoredOrder};
@@ -469,6 +475,8 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct SqlSegmentationStore {
     db: Database,
+    /// Native PostgreSQL pool for COPY and array binds (batch publication), when on PostgreSQL.
+    pg: Option<PgPool>,
 }
 
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
@@ -695,9 +703,14 @@ fn change(
     run_id: &str,
     now: i64,
 ) -> ChangeRow {
+    // A version-4 UUID from the thread's CSPRNG: one getrandom call per change would dominate
+    // a run that publishes millions of changes.
+    let bytes: [u8; 16] = rand::Rng::r#gen(&mut rand::thread_rng());
     ChangeRow {
         seq: 0,
-        change_id: uuid::Uuid::new_v4().to_string(),
+        change_id: uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .to_string(),
         profile_id: profile_id.to_owned(),
         segment_id: segment_id.to_owned(),
         cluster_index,
@@ -708,9 +721,22 @@ fn change(
     }
 }
 
-/// The new-vs-current diff of memberships: (rows to delete, rows to insert, changes).
+/// Current memberships: segment id → profile id → cluster index (-1 outside CLUSTER segments).
+type CurrentMembers = HashMap<String, HashMap<String, i64>>;
+
+fn add_current(current: &mut CurrentMembers, segment_id: String, profile_id: String, cluster: i64) {
+    current
+        .entry(segment_id)
+        .or_default()
+        .insert(profile_id, cluster);
+}
+
+/// The new-vs-current diff of memberships: (rows to delete, rows to insert, changes). A
+/// membership whose cluster is unchanged is left alone (no write, no change); a move between
+/// clusters is an EXITED then an ENTERED. Exits of memberships absent from `next` come last,
+/// ordered by (segment, profile).
 fn diff_memberships(
-    current: &HashMap<(String, String), MemberRow>,
+    current: &CurrentMembers,
     next: &[MemberRow],
     reason: pb::MembershipChangeReason,
     run_id: &str,
@@ -720,64 +746,60 @@ fn diff_memberships(
     let mut deletes = Vec::new();
     let mut inserts = Vec::new();
     let mut changes = Vec::new();
-    let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
+    let mut seen: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
     for m in next {
-        seen.insert((m.segment_id.as_str(), m.profile_id.as_str()));
-        match current.get(&(m.segment_id.clone(), m.profile_id.clone())) {
-            Some(cur) if cur.cluster_index == m.cluster_index => {}
-            Some(cur) => {
-                deletes.push((cur.segment_id.clone(), cur.profile_id.clone()));
+        seen.entry(m.segment_id.as_str())
+            .or_default()
+            .insert(m.profile_id.as_str());
+        let cur = current
+            .get(m.segment_id.as_str())
+            .and_then(|s| s.get(m.profile_id.as_str()));
+        match cur {
+            Some(c) if *c == m.cluster_index => continue,
+            Some(c) => {
+                deletes.push((m.segment_id.clone(), m.profile_id.clone()));
                 changes.push(change(
-                    &cur.profile_id,
-                    &cur.segment_id,
-                    cur.cluster_index,
+                    &m.profile_id,
+                    &m.segment_id,
+                    *c,
                     T::Exited,
                     reason,
                     run_id,
                     now,
                 ));
-                changes.push(change(
-                    &m.profile_id,
-                    &m.segment_id,
-                    m.cluster_index,
-                    T::Entered,
-                    reason,
-                    run_id,
-                    now,
-                ));
-                inserts.push(MemberRow {
-                    entered_at: now,
-                    ..m.clone()
-                });
             }
-            None => {
-                changes.push(change(
-                    &m.profile_id,
-                    &m.segment_id,
-                    m.cluster_index,
-                    T::Entered,
-                    reason,
-                    run_id,
-                    now,
-                ));
-                inserts.push(MemberRow {
-                    entered_at: now,
-                    ..m.clone()
-                });
+            None => {}
+        }
+        changes.push(change(
+            &m.profile_id,
+            &m.segment_id,
+            m.cluster_index,
+            T::Entered,
+            reason,
+            run_id,
+            now,
+        ));
+        inserts.push(MemberRow {
+            entered_at: now,
+            ..m.clone()
+        });
+    }
+    let mut gone: Vec<(&str, &str, i64)> = Vec::new();
+    for (segment, profiles) in current {
+        let kept = seen.get(segment.as_str());
+        for (profile, cluster) in profiles {
+            if !kept.is_some_and(|k| k.contains(profile.as_str())) {
+                gone.push((segment, profile, *cluster));
             }
         }
     }
-    let mut gone: Vec<&MemberRow> = current
-        .values()
-        .filter(|c| !seen.contains(&(c.segment_id.as_str(), c.profile_id.as_str())))
-        .collect();
-    gone.sort_by(|a, b| (&a.segment_id, &a.profile_id).cmp(&(&b.segment_id, &b.profile_id)));
-    for c in gone {
-        deletes.push((c.segment_id.clone(), c.profile_id.clone()));
+    gone.sort_unstable();
+    for (segment, profile, cluster) in gone {
+        deletes.push((segment.to_owned(), profile.to_owned()));
         changes.push(change(
-            &c.profile_id,
-            &c.segment_id,
-            c.cluster_index,
+            profile,
+            segment,
+            cluster,
             T::Exited,
             reason,
             run_id,
@@ -785,6 +807,107 @@ fn diff_memberships(
         ));
     }
     (deletes, inserts, changes)
+}
+
+/// Appends `v` as a COPY text-format field (backslash, tab, newline and carriage return
+/// escaped).
+fn copy_str(out: &mut String, v: &str) {
+    for ch in v.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn copy_i64(out: &mut String, v: Option<i64>) {
+    use std::fmt::Write as _;
+    match v {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push_str("\\N"),
+    }
+}
+
+fn copy_f64(out: &mut String, v: Option<f64>) {
+    use std::fmt::Write as _;
+    match v {
+        Some(v) if v.is_nan() => out.push_str("NaN"),
+        Some(v) if v.is_infinite() => {
+            out.push_str(if v > 0.0 { "Infinity" } else { "-Infinity" });
+        }
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push_str("\\N"),
+    }
+}
+
+/// Streams `rows` through `statement` (`COPY … FROM STDIN`, text format) in ~1 MiB messages,
+/// formatting the next message while the server parses the previous one.
+async fn copy_rows<T>(
+    conn: &mut sqlx::PgConnection,
+    statement: &str,
+    rows: &[T],
+    write: impl Fn(&mut String, &T),
+) -> StoreResult<u64> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    const MESSAGE: usize = 1 << 20;
+    let mut copy = conn.copy_in_raw(statement).await?;
+    let mut buf = String::with_capacity(MESSAGE + 4096);
+    for r in rows {
+        write(&mut buf, r);
+        if buf.len() >= MESSAGE {
+            copy.send(buf.as_bytes()).await?;
+            buf.clear();
+        }
+    }
+    if !buf.is_empty() {
+        copy.send(buf.as_bytes()).await?;
+    }
+    Ok(copy.finish().await?)
+}
+
+fn copy_score(out: &mut String, run_id: &str, s: &ScoreRow) {
+    copy_str(out, run_id);
+    out.push('\t');
+    copy_str(out, &s.profile_id);
+    out.push('\t');
+    copy_i64(out, s.rfm.map(|x| x.0));
+    out.push('\t');
+    copy_i64(out, s.rfm.map(|x| x.1));
+    out.push('\t');
+    copy_i64(out, s.rfm.map(|x| x.2));
+    out.push('\t');
+    match &s.rfm_name {
+        Some(n) => copy_str(out, n),
+        None => out.push_str("\\N"),
+    }
+    out.push('\t');
+    copy_f64(out, s.recency_days);
+    out.push('\t');
+    copy_i64(out, s.frequency);
+    out.push('\t');
+    copy_i64(out, s.monetary_minor);
+    out.push('\t');
+    copy_i64(out, s.lifecycle);
+    out.push('\t');
+    copy_i64(out, s.lifecycle_since);
+    out.push('\t');
+    copy_f64(out, s.clv);
+    out.push('\t');
+    copy_f64(out, s.p_alive);
+    out.push('\t');
+    copy_f64(out, s.exp_purchases);
+    out.push('\t');
+    copy_f64(out, s.exp_aov);
+    out.push('\n');
 }
 
 fn member_from_row(row: &AnyRow) -> StoreResult<MemberRow> {
@@ -801,7 +924,29 @@ impl SqlSegmentationStore {
     /// A store over `db` (already migrated).
     #[must_use]
     pub fn new(db: Database) -> Self {
-        Self { db }
+        Self { db, pg: None }
+    }
+
+    /// A store over `db` (already migrated, PostgreSQL schema `schema` at `url`) that also
+    /// opens a native pool of at most `max_connections` connections to the same schema, used
+    /// to publish batch runs with COPY.
+    ///
+    /// # Errors
+    /// An invalid URL or a server that cannot be reached.
+    pub async fn connect_postgres(
+        db: Database,
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+    ) -> StoreResult<Self> {
+        use std::str::FromStr as _;
+        let opts = PgConnectOptions::from_str(url)?.options([("search_path", schema)]);
+        let pg = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .min_connections(0)
+            .connect_with(opts)
+            .await?;
+        Ok(Self { db, pg: Some(pg) })
     }
 
     async fn begin_write(&self) -> StoreResult<WriteTx<'_>> {
@@ -1119,6 +1264,174 @@ impl SqlSegmentationStore {
                 .await?;
         }
         Ok(())
+    }
+
+    /// [`SegmentationStore::publish_run`] over the native pool: the membership diff with
+    /// `DELETE … USING UNNEST` and `COPY`, the change log and the run snapshot with `COPY`.
+    #[allow(clippy::too_many_lines)]
+    async fn publish_run_pg(&self, pg: &PgPool, p: RunPublication) -> StoreResult<RunRecord> {
+        let mut tx = pg.begin().await?;
+        sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
+            .bind(CHANGES_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let ids: Vec<String> = p.segments.iter().map(|(s, _)| s.clone()).collect();
+        let mut current = CurrentMembers::new();
+        {
+            use futures::TryStreamExt as _;
+            let mut rows = sqlx::query_as::<_, (String, String, i64)>(
+                "SELECT segment_id, profile_id, cluster_index FROM seg_memberships \
+                 WHERE segment_id = ANY($1)",
+            )
+            .bind(&ids)
+            .fetch(&mut *tx);
+            while let Some((segment, profile, cluster)) = rows.try_next().await? {
+                add_current(&mut current, segment, profile, cluster);
+            }
+        }
+        let (deletes, inserts, changes) = diff_memberships(
+            &current,
+            &p.members,
+            pb::MembershipChangeReason::Recompute,
+            &p.run_id,
+            p.now,
+        );
+        drop(current);
+        if !deletes.is_empty() {
+            let (segs, profiles): (Vec<&str>, Vec<&str>) = deletes
+                .iter()
+                .map(|(s, p)| (s.as_str(), p.as_str()))
+                .unzip();
+            sqlx::query(
+                "DELETE FROM seg_memberships m USING UNNEST($1::text[], $2::text[]) AS d(s, p) \
+                 WHERE m.segment_id = d.s AND m.profile_id = d.p",
+            )
+            .bind(&segs)
+            .bind(&profiles)
+            .execute(&mut *tx)
+            .await?;
+        }
+        copy_rows(
+            &mut tx,
+            "COPY seg_memberships (segment_id, profile_id, cluster_index, distance, entered_at) FROM STDIN",
+            &inserts,
+            |out, m| {
+                copy_str(out, &m.segment_id);
+                out.push('\t');
+                copy_str(out, &m.profile_id);
+                out.push('\t');
+                copy_i64(out, Some(m.cluster_index));
+                out.push('\t');
+                copy_f64(out, m.distance);
+                out.push('\t');
+                copy_i64(out, Some(m.entered_at));
+                out.push('\n');
+            },
+        )
+        .await?;
+        // Under the change-log lock the COPY's rows take the next sequence numbers in order.
+        copy_rows(
+            &mut tx,
+            "COPY seg_changes (change_id, profile_id, segment_id, cluster_index, change_type, \
+             reason, run_id, occurred_at) FROM STDIN",
+            &changes,
+            |out, c| {
+                copy_str(out, &c.change_id);
+                out.push('\t');
+                copy_str(out, &c.profile_id);
+                out.push('\t');
+                copy_str(out, &c.segment_id);
+                out.push('\t');
+                copy_i64(out, Some(c.cluster_index));
+                out.push('\t');
+                copy_i64(out, Some(i64::from(c.change_type)));
+                out.push('\t');
+                copy_i64(out, Some(i64::from(c.reason)));
+                out.push('\t');
+                copy_str(out, &c.run_id);
+                out.push('\t');
+                copy_i64(out, Some(c.occurred_at));
+                out.push('\n');
+            },
+        )
+        .await?;
+        copy_rows(
+            &mut tx,
+            &format!("COPY seg_run_scores (run_id, {SCORE_COLUMNS}) FROM STDIN"),
+            &p.scores,
+            |out, s| copy_score(out, &p.run_id, s),
+        )
+        .await?;
+        copy_rows(
+            &mut tx,
+            "COPY seg_run_members (run_id, segment_id, profile_id, cluster_index) FROM STDIN",
+            &p.members,
+            |out, m| {
+                copy_str(out, &p.run_id);
+                out.push('\t');
+                copy_str(out, &m.segment_id);
+                out.push('\t');
+                copy_str(out, &m.profile_id);
+                out.push('\t');
+                copy_i64(out, Some(m.cluster_index));
+                out.push('\n');
+            },
+        )
+        .await?;
+        sqlx::query("DELETE FROM seg_scores WHERE scored_at <= $1")
+            .bind(p.now)
+            .execute(&mut *tx)
+            .await?;
+        let (seg_ids, versions): (Vec<&str>, Vec<i64>) =
+            p.segments.iter().map(|(s, v)| (s.as_str(), *v)).unzip();
+        sqlx::query(
+            "UPDATE seg_segments s SET last_run_id = $1 FROM UNNEST($2::text[], $3::int8[]) AS u(id, v) \
+             WHERE s.segment_id = u.id AND s.version = u.v",
+        )
+        .bind(&p.run_id)
+        .bind(&seg_ids)
+        .bind(&versions)
+        .execute(&mut *tx)
+        .await?;
+        let entered = changes
+            .iter()
+            .filter(|c| c.change_type == pb::MembershipChangeType::Entered as i32)
+            .count();
+        let mut outputs = p.outputs.clone();
+        outputs.entered = i64::try_from(entered).unwrap_or(i64::MAX);
+        outputs.exited = i64::try_from(changes.len() - entered).unwrap_or(i64::MAX);
+        let end: i64 =
+            sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM seg_changes")
+                .fetch_one(&mut *tx)
+                .await?;
+        let model = serde_json::to_string(&p.model).map_err(corrupt)?;
+        sqlx::query(
+            "UPDATE seg_runs SET state = $1, phase = $2, finish_time = $3, outputs = $4, \
+             changes_cursor = $5, model = $6 WHERE run_id = $7",
+        )
+        .bind(pb::RecomputeState::Succeeded as i64)
+        .bind(pb::RecomputePhase::Publishing as i64)
+        .bind(p.now)
+        .bind(hex::encode(outputs.encode_to_vec()))
+        .bind(crate::service::change_cursor(end))
+        .bind(model)
+        .bind(&p.run_id)
+        .execute(&mut *tx)
+        .await?;
+        // Retention: drop snapshots of succeeded runs beyond the newest `retained_runs`.
+        let keep = i64::from(p.retained_runs);
+        for table in ["seg_run_scores", "seg_run_members"] {
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE run_id IN (SELECT run_id FROM seg_runs WHERE state = $1 \
+                 ORDER BY finish_time DESC, run_id DESC OFFSET $2)"
+            ))
+            .bind(pb::RecomputeState::Succeeded as i64)
+            .bind(keep)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.get_run(&p.run_id).await
     }
 }
 
@@ -1719,11 +2032,14 @@ impl SegmentationStore for SqlSegmentationStore {
     }
 
     async fn publish_run(&self, p: RunPublication) -> StoreResult<RunRecord> {
+        if let Some(pg) = &self.pg {
+            return self.publish_run_pg(pg, p).await;
+        }
         let mut w = self.begin_write().await?;
         let conn: &mut AnyConnection = &mut w.tx;
         self.db.lock_id(conn, CHANGES_LOCK).await?;
         // Current memberships of the evaluated segments, diffed against the run's.
-        let mut current: HashMap<(String, String), MemberRow> = HashMap::new();
+        let mut current = CurrentMembers::new();
         let ids: Vec<String> = p.segments.iter().map(|(s, _)| s.clone()).collect();
         for chunk in ids.chunks(LOOKUP_CHUNK) {
             let sql = format!(
@@ -1737,7 +2053,7 @@ impl SegmentationStore for SqlSegmentationStore {
             }
             for r in q.fetch_all(&mut *conn).await? {
                 let m = member_from_row(&r)?;
-                current.insert((m.segment_id.clone(), m.profile_id.clone()), m);
+                add_current(&mut current, m.segment_id, m.profile_id, m.cluster_index);
             }
         }
         let (deletes, inserts, mut changes) = diff_memberships(
@@ -1893,7 +2209,7 @@ impl SegmentationStore for SqlSegmentationStore {
         self.db.lock_id(conn, CHANGES_LOCK).await?;
         let profiles: Vec<String> = scores.iter().map(|s| s.profile_id.clone()).collect();
         let segs: BTreeSet<&String> = segments.iter().collect();
-        let mut current: HashMap<(String, String), MemberRow> = HashMap::new();
+        let mut current = CurrentMembers::new();
         for chunk in profiles.chunks(LOOKUP_CHUNK) {
             let sql = format!(
                 "SELECT segment_id, profile_id, cluster_index, distance, entered_at \
@@ -1907,7 +2223,7 @@ impl SegmentationStore for SqlSegmentationStore {
             for r in q.fetch_all(&mut *conn).await? {
                 let m = member_from_row(&r)?;
                 if segs.contains(&m.segment_id) {
-                    current.insert((m.segment_id.clone(), m.profile_id.clone()), m);
+                    add_current(&mut current, m.segment_id, m.profile_id, m.cluster_index);
                 }
             }
         }

@@ -46,10 +46,16 @@ async fn fixture(engine: Engine) -> Fixture {
     )
     .await
     .expect("database (is PostgreSQL running?)");
-    Fixture {
-        store: SqlSegmentationStore::new(database),
-        _dir: dir,
-    }
+    // PostgreSQL publishes runs over the native COPY path, as the service does.
+    let store = match &target {
+        DatabaseTarget::Postgres { url, schema } => {
+            SqlSegmentationStore::connect_postgres(database, url, schema, 2)
+                .await
+                .unwrap()
+        }
+        DatabaseTarget::Sqlite { .. } => SqlSegmentationStore::new(database),
+    };
+    Fixture { store, _dir: dir }
 }
 
 fn order(profile: &str, id: &str, at: i64, amount: i64) -> Fact {
