@@ -2,6 +2,7 @@
 //! input is INVALID_ARGUMENT naming the field, and nothing is written), calls the store, and
 //! keeps the read-through profile cache coherent (each write invalidates at its new version).
 
+use futures::StreamExt as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -598,9 +599,10 @@ impl ProfileService for ProfileServiceImpl {
             });
         }
         let out = self.store.apply_aggregates(&deltas, now_micros()).await?;
-        for (id, v) in &out.touched {
-            self.cache.invalidate(id, *v).await;
-        }
+        // Up to 500 profiles per call: invalidate concurrently (one multiplexed connection).
+        futures::stream::iter(&out.touched)
+            .for_each_concurrent(32, |(id, v)| self.cache.invalidate(id, *v))
+            .await;
         if !out.touched.is_empty() {
             self.changed.notify_waiters();
         }
