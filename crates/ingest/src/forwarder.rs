@@ -52,12 +52,18 @@ impl Forwarder {
             }
         }
         let mut client = self.profiles.clone();
-        match client
+        let started = std::time::Instant::now();
+        let sent = client
             .apply_aggregates(pb::ApplyAggregatesRequest {
                 deltas: deltas.clone(),
             })
-            .await
-        {
+            .await;
+        tracing::debug!(
+            deltas = rows.len(),
+            apply_ms = started.elapsed().as_secs_f64() * 1e3,
+            "aggregates delivered"
+        );
+        match sent {
             Ok(_) => {
                 let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
                 self.store.outbox_done(&ids).await?;

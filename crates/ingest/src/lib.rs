@@ -6,8 +6,10 @@
 //! - [`service`]: the tonic service: validation → one BatchResolve per batch → one commit per
 //!   batch, IngestStream with durable acknowledgements and resume, timelines and the log.
 //! - [`forwarder`]: delivers the transactional outbox to ProfileService.ApplyAggregates.
+//! - [`erasure`]: follows ProfileService.WatchChanges and deletes erased people's events.
 //! - [`setup`]: builds the service from settings.
 
+pub mod erasure;
 pub mod forwarder;
 pub mod service;
 pub mod setup;

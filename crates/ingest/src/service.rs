@@ -55,6 +55,7 @@ impl From<StoreError> for Status {
             StoreError::Sequence { .. } => Status::aborted(format!(
                 "{e}; another stream of this producer is active (the newest stream wins)"
             )),
+            StoreError::CursorMoved(_) => Status::aborted(e.to_string()),
             StoreError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
                 tracing::error!(error = %e, "database unavailable");
                 Status::unavailable("database unavailable; retry")
@@ -265,6 +266,7 @@ impl IngestServiceImpl {
     pub fn spawn_background(&self) {
         let f = self.forwarder();
         tokio::spawn(f.run(self.inner.committed.clone()));
+        tokio::spawn(self.erasure().run());
         tokio::spawn(crate::forwarder::prune_forever(
             self.inner.store.clone(),
             self.inner.settings.dedup_window_days,
@@ -279,6 +281,17 @@ impl IngestServiceImpl {
             self.inner.profiles.clone(),
             self.inner.settings.forward_batch_size,
         )
+    }
+
+    /// The event store (for tests and tools).
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.inner.store
+    }
+
+    /// The consumer of ProfileService.WatchChanges that deletes erased people's events (for
+    /// tests and tools that want to apply the feed synchronously).
+    pub fn erasure(&self) -> crate::erasure::ErasureConsumer {
+        crate::erasure::ErasureConsumer::new(self.inner.store.clone(), self.inner.profiles.clone())
     }
 
     /// Mounts the service with the scope each method needs.
@@ -352,6 +365,7 @@ impl IngestServiceImpl {
         let mut pending: Vec<usize> = (0..valid.len()).collect();
         let mut resolved: HashMap<usize, pb::ResolveResponse> = HashMap::new();
         let mut attempts = 0;
+        let resolve_started = std::time::Instant::now();
         while !pending.is_empty() {
             attempts += 1;
             let sets: Vec<pb::IdentifierSet> = pending
@@ -409,6 +423,11 @@ impl IngestServiceImpl {
                 }
             }
         }
+        tracing::debug!(
+            sets = valid.len(),
+            resolve_ms = resolve_started.elapsed().as_secs_f64() * 1e3,
+            "batch resolved"
+        );
         let mut new = Vec::with_capacity(valid.len());
         for (v, (i, ev)) in valid.into_iter().enumerate() {
             let Some(res) = resolved.remove(&v) else {
@@ -454,6 +473,7 @@ impl IngestServiceImpl {
         stream: Option<(&str, u64)>,
     ) -> Result<Vec<pb::EventResult>, Status> {
         let now = now_micros();
+        let commit_started = std::time::Instant::now();
         let outcomes = match stream {
             None => self.inner.store.commit(&p.new, None, now).await?,
             Some((producer_id, sequence)) => {
@@ -472,6 +492,11 @@ impl IngestServiceImpl {
                     .await?
             }
         };
+        tracing::debug!(
+            events = p.new.len(),
+            commit_ms = commit_started.elapsed().as_secs_f64() * 1e3,
+            "batch committed"
+        );
         if !p.new.is_empty() {
             self.inner.committed.notify_waiters();
         }

@@ -47,6 +47,10 @@ pub enum StoreError {
     /// Stored data could not be decoded.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A feed's stored cursor moved since it was read: another replica applied the same
+    /// changes first. Nothing was written; read the cursor again.
+    #[error("feed `{0}` cursor moved (another consumer applied it)")]
+    CursorMoved(String),
 }
 
 /// Result of store calls.
@@ -174,6 +178,29 @@ pub struct OutboxRow {
     pub delta: Vec<u8>,
 }
 
+/// A ProfileService change that ingest acts on (from WatchChanges).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileChange {
+    /// `merged` were merged into `survivor`: events stored under them now belong to it.
+    Merged {
+        /// The surviving profile.
+        survivor: String,
+        /// The ids merged into it.
+        merged: Vec<String>,
+    },
+    /// The profile was erased: its events and those of the ids merged into it go.
+    Erased(String),
+}
+
+/// What applying a batch of profile changes did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErasureOutcome {
+    /// Profile ids (erased ones and the ids merged into them) newly marked erased.
+    pub erased_ids: u64,
+    /// Stored events deleted.
+    pub deleted_events: u64,
+}
+
 /// Storage of the event log and everything that makes ingestion exactly-once.
 #[async_trait::async_trait]
 pub trait EventStore: Send + Sync + std::fmt::Debug {
@@ -230,6 +257,132 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     async fn prune(&self, keys_before: i64, results_before: i64) -> StoreResult<u64> {
         any_prune(self.database(), keys_before, results_before).await
     }
+    /// The stored position of feed `feed` (0 if never consumed).
+    async fn feed_position(&self, feed: &str) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT position FROM feed_cursors WHERE feed = $1")
+            .bind(feed)
+            .fetch_optional(&self.database().pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get(0)?,
+            None => 0,
+        })
+    }
+    /// Applies `changes` (in feed order) and moves feed `feed` from `expected` to `position`,
+    /// in one transaction: merges are remembered as aliases; an erasure deletes the stored
+    /// events (and their dedup keys) of the profile and of every id merged into it, and marks
+    /// those ids so that no later commit stores an event for them. Idempotent per change;
+    /// fails with [`StoreError::CursorMoved`], writing nothing, when the stored position is
+    /// no longer `expected`.
+    async fn apply_profile_changes(
+        &self,
+        feed: &str,
+        expected: i64,
+        position: i64,
+        changes: &[ProfileChange],
+        now: i64,
+    ) -> StoreResult<ErasureOutcome>;
+}
+
+/// The shared body of [`EventStore::apply_profile_changes`] inside transaction `tx`;
+/// `log_lock` takes PostgreSQL's log advisory lock before deleting, so a commit that resolved
+/// an erased profile just before the erasure either finishes first (and its events are
+/// deleted here) or runs after (and sees the erased mark).
+async fn apply_profile_changes_in(
+    tx: &mut sqlx::AnyConnection,
+    log_lock: bool,
+    feed: &str,
+    expected: i64,
+    position: i64,
+    changes: &[ProfileChange],
+    now: i64,
+) -> StoreResult<ErasureOutcome> {
+    sqlx::query(
+        "INSERT INTO feed_cursors (feed, position, updated_at) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(feed)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    let moved = sqlx::query(
+        "UPDATE feed_cursors SET position = $1, updated_at = $2 WHERE feed = $3 AND position = $4",
+    )
+    .bind(position)
+    .bind(now)
+    .bind(feed)
+    .bind(expected)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::CursorMoved(feed.to_string()));
+    }
+    let mut out = ErasureOutcome::default();
+    let mut locked = false;
+    for change in changes {
+        match change {
+            ProfileChange::Merged { survivor, merged } => {
+                for m in merged.iter().filter(|m| *m != survivor) {
+                    sqlx::query(
+                        "UPDATE profile_aliases SET survivor_id = $1 WHERE survivor_id = $2",
+                    )
+                    .bind(survivor)
+                    .bind(m)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "INSERT INTO profile_aliases (alias_id, survivor_id) VALUES ($1, $2) \
+                         ON CONFLICT (alias_id) DO UPDATE SET survivor_id = excluded.survivor_id",
+                    )
+                    .bind(m)
+                    .bind(survivor)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            ProfileChange::Erased(profile_id) => {
+                if log_lock && !locked {
+                    sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
+                        .bind(LOG_LOCK)
+                        .execute(&mut *tx)
+                        .await?;
+                    locked = true;
+                }
+                let mut ids = vec![profile_id.clone()];
+                for r in sqlx::query("SELECT alias_id FROM profile_aliases WHERE survivor_id = $1")
+                    .bind(profile_id)
+                    .fetch_all(&mut *tx)
+                    .await?
+                {
+                    ids.push(r.try_get(0)?);
+                }
+                for id in &ids {
+                    sqlx::query(
+                        "DELETE FROM event_keys WHERE profile_id = $1 AND (source, event_id) IN \
+                         (SELECT source, event_id FROM events WHERE profile_id = $1)",
+                    )
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    out.deleted_events += sqlx::query("DELETE FROM events WHERE profile_id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    out.erased_ids += sqlx::query(
+                        "INSERT INTO erased_profiles (profile_id, erased_at) VALUES ($1, $2) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The outbox row an accepted event produces, decided from what the database already holds.
@@ -676,7 +829,8 @@ impl EventStore for PgEventStore {
             sqlx::query(
                 "INSERT INTO events (source, event_id, profile_id, kind, custom_name, occurred_at, ingested_at, body, redacted) \
                  SELECT s, i, p, k, n, o, $7, b, r FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int8[], $8::bytea[], $9::text[]) \
-                 AS u(s, i, p, k, n, o, b, r)",
+                 AS u(s, i, p, k, n, o, b, r) \
+                 WHERE NOT EXISTS (SELECT 1 FROM erased_profiles x WHERE x.profile_id = u.p)",
             )
             .bind(col(|e| &e.source))
             .bind(col(|e| &e.event_id))
@@ -810,6 +964,21 @@ impl EventStore for PgEventStore {
     fn database(&self) -> &Database {
         &self.db
     }
+
+    async fn apply_profile_changes(
+        &self,
+        feed: &str,
+        expected: i64,
+        position: i64,
+        changes: &[ProfileChange],
+        now: i64,
+    ) -> StoreResult<ErasureOutcome> {
+        let mut tx = self.db.pool.begin().await?;
+        let out =
+            apply_profile_changes_in(&mut tx, true, feed, expected, position, changes, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -884,7 +1053,8 @@ impl EventStore for SqliteEventStore {
         for e in &accepted {
             sqlx::query(
                 "INSERT INTO events (source, event_id, profile_id, kind, custom_name, occurred_at, ingested_at, body, redacted) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+                 WHERE NOT EXISTS (SELECT 1 FROM erased_profiles WHERE profile_id = $3)",
             )
             .bind(&e.source)
             .bind(&e.event_id)
@@ -985,5 +1155,21 @@ impl EventStore for SqliteEventStore {
 
     fn database(&self) -> &Database {
         &self.db
+    }
+
+    async fn apply_profile_changes(
+        &self,
+        feed: &str,
+        expected: i64,
+        position: i64,
+        changes: &[ProfileChange],
+        now: i64,
+    ) -> StoreResult<ErasureOutcome> {
+        let _serial = self.write_lock.lock().await;
+        let mut tx = self.db.pool.begin().await?;
+        let out = apply_profile_changes_in(&mut tx, false, feed, expected, position, changes, now)
+            .await?;
+        tx.commit().await?;
+        Ok(out)
     }
 }

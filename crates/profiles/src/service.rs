@@ -2,6 +2,7 @@
 //! input is INVALID_ARGUMENT naming the field, and nothing is written), calls the store, and
 //! keeps the read-through profile cache coherent (each write invalidates at its new version).
 
+use futures::StreamExt as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -321,7 +322,9 @@ impl ProfileService for ProfileServiceImpl {
         // Returning customers (every identifier known, one profile) need no write; first-time
         // customers are created in bulk; only the rest (links, merges, tombstones) go one by
         // one through the full resolution.
+        let started = std::time::Instant::now();
         let known = self.store.resolve_known(&key_sets).await?;
+        let known_ms = started.elapsed().as_secs_f64() * 1e3;
         let unknown: Vec<usize> = (0..known.len()).filter(|&i| known[i].is_none()).collect();
         let unknown_sets: Vec<Vec<IdentifierKey>> =
             unknown.iter().map(|&i| key_sets[i].clone()).collect();
@@ -337,8 +340,11 @@ impl ProfileService for ProfileServiceImpl {
         if created_at.iter().any(Option::is_some) {
             self.changed.notify_waiters();
         }
+        let created_ms = started.elapsed().as_secs_f64() * 1e3 - known_ms;
+        let mut slow = 0usize;
         let mut results = Vec::with_capacity(normalised.len());
         for (((keys, index), known), created) in normalised.iter().zip(known).zip(created_at) {
+            slow += usize::from(known.is_none() && created.is_none());
             results.push(match (known, created) {
                 (Some(profile_id), _) => pb::ResolveResponse {
                     profile_id,
@@ -352,6 +358,15 @@ impl ProfileService for ProfileServiceImpl {
                 (None, None) => self.resolve_keys(keys, index).await?,
             });
         }
+        tracing::debug!(
+            sets = results.len(),
+            new = unknown.len(),
+            slow,
+            known_ms,
+            created_ms,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "batch resolve"
+        );
         Ok(Response::new(pb::BatchResolveResponse { results }))
     }
 
@@ -584,9 +599,10 @@ impl ProfileService for ProfileServiceImpl {
             });
         }
         let out = self.store.apply_aggregates(&deltas, now_micros()).await?;
-        for (id, v) in &out.touched {
-            self.cache.invalidate(id, *v).await;
-        }
+        // Up to 500 profiles per call: invalidate concurrently (one multiplexed connection).
+        futures::stream::iter(&out.touched)
+            .for_each_concurrent(32, |(id, v)| self.cache.invalidate(id, *v))
+            .await;
         if !out.touched.is_empty() {
             self.changed.notify_waiters();
         }

@@ -652,6 +652,96 @@ async fn survivor(conn: &mut AnyConnection, id: &str) -> StoreResult<Option<Surv
     Err(corrupt(format!("alias chain of {id} too long")))
 }
 
+/// Rows per multi-row statement in `apply_aggregates`.
+const APPLY_CHUNK: usize = 200;
+
+/// One profile's share of an `apply_aggregates` call, folded in memory. Absent times are
+/// `i64::MAX` / `i64::MIN`, which never win the comparisons in the UPDATE (it compares with
+/// `i64::MAX` and `i64::MIN + 1` for a NULL column).
+struct ProfileFold {
+    orders: i64,
+    refunds: i64,
+    first_order: i64,
+    last_order: i64,
+    last_seen: i64,
+}
+
+impl Default for ProfileFold {
+    fn default() -> Self {
+        Self {
+            orders: 0,
+            refunds: 0,
+            first_order: i64::MAX,
+            last_order: i64::MIN,
+            last_seen: i64::MIN,
+        }
+    }
+}
+
+impl ProfileFold {
+    fn add(&mut self, d: &AggregateDelta) {
+        self.orders += d.orders;
+        self.refunds += d.refunds;
+        if d.orders > 0 {
+            self.first_order = self.first_order.min(d.occurred_at);
+            self.last_order = self.last_order.max(d.occurred_at);
+        }
+        self.last_seen = self.last_seen.max(d.occurred_at);
+    }
+}
+
+/// The live (unmerged, unerased) survivor of each of `ids`, `None` when missing or erased;
+/// follows merge aliases a hop at a time for all ids at once.
+async fn survivors(
+    conn: &mut AnyConnection,
+    ids: &BTreeSet<&str>,
+) -> StoreResult<HashMap<String, Option<String>>> {
+    // current[i] = where requested id i has got to.
+    let requested: Vec<String> = ids.iter().map(|s| (*s).to_string()).collect();
+    let mut current: Vec<Option<String>> = requested.iter().cloned().map(Some).collect();
+    let mut done: HashMap<String, Option<String>> = HashMap::new();
+    for _ in 0..MAX_ALIAS_HOPS {
+        let frontier: BTreeSet<&str> = current.iter().flatten().map(String::as_str).collect();
+        if frontier.is_empty() {
+            break;
+        }
+        // id -> (merged_into, erased)
+        let mut rows: HashMap<String, (Option<String>, bool)> = HashMap::new();
+        let frontier: Vec<&str> = frontier.into_iter().collect();
+        for chunk in frontier.chunks(LOOKUP_CHUNK) {
+            let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT id, merged_into, erased_at FROM profiles WHERE id IN ({})",
+                params.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                let erased: Option<i64> = r.try_get(2)?;
+                rows.insert(r.try_get(0)?, (r.try_get(1)?, erased.is_some()));
+            }
+        }
+        for (i, cur) in current.iter_mut().enumerate() {
+            let Some(id) = cur.take() else { continue };
+            match rows.get(&id) {
+                None | Some((None, true)) => {
+                    done.insert(requested[i].clone(), None);
+                }
+                Some((None, false)) => {
+                    done.insert(requested[i].clone(), Some(id));
+                }
+                Some((Some(next), _)) => *cur = Some(next.clone()),
+            }
+        }
+    }
+    if current.iter().any(Option::is_some) {
+        return Err(corrupt("alias chain too long"));
+    }
+    Ok(done)
+}
+
 async fn lookup_identifiers(
     conn: &mut AnyConnection,
     keys: &[IdentifierKey],
@@ -1018,37 +1108,49 @@ impl ProfileStore for SqlProfileStore {
         deltas: &[AggregateDelta],
         now: i64,
     ) -> StoreResult<ApplyOutcome> {
+        // Multi-row statements: a call of n deltas costs a handful of statements per chunk,
+        // not several per delta (the ingest forwarder sends up to 500 at a time).
         let write = || async {
             let mut w = self.begin_write().await?;
             let conn: &mut AnyConnection = &mut w.tx;
             // Resolve survivors first and lock them in order, so batches never deadlock.
-            let mut live: HashMap<&str, Option<String>> = HashMap::new();
-            for d in deltas {
-                if !live.contains_key(d.profile_id.as_str()) {
-                    let s = survivor(conn, &d.profile_id).await?;
-                    live.insert(
-                        d.profile_id.as_str(),
-                        s.filter(|s| s.erased_at.is_none()).map(|s| s.id),
-                    );
-                }
-            }
+            let requested: BTreeSet<&str> = deltas.iter().map(|d| d.profile_id.as_str()).collect();
+            let live = survivors(conn, &requested).await?;
             let ids: BTreeSet<String> = live.values().flatten().cloned().collect();
             self.lock(conn, ids.iter().map(|p| format!("p:{p}")))
                 .await?;
+            // Keys new to this call, first occurrence only; then which of them are new to the
+            // store (the insert returns exactly those).
+            let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+            let firsts: Vec<&AggregateDelta> = deltas
+                .iter()
+                .filter(|d| seen.insert(d.key.as_str()))
+                .collect();
+            let mut fresh: std::collections::HashSet<String> = std::collections::HashSet::new();
+            for chunk in firsts.chunks(APPLY_CHUNK) {
+                let rows: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO applied_deltas (idempotency_key, profile_id, applied_at) VALUES {} \
+                     ON CONFLICT DO NOTHING RETURNING idempotency_key",
+                    rows.join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for d in chunk {
+                    q = q.bind(d.key.as_str()).bind(d.profile_id.as_str()).bind(now);
+                }
+                for r in q.fetch_all(&mut *conn).await? {
+                    fresh.insert(r.try_get(0)?);
+                }
+            }
             let mut out = ApplyOutcome::default();
-            let mut touched: BTreeSet<String> = BTreeSet::new();
+            let mut folds: BTreeMap<String, ProfileFold> = BTreeMap::new();
+            let mut spend: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+            let mut engagement: BTreeMap<(String, String), i64> = BTreeMap::new();
+            let mut counted: std::collections::HashSet<&str> = std::collections::HashSet::new();
             for d in deltas {
-                let inserted = sqlx::query(
-                    "INSERT INTO applied_deltas (idempotency_key, profile_id, applied_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT DO NOTHING",
-                )
-                .bind(&d.key)
-                .bind(&d.profile_id)
-                .bind(now)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-                if inserted == 0 {
+                if !fresh.contains(&d.key) || !counted.insert(d.key.as_str()) {
                     out.duplicates += 1;
                     continue;
                 }
@@ -1056,61 +1158,134 @@ impl ProfileStore for SqlProfileStore {
                     out.unknown_profiles += 1;
                     continue;
                 };
-                let pid = pid.clone();
-                let order = i64::from(d.orders > 0);
-                sqlx::query(
-                    "UPDATE profiles SET order_count = order_count + $1, refund_count = refund_count + $2, \
-                     first_order_at = CASE WHEN CAST($3 AS BIGINT) = 1 AND (first_order_at IS NULL OR first_order_at > $4) THEN $4 ELSE first_order_at END, \
-                     last_order_at = CASE WHEN CAST($3 AS BIGINT) = 1 AND (last_order_at IS NULL OR last_order_at < $4) THEN $4 ELSE last_order_at END, \
-                     last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < $4 THEN $4 ELSE last_seen_at END \
-                     WHERE id = $5",
-                )
-                .bind(d.orders)
-                .bind(d.refunds)
-                .bind(order)
-                .bind(d.occurred_at)
-                .bind(&pid)
-                .execute(&mut *conn)
-                .await?;
+                folds.entry(pid.clone()).or_default().add(d);
                 for (money, gross) in [(&d.gross, true), (&d.refunded, false)] {
                     if let Some((currency, amount)) = money {
-                        let (g, r) = if gross { (*amount, 0) } else { (0, *amount) };
-                        sqlx::query(
-                            "INSERT INTO spend (profile_id, currency, gross_minor, refunded_minor) VALUES ($1, $2, $3, $4) \
-                             ON CONFLICT (profile_id, currency) DO UPDATE SET \
-                             gross_minor = spend.gross_minor + excluded.gross_minor, \
-                             refunded_minor = spend.refunded_minor + excluded.refunded_minor",
-                        )
-                        .bind(&pid)
-                        .bind(currency)
-                        .bind(g)
-                        .bind(r)
-                        .execute(&mut *conn)
-                        .await?;
+                        let e = spend.entry((pid.clone(), currency.clone())).or_default();
+                        if gross {
+                            e.0 += *amount;
+                        } else {
+                            e.1 += *amount;
+                        }
                     }
                 }
                 for (kind, n) in &d.engagement {
-                    sqlx::query(
-                        "INSERT INTO engagement (profile_id, kind, count) VALUES ($1, $2, $3) \
-                         ON CONFLICT (profile_id, kind) DO UPDATE SET count = engagement.count + excluded.count",
-                    )
-                    .bind(&pid)
-                    .bind(kind)
-                    .bind(*n)
-                    .execute(&mut *conn)
-                    .await?;
+                    *engagement.entry((pid.clone(), kind.clone())).or_default() += *n;
                 }
                 out.applied += 1;
-                touched.insert(pid);
             }
-            for pid in &touched {
-                let v = self.bump(conn, pid, now).await?;
-                out.touched.push((pid.clone(), v));
+            let folds: Vec<(String, ProfileFold)> = folds.into_iter().collect();
+            let mut versions: BTreeMap<String, i64> = BTreeMap::new();
+            for chunk in folds.chunks(APPLY_CHUNK) {
+                let rows: Vec<String> = (0..chunk.len())
+                    .map(|i| {
+                        let b = i * 6;
+                        format!(
+                            "(${}, CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
+                            b + 1, b + 2, b + 3, b + 4, b + 5, b + 6
+                        )
+                    })
+                    .collect();
+                let sql = format!(
+                    "WITH v (id, o, r, fo, lo, ls) AS (VALUES {}) \
+                     UPDATE profiles SET order_count = order_count + v.o, refund_count = refund_count + v.r, \
+                     first_order_at = CASE WHEN v.fo < COALESCE(first_order_at, {max}) THEN v.fo ELSE first_order_at END, \
+                     last_order_at = CASE WHEN v.lo > COALESCE(last_order_at, {min}) THEN v.lo ELSE last_order_at END, \
+                     last_seen_at = CASE WHEN v.ls > COALESCE(last_seen_at, {min}) THEN v.ls ELSE last_seen_at END, \
+                     version = version + 1, updated_at = ${now} \
+                     FROM v WHERE profiles.id = v.id RETURNING profiles.id, profiles.version",
+                    rows.join(", "),
+                    max = i64::MAX,
+                    min = i64::MIN + 1,
+                    now = chunk.len() * 6 + 1,
+                );
+                let mut q = sqlx::query(&sql);
+                for (pid, f) in chunk {
+                    q = q
+                        .bind(pid.as_str())
+                        .bind(f.orders)
+                        .bind(f.refunds)
+                        .bind(f.first_order)
+                        .bind(f.last_order)
+                        .bind(f.last_seen);
+                }
+                q = q.bind(now);
+                for r in q.fetch_all(&mut *conn).await? {
+                    versions.insert(r.try_get(0)?, r.try_get(1)?);
+                }
             }
-            for pid in &touched {
-                self.record_change(conn, pid, ChangeKind::Updated, &[], now)
-                    .await?;
+            let spend: Vec<_> = spend.into_iter().collect();
+            for chunk in spend.chunks(APPLY_CHUNK) {
+                let rows: Vec<String> = (0..chunk.len())
+                    .map(|i| {
+                        format!(
+                            "(${}, ${}, ${}, ${})",
+                            i * 4 + 1,
+                            i * 4 + 2,
+                            i * 4 + 3,
+                            i * 4 + 4
+                        )
+                    })
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO spend (profile_id, currency, gross_minor, refunded_minor) VALUES {} \
+                     ON CONFLICT (profile_id, currency) DO UPDATE SET \
+                     gross_minor = spend.gross_minor + excluded.gross_minor, \
+                     refunded_minor = spend.refunded_minor + excluded.refunded_minor",
+                    rows.join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for ((pid, currency), (g, r)) in chunk {
+                    q = q
+                        .bind(pid.as_str())
+                        .bind(currency.as_str())
+                        .bind(*g)
+                        .bind(*r);
+                }
+                q.execute(&mut *conn).await?;
             }
+            let engagement: Vec<_> = engagement.into_iter().collect();
+            for chunk in engagement.chunks(APPLY_CHUNK) {
+                let rows: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO engagement (profile_id, kind, count) VALUES {} \
+                     ON CONFLICT (profile_id, kind) DO UPDATE SET count = engagement.count + excluded.count",
+                    rows.join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for ((pid, kind), n) in chunk {
+                    q = q.bind(pid.as_str()).bind(kind.as_str()).bind(*n);
+                }
+                q.execute(&mut *conn).await?;
+            }
+            if !versions.is_empty() {
+                self.db.lock_id(conn, CHANGES_LOCK).await?;
+                let touched: Vec<(&String, &i64)> = versions.iter().collect();
+                for chunk in touched.chunks(APPLY_CHUNK) {
+                    let rows: Vec<String> = (0..chunk.len())
+                        .map(|i| {
+                            format!(
+                                "(${}, {}, '', ${})",
+                                i * 2 + 1,
+                                ChangeKind::Updated as i64,
+                                i * 2 + 2
+                            )
+                        })
+                        .collect();
+                    let sql = format!(
+                        "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES {}",
+                        rows.join(", ")
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for (pid, _) in chunk {
+                        q = q.bind(pid.as_str()).bind(now);
+                    }
+                    q.execute(&mut *conn).await?;
+                }
+            }
+            out.touched = versions.into_iter().collect();
             w.tx.commit().await?;
             Ok(out)
         };

@@ -1,0 +1,137 @@
+//! Erasure of stored events (GDPR art. 17): follows ProfileService.WatchChanges and, for each
+//! PROFILE_CHANGE_KIND_ERASED, deletes the events stored for that profile and for every id
+//! merged into it (merges are learnt from the same feed's MERGED changes).
+//!
+//! Exactly once in effect: each batch of changes is read after the stored cursor and applied
+//! together with the new cursor in one transaction that first checks the cursor is still the
+//! one read (see [`EventStore::apply_profile_changes`]). A crash between reading and committing
+//! re-reads the same changes; re-applying an erasure deletes nothing more. Commits that
+//! resolved a profile just before its erasure cannot leave events behind: the store marks
+//! erased ids and never stores an event for them afterwards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clientele_proto::v1 as pb;
+use tonic::Status;
+
+use crate::service::ProfileClient;
+use crate::store::{EventStore, ProfileChange};
+
+/// Feed name of ProfileService.WatchChanges in `feed_cursors`.
+pub const PROFILES_FEED: &str = "profiles";
+/// Changes applied per transaction at most.
+pub const BATCH: usize = 2_000;
+
+/// Consumes ProfileService.WatchChanges into the event store.
+#[derive(Debug, Clone)]
+pub struct ErasureConsumer {
+    store: Arc<dyn EventStore>,
+    profiles: ProfileClient,
+    /// How long a quiet feed is waited on before the batch read so far is applied.
+    idle: Duration,
+}
+
+impl ErasureConsumer {
+    /// A consumer over `store`, reading the feed from `profiles`.
+    pub fn new(store: Arc<dyn EventStore>, profiles: ProfileClient) -> Self {
+        Self {
+            store,
+            profiles,
+            idle: Duration::from_millis(200),
+        }
+    }
+
+    /// Reads at most [`BATCH`] changes after the stored cursor and applies them with the new
+    /// cursor in one transaction. Returns how many changes it read (0 when caught up).
+    ///
+    /// # Errors
+    /// ProfileService unreachable, or the store failed (ABORTED, from
+    /// [`crate::store::StoreError::CursorMoved`], when
+    /// another replica applied the same changes first: nothing was written).
+    pub async fn consume_once(&self) -> Result<usize, Status> {
+        let expected = self.store.feed_position(PROFILES_FEED).await?;
+        let mut stream = self
+            .profiles
+            .clone()
+            .watch_changes(pb::WatchChangesRequest {
+                after_sequence: expected,
+            })
+            .await?
+            .into_inner();
+        let mut changes = Vec::new();
+        let mut read = 0usize;
+        let mut last = expected;
+        while read < BATCH {
+            let Ok(next) = tokio::time::timeout(self.idle, stream.message()).await else {
+                break;
+            };
+            let Some(change) = next? else { break };
+            read += 1;
+            last = change.sequence;
+            use pb::ProfileChangeKind as K;
+            match K::try_from(change.kind).unwrap_or(K::Unspecified) {
+                K::Merged => changes.push(ProfileChange::Merged {
+                    survivor: change.profile_id,
+                    merged: change.merged_profile_ids,
+                }),
+                K::Erased => changes.push(ProfileChange::Erased(change.profile_id)),
+                _ => {}
+            }
+        }
+        drop(stream);
+        if read == 0 || last == expected {
+            return Ok(0);
+        }
+        let out = self
+            .store
+            .apply_profile_changes(
+                PROFILES_FEED,
+                expected,
+                last,
+                &changes,
+                clientele_runtime::time::now_micros(),
+            )
+            .await?;
+        if out.erased_ids > 0 {
+            tracing::info!(
+                ids = out.erased_ids,
+                events = out.deleted_events,
+                "deleted the stored events of erased profiles"
+            );
+        }
+        Ok(read)
+    }
+
+    /// Applies changes until the feed is caught up; returns how many were read.
+    ///
+    /// # Errors
+    /// As [`Self::consume_once`].
+    pub async fn catch_up(&self) -> Result<usize, Status> {
+        let mut total = 0;
+        loop {
+            match self.consume_once().await? {
+                0 => return Ok(total),
+                n => total += n,
+            }
+        }
+    }
+
+    /// Runs forever in the background, backing off after errors and when idle.
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.catch_up().await {
+                Ok(_) => {
+                    backoff = Duration::from_millis(500);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(s) => {
+                    tracing::warn!(code = ?s.code(), error = %s.message(), "profile change feed failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
