@@ -239,25 +239,28 @@ impl Consumer {
             }
         }
     }
-
-    /// Runs both feeds forever in the background, backing off (up to a minute) after errors
-    /// and pausing when idle.
-    pub fn spawn(self) -> tokio::task::JoinHandle<()> {
+    /// Starts the consumer in the background, in one replica at a time (the one holding the
+    /// `experiments.feeds` leader lock on `target`'s PostgreSQL; on SQLite it simply runs).
+    pub fn spawn(
+        self,
+        target: clientele_runtime::db::DatabaseTarget,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let mut backoff = Duration::from_secs(1);
-            loop {
-                match self.catch_up().await {
-                    Ok(_) => {
-                        backoff = Duration::from_secs(1);
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "experiments feed consumer failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(60));
-                    }
+            clientele_runtime::leader::lead(target, "experiments.feeds", move || {
+                let me = self.clone();
+                async move {
+                    clientele_runtime::leader::poll_forever(
+                        "experiments.feeds",
+                        Duration::from_millis(500),
+                        || {
+                            let me = me.clone();
+                            async move { me.catch_up().await }
+                        },
+                    )
+                    .await;
                 }
-            }
+            })
+            .await;
         })
     }
 }

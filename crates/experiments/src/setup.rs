@@ -65,7 +65,7 @@ pub async fn build_with_holdout(
 ) -> Result<ExperimentServiceImpl, SetupError> {
     let (service, consumer) = build_without_background(settings, target, holdout).await?;
     if settings.experiments.consumers {
-        consumer.spawn();
+        consumer.spawn(target.clone());
     }
     Ok(service)
 }

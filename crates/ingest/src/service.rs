@@ -262,15 +262,26 @@ impl IngestServiceImpl {
         }
     }
 
-    /// Starts the background tasks: the aggregate forwarder and the pruning of expired keys.
-    pub fn spawn_background(&self) {
-        let f = self.forwarder();
-        tokio::spawn(f.run(self.inner.committed.clone()));
-        tokio::spawn(self.erasure().run());
-        tokio::spawn(crate::forwarder::prune_forever(
-            self.inner.store.clone(),
-            self.inner.settings.dedup_window_days,
-        ));
+    /// Starts the background tasks (the aggregate forwarder, the erasure follower and the
+    /// pruning of expired keys) in one replica at a time: the holder of the `ingest.background`
+    /// leader lock on `target`.
+    pub fn spawn_background(&self, target: clientele_runtime::db::DatabaseTarget) {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            clientele_runtime::leader::lead(target, "ingest.background", move || {
+                let forwarder = svc.forwarder();
+                let erasure = svc.erasure();
+                let wake = svc.inner.committed.clone();
+                let prune = crate::forwarder::prune_forever(
+                    svc.inner.store.clone(),
+                    svc.inner.settings.dedup_window_days,
+                );
+                async move {
+                    tokio::join!(forwarder.run(wake), erasure.run(), prune);
+                }
+            })
+            .await;
+        });
     }
 
     /// A forwarder over this service's store and ProfileService client (for tests and tools

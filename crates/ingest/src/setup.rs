@@ -81,6 +81,6 @@ pub async fn build(
     target: &DatabaseTarget,
 ) -> Result<IngestServiceImpl, SetupError> {
     let svc = build_without_background(settings, target).await?;
-    svc.spawn_background();
+    svc.spawn_background(target.clone());
     Ok(svc)
 }

@@ -76,7 +76,7 @@ pub async fn build(
 ) -> Result<OfferServiceImpl, SetupError> {
     let (service, consumers) = build_without_background(settings, target).await?;
     if settings.offers.consumers {
-        consumers.spawn();
+        consumers.spawn(target.clone());
     }
     Ok(service)
 }

@@ -12,9 +12,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use sqlx::Acquire as _;
+use sqlx::Connection as _;
 
-use crate::db::{Backend, Database};
+use crate::db::DatabaseTarget;
 
 /// How often a follower tries to take the lock.
 pub const RETRY: Duration = Duration::from_secs(2);
@@ -35,19 +35,22 @@ pub fn lock_key(name: &str) -> i64 {
 /// Runs `job()` for as long as this process leads `name`; when leadership is lost the job's
 /// future is dropped and the process goes back to waiting. `job` is called again on every new
 /// term, so it must resume from durable state (a stored cursor), which is what feed consumers
-/// do anyway. Never returns on PostgreSQL; on SQLite returns when `job()` does.
-pub async fn lead<F, Fut>(database: Database, name: &str, mut job: F)
+/// do anyway. The lock is taken on a connection of its own to `target`'s server (not from the
+/// service's pool, whose connections come and go). Never returns on PostgreSQL; on SQLite
+/// returns when `job()` does.
+pub async fn lead<F, Fut>(target: DatabaseTarget, name: &str, mut job: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()>,
 {
-    if database.backend != Backend::Postgres {
+    let DatabaseTarget::Postgres { url, .. } = target else {
         job().await;
         return;
-    }
+    };
+    sqlx::any::install_default_drivers();
     let key = lock_key(name);
     loop {
-        match acquire(&database, key).await {
+        match acquire(&url, key).await {
             Ok(Some(mut conn)) => {
                 tracing::info!(job = name, "leading");
                 tokio::select! {
@@ -69,17 +72,43 @@ where
 }
 
 /// A dedicated session holding the lock, or `None` when another replica holds it.
-async fn acquire(
-    database: &Database,
-    key: i64,
-) -> Result<Option<sqlx::AnyConnection>, sqlx::Error> {
-    // Detached: the lock lives as long as this session, which must not go back to the pool.
-    let mut conn = database.pool.acquire().await?.detach();
+async fn acquire(url: &str, key: i64) -> Result<Option<sqlx::AnyConnection>, sqlx::Error> {
+    let mut conn = sqlx::AnyConnection::connect(url).await?;
     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(key)
-        .fetch_one(conn.acquire().await?)
+        .fetch_one(&mut conn)
         .await?;
-    Ok(got.then_some(conn))
+    if got {
+        Ok(Some(conn))
+    } else {
+        conn.close().await?;
+        Ok(None)
+    }
+}
+
+/// Runs `pass` forever: after a successful pass waits `idle`; after a failure logs it and backs
+/// off (1 s, doubling to 60 s). The loop body of every feed consumer and forwarder; run it
+/// under [`lead`] so only one replica polls.
+pub async fn poll_forever<F, Fut, T, E>(name: &str, idle: Duration, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match pass().await {
+            Ok(_) => {
+                backoff = Duration::from_secs(1);
+                tokio::time::sleep(idle).await;
+            }
+            Err(e) => {
+                tracing::warn!(job = name, error = %e, retry_in = ?backoff, "background job failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
 }
 
 /// Returns (with the error) once the session stops answering.
@@ -99,18 +128,12 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::db::{DatabaseTarget, open};
 
-    static NO_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
-
-    async fn database() -> Database {
-        let target = DatabaseTarget::Postgres {
+    fn database() -> DatabaseTarget {
+        DatabaseTarget::Postgres {
             url: crate::testing::postgres_url(),
             schema: crate::testing::unique_schema("leader"),
-        };
-        open(&target, 4, &NO_MIGRATIONS, &NO_MIGRATIONS, "leader")
-            .await
-            .expect("PostgreSQL for tests")
+        }
     }
 
     /// A job that counts how many copies of it run at once, forever.
@@ -162,7 +185,7 @@ mod tests {
         let leader = Arc::new(AtomicUsize::new(usize::MAX));
         let mut replicas = Vec::new();
         for replica in 0..3 {
-            let db = database().await;
+            let db = database();
             let job = counting_job(
                 replica,
                 leader.clone(),
@@ -210,12 +233,9 @@ mod tests {
     #[tokio::test]
     async fn on_sqlite_the_job_just_runs() {
         let dir = tempfile::tempdir().unwrap();
-        let target = DatabaseTarget::Sqlite {
+        let db = DatabaseTarget::Sqlite {
             path: dir.path().join("x.db"),
         };
-        let db = open(&target, 1, &NO_MIGRATIONS, &NO_MIGRATIONS, "leader")
-            .await
-            .unwrap();
         let ran = Arc::new(AtomicUsize::new(0));
         let r = ran.clone();
         lead(db, "sqlite-job", move || {

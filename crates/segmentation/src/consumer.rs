@@ -299,19 +299,28 @@ impl Consumer {
         }
         Ok(())
     }
-
-    /// Runs both feeds forever in the background, backing off after errors and when idle.
-    pub fn spawn(self) -> tokio::task::JoinHandle<()> {
+    /// Starts the consumer in the background, in one replica at a time (the one holding the
+    /// `segmentation.feeds` leader lock on `target`'s PostgreSQL; on SQLite it simply runs).
+    pub fn spawn(
+        self,
+        target: clientele_runtime::db::DatabaseTarget,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            loop {
-                match self.catch_up().await {
-                    Ok(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "segmentation feed consumer failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
+            clientele_runtime::leader::lead(target, "segmentation.feeds", move || {
+                let me = self.clone();
+                async move {
+                    clientele_runtime::leader::poll_forever(
+                        "segmentation.feeds",
+                        Duration::from_millis(500),
+                        || {
+                            let me = me.clone();
+                            async move { me.catch_up().await }
+                        },
+                    )
+                    .await;
                 }
-            }
+            })
+            .await;
         })
     }
 }

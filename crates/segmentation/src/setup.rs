@@ -117,6 +117,6 @@ pub async fn build(
     target: &DatabaseTarget,
 ) -> Result<SegmentationServiceImpl, SetupError> {
     let built = build_without_background(settings, target).await?;
-    built.consumer.spawn();
+    built.consumer.spawn(target.clone());
     Ok(built.service)
 }
