@@ -7,14 +7,14 @@
 //! second time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use clientele::generate::{self, GeneratorConfig};
+use clientele_e2e::story::{expected_totals, stored_events, wait_for_totals};
 use clientele_e2e::{ADMIN_TOKEN, Deployment, Service, TestDatabase, bin};
 use clientele_proto::v1 as pb;
 use clientele_proto::v1::ingest_service_client::IngestServiceClient;
-use clientele_proto::v1::profile_service_client::ProfileServiceClient;
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
@@ -62,75 +62,6 @@ fn batch(sequence: u64, events: &[pb::Event]) -> pb::IngestStreamRequest {
             },
         )),
     }
-}
-
-/// What the profiles' aggregates must add up to once every event counted exactly once.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Totals {
-    orders: i64,
-    refunds: i64,
-    gross_minor: i64,
-    refunded_minor: i64,
-    engagement: BTreeMap<String, i64>,
-}
-
-fn expected_totals(events: &[pb::Event]) -> Totals {
-    use pb::event::Payload as P;
-    let mut t = Totals::default();
-    let mut fully_refunded = HashSet::new();
-    for e in events {
-        match e.payload.as_ref().unwrap() {
-            P::OrderCompleted(o) => {
-                t.orders += 1;
-                t.gross_minor += o.total.as_ref().unwrap().amount_minor;
-            }
-            P::OrderRefunded(r) => {
-                t.refunds += 1;
-                t.refunded_minor += r.refund.as_ref().unwrap().amount_minor;
-                if r.r#type == pb::RefundType::Full as i32 && fully_refunded.insert(&r.order_id) {
-                    t.orders -= 1;
-                }
-            }
-            _ => {
-                *t.engagement
-                    .entry(generate::payload_name(e).to_string())
-                    .or_default() += 1
-            }
-        }
-    }
-    t
-}
-
-async fn profile_totals(profiles: &Service, profile_ids: &HashSet<String>) -> Totals {
-    let mut client = ProfileServiceClient::new(profiles.channel());
-    let mut survivors: HashMap<String, pb::Profile> = HashMap::new();
-    for id in profile_ids {
-        let p = client
-            .get_profile(pb::GetProfileRequest {
-                profile_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .profile
-            .unwrap();
-        survivors.insert(p.profile_id.clone(), p);
-    }
-    let mut t = Totals::default();
-    for p in survivors.values() {
-        let Some(a) = &p.aggregates else { continue };
-        t.orders += a.order_count;
-        t.refunds += a.refund_count;
-        for s in &a.spend {
-            t.gross_minor += s.gross_minor;
-            t.refunded_minor += s.refunded_minor;
-        }
-        for (k, n) in &a.engagement {
-            *t.engagement.entry(k.clone()).or_default() += n;
-        }
-    }
-    t.engagement.retain(|_, n| *n != 0);
-    t
 }
 
 /// Records the batch results of an ack; returns its durable sequence.
@@ -248,38 +179,9 @@ async fn a_killed_ingest_process_loses_nothing_and_counts_nothing_twice() {
     assert_eq!(accepted, events.len() as u64);
 
     // The event log holds every event exactly once.
-    let mut client = IngestServiceClient::new(ingest.channel());
-    let mut watch = client
-        .watch_events(pb::WatchEventsRequest {
-            start: Some(pb::watch_events_request::Start::From(
-                pb::WatchStart::Earliest as i32,
-            )),
-            kinds: vec![],
-            consumer: "e2e".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut stored: HashSet<(String, String)> = HashSet::new();
-    let mut records = 0usize;
-    let mut profile_ids: HashSet<String> = HashSet::new();
-    loop {
-        let wait = if records < events.len() { 30 } else { 2 };
-        match tokio::time::timeout(Duration::from_secs(wait), watch.message()).await {
-            Err(_) => break,
-            Ok(m) => match m.unwrap().and_then(|m| m.kind) {
-                Some(pb::watch_events_response::Kind::Record(r)) => {
-                    let se = r.event.unwrap();
-                    let e = se.event.unwrap();
-                    records += 1;
-                    stored.insert((e.source, e.event_id));
-                    profile_ids.insert(se.profile_id);
-                }
-                Some(_) => {}
-                None => break,
-            },
-        }
-    }
+    let (records, profile_ids) = stored_events(&ingest, events.len()).await;
+    let stored: HashSet<(String, String)> = records.iter().cloned().collect();
+    let records = records.len();
     let duplicates = records - stored.len();
     eprintln!(
         "kill test: {} events in {total} batches; {sent_before_kill} batches sent and \
@@ -296,14 +198,7 @@ async fn a_killed_ingest_process_loses_nothing_and_counts_nothing_twice() {
     // The profiles' aggregates count each order, refund and engagement exactly once (the
     // outbox is delivered asynchronously: wait for it to drain).
     let expected = expected_totals(&events);
-    let mut actual = Totals::default();
-    for _ in 0..120 {
-        actual = profile_totals(&profiles, &profile_ids).await;
-        if actual == expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let actual = wait_for_totals(&profiles, &profile_ids, &expected).await;
     assert_eq!(actual, expected);
     eprintln!(
         "kill test: aggregates match: {} orders, {} refunds, gross {} minor units",

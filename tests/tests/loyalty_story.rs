@@ -18,14 +18,15 @@ use clientele_e2e::story::{profile_of, recompute, stream_events};
 use clientele_e2e::{Deployment, Service, TestDatabase};
 use clientele_proto::v1 as pb;
 use clientele_proto::v1::experiment_service_client::ExperimentServiceClient;
+use clientele_proto::v1::ingest_service_client::IngestServiceClient;
 use clientele_proto::v1::offer_service_client::OfferServiceClient;
 use clientele_proto::v1::profile_service_client::ProfileServiceClient;
 use clientele_proto::v1::segmentation_service_client::SegmentationServiceClient;
 
 const SEED: u64 = 2026;
 const CUSTOMERS: u32 = 2000;
-/// Days of history: 150 keeps the story near 30k events, so CI stays quick.
-const DAYS: u32 = 150;
+/// Days of history: 90 keeps the story near 30k events, so CI stays quick.
+const DAYS: u32 = 90;
 
 /// The five processes of the compose topology.
 struct Platform {
@@ -174,6 +175,59 @@ async fn decide(p: &Platform, profile_id: &str, dry_run: bool) -> pb::DecideResp
         .await
         .unwrap()
         .into_inner()
+}
+
+/// An order "now" by the customer behind `profile_id` (found by their customer id).
+async fn comeback_order(p: &Platform, profile_id: &str) -> pb::Event {
+    let profile = ProfileServiceClient::new(p.profiles.channel())
+        .get_profile(pb::GetProfileRequest {
+            profile_id: profile_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    let customer = profile
+        .identifiers
+        .iter()
+        .find(|i| i.r#type == pb::IdentifierType::CustomerId as i32)
+        .expect("a customer id")
+        .stored_value
+        .clone();
+    // Full precision: an order in the same second as the exposure is still after it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    pb::Event {
+        event_id: format!("comeback-{profile_id}"),
+        source: "shop".into(),
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: i64::try_from(now.as_secs()).unwrap(),
+            nanos: i32::try_from(now.subsec_nanos()).unwrap(),
+        }),
+        identifiers: Some(pb::IdentifierSet {
+            identifiers: vec![pb::Identifier {
+                r#type: pb::IdentifierType::CustomerId as i32,
+                value: customer,
+                namespace: String::new(),
+            }],
+        }),
+        context: None,
+        payload: Some(pb::event::Payload::OrderCompleted(pb::OrderCompleted {
+            order_id: format!("comeback-{profile_id}"),
+            total: Some(usd(5_000)),
+            channel: pb::Channel::Web as i32,
+            line_items: vec![pb::LineItem {
+                sku: "sku-comeback".into(),
+                category: "fashion".into(),
+                quantity: 1,
+                unit_price: Some(usd(5_000)),
+                name: String::new(),
+            }],
+            ..Default::default()
+        })),
+    }
 }
 
 /// Counts MERGED changes in the profiles' feed (reading until two quiet seconds).
@@ -404,6 +458,59 @@ async fn the_loyalty_story_from_events_to_offers_experiments_and_erasure() {
         }
     }
     assert!(!treatment.is_empty() && !control.is_empty());
+    // After exposure, two in five treated customers come back and buy, one in seven of
+    // control: those purchases arrive as ordinary events and become the experiment's
+    // conversions (ExperimentService follows the ingest feed).
+    let buyers_t: Vec<&String> = treatment
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 5 < 2)
+        .map(|(_, p)| p)
+        .collect();
+    let buyers_c: Vec<&String> = control
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 7 == 0)
+        .map(|(_, p)| p)
+        .collect();
+    let mut comeback = Vec::new();
+    for pid in buyers_t.iter().chain(&buyers_c) {
+        comeback.push(comeback_order(&p, pid).await);
+    }
+    let accepted: u64 = stream_events(&p.ingest, "e2e-story-comeback", &comeback)
+        .await
+        .iter()
+        .map(|b| u64::from(b.accepted))
+        .sum();
+    assert_eq!(accepted, comeback.len() as u64);
+    let mut converted = (0, 0);
+    for _ in 0..300 {
+        let r = experiments
+            .get_results(pb::GetResultsRequest {
+                experiment_key: "win-back-30".into(),
+                metric_keys: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let variants = &r.metrics[0].variants;
+        let of = |key: &str| {
+            variants
+                .iter()
+                .find(|v| v.variant_key == key)
+                .map_or(0, |v| v.converted_units)
+        };
+        converted = (of("treatment"), of("control"));
+        if converted == (buyers_t.len() as i64, buyers_c.len() as i64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        converted,
+        (buyers_t.len() as i64, buyers_c.len() as i64),
+        "purchases after exposure convert, once each"
+    );
     let results = experiments
         .get_results(pb::GetResultsRequest {
             experiment_key: "win-back-30".into(),
@@ -420,14 +527,36 @@ async fn the_loyalty_story_from_events_to_offers_experiments_and_erasure() {
     let srm = results.srm.unwrap();
     assert!(!srm.mismatch, "sample ratio passes: {srm:?}");
     eprintln!(
-        "story: win-back experiment {} treatment / {} control, SRM p = {:.3}",
+        "story: win-back experiment {} treatment / {} control, SRM p = {:.3}; converted {} / {}; \
+         primary metric: {:?}",
         treatment.len(),
         control.len(),
-        srm.p_value
+        srm.p_value,
+        converted.0,
+        converted.1,
+        results.metrics[0]
+            .variants
+            .iter()
+            .map(|v| (
+                &v.variant_key,
+                v.conversion_rate,
+                v.vs_control.as_ref().map(|c| c.p_value)
+            ))
+            .collect::<Vec<_>>()
     );
 
     // 6. Erasure of one customer reaches every service.
     let erased = profile_of(&p.profiles, &generate::customer_id(SEED, 0)).await;
+    let held = IngestServiceClient::new(p.ingest.channel())
+        .list_profile_events(pb::ListProfileEventsRequest {
+            profile_id: erased.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(!held.is_empty(), "the customer to erase has events");
     ProfileServiceClient::new(p.profiles.channel())
         .erase_profile(pb::EraseProfileRequest {
             profile_id: erased.clone(),
@@ -456,4 +585,35 @@ async fn the_loyalty_story_from_events_to_offers_experiments_and_erasure() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(segments_gone, "segmentation forgot the erased profile");
+    // ingest deletes the person's events; offers their ledger and issued offers
+    let mut events_gone = false;
+    let mut ledger_gone = false;
+    for _ in 0..150 {
+        let events = IngestServiceClient::new(p.ingest.channel())
+            .list_profile_events(pb::ListProfileEventsRequest {
+                profile_id: erased.clone(),
+                ..Default::default()
+            })
+            .await;
+        events_gone = match events {
+            Ok(r) => r.into_inner().events.is_empty(),
+            Err(e) => e.code() == tonic::Code::NotFound,
+        };
+        let ledger = OfferServiceClient::new(p.offers.channel())
+            .list_ledger_entries(pb::ListLedgerEntriesRequest {
+                profile_id: erased.clone(),
+                ..Default::default()
+            })
+            .await;
+        ledger_gone = match ledger {
+            Ok(r) => r.into_inner().entries.is_empty(),
+            Err(e) => e.code() == tonic::Code::NotFound,
+        };
+        if events_gone && ledger_gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(events_gone, "ingest deleted the erased person's events");
+    assert!(ledger_gone, "offers deleted the erased person's ledger");
 }

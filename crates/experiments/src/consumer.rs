@@ -245,22 +245,12 @@ impl Consumer {
         self,
         target: clientele_runtime::db::DatabaseTarget,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            clientele_runtime::leader::lead(target, "experiments.feeds", move || {
-                let me = self.clone();
-                async move {
-                    clientele_runtime::leader::poll_forever(
-                        "experiments.feeds",
-                        Duration::from_millis(500),
-                        || {
-                            let me = me.clone();
-                            async move { me.catch_up().await }
-                        },
-                    )
-                    .await;
-                }
-            })
-            .await;
-        })
+        clientele_runtime::leader::spawn_polling(
+            target,
+            "experiments.feeds",
+            Duration::from_millis(500),
+            self,
+            |me| async move { me.catch_up().await },
+        )
     }
 }

@@ -580,23 +580,13 @@ impl Consumers {
         self,
         target: clientele_runtime::db::DatabaseTarget,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            clientele_runtime::leader::lead(target, "offers.feeds", move || {
-                let me = self.clone();
-                async move {
-                    clientele_runtime::leader::poll_forever(
-                        "offers.feeds",
-                        Duration::from_millis(500),
-                        || {
-                            let me = me.clone();
-                            async move { me.catch_up().await }
-                        },
-                    )
-                    .await;
-                }
-            })
-            .await;
-        })
+        clientele_runtime::leader::spawn_polling(
+            target,
+            "offers.feeds",
+            Duration::from_millis(500),
+            self,
+            |me| async move { me.catch_up().await },
+        )
     }
 }
 

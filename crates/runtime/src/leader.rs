@@ -111,6 +111,32 @@ where
     }
 }
 
+/// Spawns the usual background job: `pass(state.clone())` run by [`poll_forever`] under
+/// [`lead`] for `name`, so exactly one replica polls. `pass` is one catch-up pass of a feed
+/// consumer (read a page, apply it with the cursor in the same transaction).
+pub fn spawn_polling<C, F, Fut, T, E>(
+    target: DatabaseTarget,
+    name: &'static str,
+    idle: Duration,
+    state: C,
+    pass: F,
+) -> tokio::task::JoinHandle<()>
+where
+    C: Clone + Send + Sync + 'static,
+    F: Fn(C) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, E>> + Send,
+    T: Send,
+    E: std::fmt::Display + Send,
+{
+    tokio::spawn(async move {
+        lead(target, name, move || {
+            let (state, pass) = (state.clone(), pass.clone());
+            async move { poll_forever(name, idle, || pass(state.clone())).await }
+        })
+        .await;
+    })
+}
+
 /// Returns (with the error) once the session stops answering.
 async fn heartbeat(conn: &mut sqlx::AnyConnection) -> sqlx::Error {
     loop {
