@@ -33,8 +33,6 @@ use crate::cpu::{self, CpuPerCall};
 use crate::load::{self, LoadResult, Window, Worker};
 use crate::report::{self, Goal, Row};
 
-/// Slowest Assign p99 the goal allows, milliseconds.
-const GOAL_P99_MS: f64 = 5.0;
 /// Fewest in-process assignments per second per core the issue asks for.
 const GOAL_IN_PROCESS: f64 = 5e6;
 
@@ -420,13 +418,9 @@ pub async fn run(args: AssignArgs) -> anyhow::Result<()> {
             keys.len()
         ),
     ];
-    let mut goals = vec![Goal {
-        description: format!(
-            "Assign p99 < {GOAL_P99_MS} ms (measured {:.3} ms)",
-            assign.ms(0.99)
-        ),
-        met: assign.ms(0.99) < GOAL_P99_MS,
-    }];
+    // The issue sets no Assign latency goal (it asks for the figures); the in-process rate
+    // has one.
+    let mut goals = Vec::new();
     let in_process = match &args.criterion_estimates {
         Some(path) => match in_process_rate(path) {
             Ok(rate) => Some(rate),
