@@ -7,6 +7,7 @@
 
 mod baseline;
 mod cpu;
+mod decide;
 mod ingest;
 mod load;
 mod profiles;
@@ -28,6 +29,8 @@ enum Command {
     Profiles(profiles::ProfilesArgs),
     /// A generated event stream through IngestStream, beside a raw PostgreSQL COPY.
     Ingest(ingest::IngestArgs),
+    /// OfferService.Decide at a fixed rate and ledger accrual, beside baselines.
+    Decide(decide::DecideArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +41,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Profiles(args) => runtime.block_on(profiles::run(args)),
         Command::Ingest(args) => runtime.block_on(ingest::run(args)),
+        Command::Decide(args) => runtime.block_on(decide::run(args)),
     }
 }
