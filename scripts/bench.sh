@@ -223,5 +223,74 @@ CLIENTELE_TOKEN="$token" "$bin/clientele-bench" assign \
   ${BENCH_ASSIGN_ARGS:-}
 stop_experiments
 # --- end of experiments ------------------------------------------------------------------------
+# --- offers (clientele-bench decide) --------------------------------------------------------
+# OfferService: starts `clienteled --target segmentation` and `--target offers` beside the
+# profiles and ingest processes above (the compose topology, one database), lets the offers
+# feed consumer accrue the ingested orders (accrual throughput beside single-row INSERT
+# transactions), recomputes the RFM strategy segments, loads a 100-offer catalogue and drives
+# Decide open-loop at a fixed rate beside a gRPC health call and a raw Redis GET at the same
+# rate. BENCH_DECIDE_ARGS go to `clientele-bench decide`, e.g. `--rate 2000 --offers 200`.
+offers_pids=()
+offers_cleanup() {
+  local status=$?
+  for p in "${offers_pids[@]}"; do
+    kill -TERM "$p" 2>/dev/null || true
+  done
+  for p in "${offers_pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  (exit "$status")
+  cleanup
+}
+trap offers_cleanup EXIT
+offers_start() { # name port log extra-env...
+  local name=$1 port=$2 log=$3; shift 3
+  say "starting clienteled --target $name on 127.0.0.1:$port (log $log)"
+  env -u CLIENTELE_CONFIG \
+    CLIENTELE_DATABASE_URL="$bench_url" \
+    CLIENTELE_REDIS_URL="$redis_url" \
+    CLIENTELE_REDIS_KEY_PREFIX="$prefix" \
+    CLIENTELE_GRPC_ADDR="127.0.0.1:$port" \
+    CLIENTELE_METRICS_ADDR="127.0.0.1:$(free_port 9760)" \
+    CLIENTELE_DATA_DIR="$scratch/data" \
+    CLIENTELE_IDENTITY__HASH_SECRET="$secret" \
+    CLIENTELE_TOKENS="[{client=\"bench\",token=\"$token\",scopes=[\"*\"]}]" \
+    CLIENTELE_SERVICE_TOKEN="$token" \
+    CLIENTELE_ENDPOINTS__PROFILES="http://127.0.0.1:$grpc_port" \
+    CLIENTELE_ENDPOINTS__INGEST="http://127.0.0.1:$ingest_port" \
+    CLIENTELE_SHUTDOWN_GRACE_SECS=5 \
+    "$@" \
+    "$bin/clienteled" --target "$name" >"$log" 2>&1 &
+  local pid=$!
+  offers_pids+=("$pid")
+  for _ in $(seq 300); do
+    kill -0 "$pid" 2>/dev/null || { say "$name exited; see $log"; tail -n 20 "$log" >&2; exit 1; }
+    port_open "$port" && return 0
+    sleep 0.2
+  done
+  say "$name did not listen on 127.0.0.1:$port"; exit 1
+}
+seg_port=$(free_port 50753)
+offers_port=$(free_port 50754)
+offers_start segmentation "$seg_port" "$target_dir/bench/clienteled-segmentation.log"
+offers_start offers "$offers_port" "$target_dir/bench/clienteled-offers.log" \
+  CLIENTELE_ENDPOINTS__SEGMENTATION="http://127.0.0.1:$seg_port" \
+  CLIENTELE_ENDPOINTS__EXPERIMENTS="http://127.0.0.1:$offers_port"
+offers_pid=${offers_pids[-1]}
+
+CLIENTELE_TOKEN="$token" "$bin/clientele-bench" decide \
+  --endpoint "http://127.0.0.1:$offers_port" \
+  --segmentation-endpoint "http://127.0.0.1:$seg_port" \
+  --profiles-endpoint "http://127.0.0.1:$grpc_port" \
+  --database-url "$bench_url" \
+  --redis-url "$redis_url" \
+  --raw-key "${prefix}bench:decide-raw" \
+  --server-pid "$offers_pid" \
+  --json-out "$json_out" \
+  ${BENCH_DECIDE_ARGS:-}
+# --- end offers -----------------------------------------------------------------------------
+
 # --- the table -----------------------------------------------------------------------------
 python3 scripts/bench_table.py "$json_out" BENCHMARKS.md

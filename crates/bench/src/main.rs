@@ -8,6 +8,7 @@
 mod assign;
 mod baseline;
 mod cpu;
+mod decide;
 mod ingest;
 mod load;
 mod profiles;
@@ -34,6 +35,8 @@ enum Command {
     Assign(assign::AssignArgs),
     /// Segmentation batch recompute, real-time re-score and k-means beside scikit-learn.
     Segmentation(segmentation::SegmentationArgs),
+    /// OfferService.Decide at a fixed rate and ledger accrual, beside baselines.
+    Decide(decide::DecideArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Command::Ingest(args) => runtime.block_on(ingest::run(args)),
         Command::Assign(args) => runtime.block_on(assign::run(args)),
         Command::Segmentation(args) => runtime.block_on(segmentation::run(args)),
+        Command::Decide(args) => runtime.block_on(decide::run(args)),
     }
 }

@@ -33,6 +33,10 @@ pub enum OffersCommand {
         /// Also show why the other offers were rejected.
         #[arg(long)]
         explain: bool,
+        /// Request attribute for rule expressions, read there as `trait("KEY")`
+        /// (repeatable), e.g. `--attr cart_value=4599`.
+        #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = crate::profiles::parse_trait_assignment)]
+        attributes: Vec<(String, pb::Value)>,
     },
     /// Issue an offer to a profile with a unique code.
     Issue {
@@ -78,6 +82,10 @@ pub struct CreateArgs {
     /// Only profiles in this segment (repeatable).
     #[arg(long = "segment")]
     pub segments: Vec<String>,
+    /// Only profiles for which this rule expression is true, e.g.
+    /// `orders >= 3 and trait("vip") == true` (checked by the server when created).
+    #[arg(long)]
+    pub rule: Option<String>,
     /// Ranking priority 0..=1000.
     #[arg(long, default_value_t = 0)]
     pub priority: i32,
@@ -345,16 +353,19 @@ pub async fn run(command: OffersCommand, options: &ConnectionOptions) -> anyhow:
                 offer_id: a.offer_id.clone(),
                 display_name: a.name.clone(),
                 benefit: Some(a.benefit.clone()),
-                eligibility: (!a.segments.is_empty()).then(|| pb::Eligibility {
-                    include_segments: a
-                        .segments
-                        .iter()
-                        .map(|s| pb::SegmentRef {
-                            segment_id: s.clone(),
-                            cluster_index: None,
-                        })
-                        .collect(),
-                    ..Default::default()
+                eligibility: (!a.segments.is_empty() || a.rule.is_some()).then(|| {
+                    pb::Eligibility {
+                        include_segments: a
+                            .segments
+                            .iter()
+                            .map(|s| pb::SegmentRef {
+                                segment_id: s.clone(),
+                                cluster_index: None,
+                            })
+                            .collect(),
+                        rule_expression: a.rule.clone().unwrap_or_default(),
+                        ..Default::default()
+                    }
                 }),
                 starts_at: Some(prost_types::Timestamp {
                     seconds: chrono::Utc::now().timestamp(),
@@ -391,6 +402,7 @@ pub async fn run(command: OffersCommand, options: &ConnectionOptions) -> anyhow:
             channel,
             store,
             explain,
+            attributes,
         } => {
             let d = client
                 .decide(pb::DecideRequest {
@@ -398,6 +410,7 @@ pub async fn run(command: OffersCommand, options: &ConnectionOptions) -> anyhow:
                     channel,
                     store_id: store,
                     explain,
+                    attributes: attributes.into_iter().collect(),
                     ..Default::default()
                 })
                 .await?
@@ -415,7 +428,14 @@ pub async fn run(command: OffersCommand, options: &ConnectionOptions) -> anyhow:
                 let reasons: Vec<String> = r
                     .reasons
                     .iter()
-                    .map(|x| enum_name(x.code, pb::EligibilityReasonCode::as_str_name))
+                    .map(|x| {
+                        let name = enum_name(x.code, pb::EligibilityReasonCode::as_str_name);
+                        if x.detail.is_empty() {
+                            name
+                        } else {
+                            format!("{name}: {}", x.detail)
+                        }
+                    })
                     .collect();
                 text.push_str(&format!("{:>2}. {id}  ({})\n", r.rank, reasons.join(", ")));
             }

@@ -564,7 +564,15 @@ impl Consumers {
     pub async fn catch_up(&self) -> Result<(usize, usize), ConsumerError> {
         let (mut events, mut changes) = (0, 0);
         loop {
-            let p = self.consume_profile_changes_once().await?;
+            // An unreachable ProfileService must not hold up accrual: erasures are retried
+            // from the stored sequence on the next pass.
+            let p = match self.consume_profile_changes_once().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "profile change feed unavailable; erasures wait");
+                    0
+                }
+            };
             let e = self.consume_events_once().await?;
             let m = self.consume_memberships_once().await?;
             events += e;

@@ -93,6 +93,38 @@ pub struct OfferServiceImpl {
     holdout: HoldoutConfig,
     frequency_cap: Option<FrequencyCap>,
     rules: Arc<RuleCache>,
+    active: Arc<ActiveOffers>,
+}
+
+/// The ACTIVE catalogue as Decide reads it, kept for [`ActiveOffers::TTL`] so a decision does
+/// not read and decode every offer from the database. Every catalogue or usage write of this
+/// process clears it at once; another replica's writes show within the TTL. Decide is
+/// advisory: IssueOffer re-checks status, caps and budget atomically in the store.
+#[derive(Debug, Default)]
+struct ActiveOffers {
+    cached: std::sync::Mutex<Option<(std::time::Instant, Arc<Vec<OfferRecord>>)>>,
+}
+
+impl ActiveOffers {
+    const TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn get(&self) -> Option<Arc<Vec<OfferRecord>>> {
+        let guard = self.cached.lock().ok()?;
+        let (at, offers) = guard.as_ref()?;
+        (at.elapsed() < Self::TTL).then(|| offers.clone())
+    }
+
+    fn put(&self, offers: Arc<Vec<OfferRecord>>) {
+        if let Ok(mut g) = self.cached.lock() {
+            *g = Some((std::time::Instant::now(), offers));
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut g) = self.cached.lock() {
+            *g = None;
+        }
+    }
 }
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
@@ -376,6 +408,7 @@ impl OfferServiceImpl {
             holdout,
             frequency_cap,
             rules: Arc::default(),
+            active: Arc::default(),
         }
     }
 
@@ -497,12 +530,19 @@ impl OfferServiceImpl {
         log_exposure: bool,
         attributes: &HashMap<String, pb::Value>,
     ) -> Result<Facts, Status> {
-        let profile = self.require_profile(profile_id).await?;
-        let segments = self.up.segments.segments(profile_id).await?;
-        let (ledger, _) = self.store.ledger(profile_id).await?;
+        // Independent reads, concurrently; the profile's existence is reported first.
+        let (profile, segments, ledger, usage) = tokio::join!(
+            self.require_profile(profile_id),
+            self.up.segments.segments(profile_id),
+            self.store.ledger(profile_id),
+            self.store.profile_usage(profile_id),
+        );
+        let profile = profile?;
+        let segments = segments?;
+        let (ledger, _) = ledger?;
+        let (per_offer, times) = usage?;
         let tier = self.tier_of(profile_id, &ledger, now, None).await?;
         let rule_facts = rule_facts(&profile, &segments, &ledger, &tier, now, attributes);
-        let (per_offer, times) = self.store.profile_usage(profile_id).await?;
         let mut arms = BTreeMap::new();
         let mut variant_keys = HashMap::new();
         let mut not_in = HashMap::new();
@@ -1122,6 +1162,7 @@ impl OfferService for OfferServiceImpl {
         validate_offer(&offer)?;
         convert::strip_output(&mut offer);
         let now = now_micros();
+        self.active.clear();
         let (rec, _) = self
             .store
             .create_offer(&OfferRecord {
@@ -1135,6 +1176,7 @@ impl OfferService for OfferServiceImpl {
                 updated_at: now,
             })
             .await?;
+        self.active.clear();
         Ok(Response::new(pb::CreateOfferResponse {
             offer: Some(pb_offer(&rec)),
         }))
@@ -1239,10 +1281,12 @@ impl OfferService for OfferServiceImpl {
             }
         }
         validate_offer(&o)?;
+        self.active.clear();
         let rec = self
             .store
             .update_offer(&o, status, current.version, now_micros())
             .await?;
+        self.active.clear();
         Ok(Response::new(pb::UpdateOfferResponse {
             offer: Some(pb_offer(&rec)),
         }))
@@ -1318,10 +1362,12 @@ impl OfferService for OfferServiceImpl {
         if req.offer_id.is_empty() {
             return Err(invalid_field("offer_id", "required"));
         }
+        self.active.clear();
         let (rec, cancelled) = self
             .store
             .archive_offer(&req.offer_id, req.cancel_outstanding, now_micros())
             .await?;
+        self.active.clear();
         Ok(Response::new(pb::ArchiveOfferResponse {
             offer: Some(pb_offer(&rec)),
             cancelled_codes: cancelled,
@@ -1365,10 +1411,19 @@ impl OfferService for OfferServiceImpl {
         } else {
             req.max_offers
         };
-        let offers: Vec<OfferRecord> = if req.offer_ids.is_empty() {
-            self.store
-                .list_offers(&[pb::OfferStatus::Active as i32], "", i64::MAX)
-                .await?
+        let offers: Arc<Vec<OfferRecord>> = if req.offer_ids.is_empty() {
+            match self.active.get() {
+                Some(o) => o,
+                None => {
+                    let o = Arc::new(
+                        self.store
+                            .list_offers(&[pb::OfferStatus::Active as i32], "", i64::MAX)
+                            .await?,
+                    );
+                    self.active.put(o.clone());
+                    o
+                }
+            }
         } else {
             let mut v = Vec::new();
             for (i, id) in req.offer_ids.iter().enumerate() {
@@ -1380,7 +1435,7 @@ impl OfferService for OfferServiceImpl {
                     Err(e) => return Err(e.into()),
                 }
             }
-            v
+            Arc::new(v)
         };
         let facts = self
             .facts(&req.profile_id, &offers, now, !req.dry_run, &req.attributes)
@@ -1543,6 +1598,7 @@ impl OfferService for OfferServiceImpl {
                 "required for points multiplier offers",
             ));
         }
+        self.active.clear();
         let (mut issued, replayed) = self
             .store
             .redeem(&RedeemCode {
@@ -1560,6 +1616,7 @@ impl OfferService for OfferServiceImpl {
                 now,
             })
             .await?;
+        self.active.clear();
         if let Some(pb::offer::Benefit::BonusPoints(b)) = &offer.offer.benefit {
             // Idempotent by the issue id: a replay or a retry after a crash credits once. The
             // expiry derives from the stored redemption time so a replay is the same command.
@@ -1619,6 +1676,7 @@ impl OfferService for OfferServiceImpl {
         };
         len_field("reason", &req.reason, 1, 512)?;
         len_field("actor", &req.actor, 1, 128)?;
+        self.active.clear();
         let issued = self
             .store
             .cancel(
@@ -1628,6 +1686,7 @@ impl OfferService for OfferServiceImpl {
                 now_micros(),
             )
             .await?;
+        self.active.clear();
         Ok(Response::new(pb::CancelOfferResponse {
             issued: Some(issued),
         }))
@@ -1897,6 +1956,7 @@ impl OfferServiceImpl {
             cancelled_at: None,
             cancel_reason: String::new(),
         };
+        self.active.clear();
         let (stored, _) = self
             .store
             .issue(&NewIssue {
@@ -1912,6 +1972,7 @@ impl OfferServiceImpl {
                 }),
             })
             .await?;
+        self.active.clear();
         Ok(stored)
     }
 }
