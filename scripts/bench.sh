@@ -292,5 +292,30 @@ CLIENTELE_TOKEN="$token" "$bin/clientele-bench" decide \
   ${BENCH_DECIDE_ARGS:-}
 # --- end offers -----------------------------------------------------------------------------
 
+# --- segmentation --------------------------------------------------------------------------
+# SegmentationService: a full batch recompute of BENCH_SEGMENTATION_ARGS' --profiles customers
+# (default 1 000 000) and single-profile real-time re-scores, run by the engine in-process on
+# PostgreSQL in a throwaway schema of the bench database, each beside a raw baseline; then the
+# k-means step (1M x 3 standardised RFM features, k = 8) beside scikit-learn's
+# KMeans(algorithm="lloyd", n_init=1) on the same data file (scripts/bench_kmeans_sklearn.py).
+# scikit-learn is installed quietly with pip when missing; if that fails the comparison is
+# skipped with a message. Example: BENCH_SEGMENTATION_ARGS="--profiles 200000 --kmeans-rows 0".
+python_bin=python3
+if ! command -v "$python_bin" >/dev/null 2>&1; then
+  say "segmentation: python3 not found; the scikit-learn comparison is skipped"
+  python_bin=""
+elif ! "$python_bin" -c "import sklearn" >/dev/null 2>&1; then
+  say "segmentation: installing scikit-learn with pip (quietly)"
+  "$python_bin" -m pip install --quiet --disable-pip-version-check scikit-learn >/dev/null 2>&1 \
+    || "$python_bin" -m pip install --quiet --user --disable-pip-version-check scikit-learn >/dev/null 2>&1 \
+    || { say "segmentation: could not install scikit-learn; the comparison is skipped"; python_bin=""; }
+fi
+"$bin/clientele-bench" segmentation \
+  --database-url "$bench_url" \
+  --python "$python_bin" \
+  --sklearn-script scripts/bench_kmeans_sklearn.py \
+  --json-out "$json_out" \
+  ${BENCH_SEGMENTATION_ARGS:-}
+
 # --- the table -----------------------------------------------------------------------------
 python3 scripts/bench_table.py "$json_out" BENCHMARKS.md

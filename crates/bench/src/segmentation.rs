@@ -73,6 +73,10 @@ pub struct SegmentationArgs {
     /// Seed of the synthetic base.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Publish runs with the portable multi-row INSERT path instead of COPY (the path SQLite
+    /// uses; for comparing the two on the same data).
+    #[arg(long)]
+    pub insert_path: bool,
     /// Append one JSON object per result here.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
@@ -413,9 +417,12 @@ async fn recompute_and_rescore(args: &SegmentationArgs, report: &mut Report) -> 
             "segmentation",
         )
         .await?;
-        let store = Arc::new(
-            SqlSegmentationStore::connect_postgres(database, &args.database_url, &schema, 4).await?,
-        );
+        let store = Arc::new(if args.insert_path {
+            SqlSegmentationStore::new(database)
+        } else {
+            SqlSegmentationStore::connect_postgres(database, &args.database_url, &schema, 4).await?
+        });
+        let path = if args.insert_path { " [INSERT path]" } else { "" };
         let mut conn = sqlx::PgConnection::connect(&args.database_url).await?;
         let now = clientele_runtime::time::now_micros();
         eprintln!("segmentation: loading {n} customers with COPY…");
@@ -455,7 +462,7 @@ async fn recompute_and_rescore(args: &SegmentationArgs, report: &mut Report) -> 
                 "segmentation: {label}: {secs:.2} s, {} entered, {} exited, {members_written} members",
                 outputs.entered, outputs.exited
             );
-            report.line(format!("recompute {n} profiles, {label}"), secs, "s", None);
+            report.line(format!("recompute {n} profiles, {label}{path}"), secs, "s", None);
             for (step, took) in steps {
                 report.line(format!("  step: {step}"), took.as_secs_f64(), "s", None);
             }
@@ -682,6 +689,7 @@ pub async fn run(args: SegmentationArgs) -> anyhow::Result<()> {
             ("profiles", json!(args.profiles)),
             ("kmeans_rows", json!(args.kmeans_rows)),
             ("seed", json!(args.seed)),
+            ("insert_path", json!(args.insert_path)),
         ]
         .into_iter()
         .collect();

@@ -426,6 +426,46 @@ mod tests {
     }
 
     #[test]
+    fn the_rfm_segment_map_comes_from_the_file_or_the_environment_and_typos_fail() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                r#"
+                [[segmentation.rfm_segments]]
+                name = "VIP"
+                recency = [4, 5]
+                frequency_monetary = [4, 5]
+                [[segmentation.rfm_segments]]
+                name = "Everyone else"
+                recency = [1, 5]
+                frequency_monetary = [1, 5]
+                "#,
+            )?;
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(s.segmentation.rfm_segments.len(), 2);
+            assert_eq!(s.segmentation.rfm_segments[0].recency, [4, 5]);
+            jail.set_env(
+                "CLIENTELE_SEGMENTATION__RFM_SEGMENTS",
+                r#"[{name="All",recency=[1,5],frequency_monetary=[1,5]}]"#,
+            );
+            let s = Settings::load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(s.segmentation.rfm_segments[0].name, "All");
+            jail.clear_env();
+            jail.create_file(
+                "typo.toml",
+                r#"
+                [[segmentation.rfm_segments]]
+                name = "VIP"
+                recency = [4, 5]
+                frequency = [4, 5]
+                "#,
+            )?;
+            assert!(Settings::load(Some(Path::new("typo.toml"))).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
     fn a_named_settings_file_that_is_missing_is_an_error() {
         figment::Jail::expect_with(|_jail| {
             assert!(Settings::load(Some(Path::new("nope.toml"))).is_err());

@@ -1266,6 +1266,90 @@ impl SqlSegmentationStore {
         Ok(())
     }
 
+    /// Every profile's facts over the native pool: four streamed full-table reads (refunds
+    /// and engagement aggregated in SQL) into one vector ordered by profile id, as
+    /// [`Self::load`] returns them.
+    async fn load_all_pg(&self, pg: &PgPool, as_of: i64) -> StoreResult<Vec<ProfileData>> {
+        use futures::TryStreamExt as _;
+        let since_day = as_of.div_euclid(DAY_MICROS) - ENGAGEMENT_DAYS;
+        let mut conn = pg.acquire().await?;
+        let mut data: Vec<ProfileData> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        {
+            let mut rows = sqlx::query_scalar::<_, String>(
+                "SELECT profile_id FROM seg_profiles ORDER BY profile_id",
+            )
+            .fetch(&mut *conn);
+            while let Some(id) = rows.try_next().await? {
+                index.insert(id.clone(), data.len());
+                data.push(ProfileData {
+                    profile_id: id,
+                    ..Default::default()
+                });
+            }
+        }
+        // (profile index, order id) → position in that profile's orders, for the lines.
+        let mut orders: HashMap<(usize, String), usize> = HashMap::new();
+        {
+            let mut rows = sqlx::query_as::<_, (String, String, i64, i64, i64, i64, i64)>(
+                "SELECT o.profile_id, o.order_id, o.placed_at, o.amount_minor, o.discount_minor, \
+                 COALESCE(r.amount, 0)::int8, COALESCE(r.full_refund, 0)::int8 \
+                 FROM seg_orders o LEFT JOIN (SELECT profile_id, order_id, SUM(amount_minor) AS amount, \
+                 MAX(full_refund) AS full_refund FROM seg_refunds GROUP BY profile_id, order_id) r \
+                 ON r.profile_id = o.profile_id AND r.order_id = o.order_id",
+            )
+            .fetch(&mut *conn);
+            while let Some((profile, order_id, placed_at, amount, discount, refunded, full)) =
+                rows.try_next().await?
+            {
+                let Some(&i) = index.get(&profile) else {
+                    continue;
+                };
+                orders.insert((i, order_id), data[i].orders.len());
+                data[i].orders.push(StoredOrder {
+                    placed_at,
+                    amount_minor: amount,
+                    discount_minor: discount,
+                    refunded_minor: refunded,
+                    fully_refunded: full != 0,
+                    lines: Vec::new(),
+                });
+            }
+        }
+        {
+            let mut rows = sqlx::query_as::<_, (String, String, String, i64)>(
+                "SELECT profile_id, order_id, category, amount_minor FROM seg_order_lines",
+            )
+            .fetch(&mut *conn);
+            while let Some((profile, order_id, category, amount)) = rows.try_next().await? {
+                let Some(&i) = index.get(&profile) else {
+                    continue;
+                };
+                if let Some(&o) = orders.get(&(i, order_id)) {
+                    data[i].orders[o].lines.push((category, amount));
+                }
+            }
+        }
+        drop(orders);
+        {
+            let mut rows = sqlx::query_as::<_, (String, String, i64)>(
+                "SELECT profile_id, kind, SUM(n)::int8 FROM seg_engagement WHERE day > $1 \
+                 GROUP BY profile_id, kind",
+            )
+            .bind(since_day)
+            .fetch(&mut *conn);
+            while let Some((profile, kind, n)) = rows.try_next().await? {
+                if let Some(&i) = index.get(&profile) {
+                    data[i].engagement.insert(kind, n);
+                }
+            }
+        }
+        for d in &mut data {
+            d.orders.sort_by_key(|o| o.placed_at);
+        }
+        Ok(data)
+    }
+
     /// [`SegmentationStore::publish_run`] over the native pool: the membership diff with
     /// `DELETE … USING UNNEST` and `COPY`, the change log and the run snapshot with `COPY`.
     #[allow(clippy::too_many_lines)]
@@ -2155,6 +2239,9 @@ impl SegmentationStore for SqlSegmentationStore {
     }
 
     async fn load_all_profiles(&self, as_of: i64) -> StoreResult<Vec<ProfileData>> {
+        if let Some(pg) = &self.pg {
+            return self.load_all_pg(pg, as_of).await;
+        }
         self.load(None, as_of).await
     }
 
@@ -2166,13 +2253,17 @@ impl SegmentationStore for SqlSegmentationStore {
     }
 
     async fn run_lifecycles(&self, run_id: &str) -> StoreResult<HashMap<String, (i64, i64)>> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT profile_id, lifecycle, lifecycle_since FROM seg_run_scores \
-             WHERE run_id = $1 AND lifecycle IS NOT NULL AND lifecycle_since IS NOT NULL",
-        )
-        .bind(run_id)
-        .fetch_all(&self.db.pool)
-        .await?;
+        const SQL: &str = "SELECT profile_id, lifecycle, lifecycle_since FROM seg_run_scores \
+             WHERE run_id = $1 AND lifecycle IS NOT NULL AND lifecycle_since IS NOT NULL";
+        let rows: Vec<(String, i64, i64)> = match &self.pg {
+            Some(pg) => sqlx::query_as(SQL).bind(run_id).fetch_all(pg).await?,
+            None => {
+                sqlx::query_as(SQL)
+                    .bind(run_id)
+                    .fetch_all(&self.db.pool)
+                    .await?
+            }
+        };
         Ok(rows.into_iter().map(|(p, l, s)| (p, (l, s))).collect())
     }
 
@@ -2456,5 +2547,113 @@ impl SegmentationStore for SqlSegmentationStore {
                 .fetch_one(&self.db.pool)
                 .await?,
         )
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn member(segment: &str, profile: &str, cluster: i64) -> MemberRow {
+        MemberRow {
+            segment_id: segment.into(),
+            profile_id: profile.into(),
+            cluster_index: cluster,
+            distance: None,
+            entered_at: 0,
+        }
+    }
+
+    #[test]
+    fn copy_fields_escape_separators_and_spell_nulls_and_special_floats() {
+        let mut out = String::new();
+        copy_str(&mut out, "a\tb\\c\nd\re");
+        assert_eq!(out, "a\\tb\\\\c\\nd\\re");
+        let mut out = String::new();
+        copy_i64(&mut out, None);
+        out.push(' ');
+        copy_i64(&mut out, Some(-42));
+        out.push(' ');
+        copy_f64(&mut out, Some(f64::NAN));
+        out.push(' ');
+        copy_f64(&mut out, Some(f64::NEG_INFINITY));
+        out.push(' ');
+        copy_f64(&mut out, Some(0.1));
+        out.push(' ');
+        copy_f64(&mut out, None);
+        assert_eq!(out, "\\N -42 NaN -Infinity 0.1 \\N");
+    }
+
+    #[test]
+    fn the_membership_diff_writes_only_what_changed() {
+        let mut current = CurrentMembers::new();
+        add_current(&mut current, "vip".into(), "p1".into(), -1);
+        add_current(&mut current, "vip".into(), "p2".into(), -1);
+        add_current(&mut current, "clusters".into(), "p1".into(), 0);
+        add_current(&mut current, "clusters".into(), "p2".into(), 1);
+        let next = vec![
+            member("vip", "p1", -1),     // stays: nothing written
+            member("vip", "p3", -1),     // enters
+            member("clusters", "p1", 0), // stays
+            member("clusters", "p2", 2), // moves from cluster 1 to 2
+        ];
+        let (deletes, inserts, changes) = diff_memberships(
+            &current,
+            &next,
+            pb::MembershipChangeReason::Recompute,
+            "run",
+            7,
+        );
+        assert_eq!(
+            deletes,
+            vec![
+                ("clusters".to_owned(), "p2".to_owned()),
+                ("vip".to_owned(), "p2".to_owned())
+            ]
+        );
+        let inserted: Vec<(&str, &str, i64, i64)> = inserts
+            .iter()
+            .map(|m| {
+                (
+                    m.segment_id.as_str(),
+                    m.profile_id.as_str(),
+                    m.cluster_index,
+                    m.entered_at,
+                )
+            })
+            .collect();
+        assert_eq!(
+            inserted,
+            vec![("vip", "p3", -1, 7), ("clusters", "p2", 2, 7)]
+        );
+        use pb::MembershipChangeType as T;
+        let summary: Vec<(&str, &str, i64, i32)> = changes
+            .iter()
+            .map(|c| {
+                (
+                    c.segment_id.as_str(),
+                    c.profile_id.as_str(),
+                    c.cluster_index,
+                    c.change_type,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("vip", "p3", -1, T::Entered as i32),
+                ("clusters", "p2", 1, T::Exited as i32),
+                ("clusters", "p2", 2, T::Entered as i32),
+                ("vip", "p2", -1, T::Exited as i32),
+            ]
+        );
+        let ids: BTreeSet<&str> = changes.iter().map(|c| c.change_id.as_str()).collect();
+        assert_eq!(ids.len(), 4, "change ids are unique");
+        assert!(
+            changes.iter().all(
+                |c| uuid::Uuid::parse_str(&c.change_id).is_ok_and(|u| u.get_version_num() == 4)
+            )
+        );
     }
 }
