@@ -247,7 +247,17 @@ impl ProfileServiceImpl {
         keys: &[IdentifierKey],
         index: &[usize],
     ) -> Result<pb::ResolveResponse, Status> {
+        let started = std::time::Instant::now();
         let out = self.store.resolve(keys, now_micros()).await?;
+        tracing::debug!(
+            keys = keys.len(),
+            created = out.created,
+            merged = out.merged.len(),
+            refused = out.refused.len(),
+            written = out.version.is_some(),
+            resolve_ms = started.elapsed().as_secs_f64() * 1e3,
+            "full resolution"
+        );
         if let Some(v) = out.version {
             self.cache.invalidate(&out.profile_id, v).await;
             self.changed.notify_waiters();
