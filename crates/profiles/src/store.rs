@@ -1154,11 +1154,22 @@ impl ProfileStore for SqlProfileStore {
             let mut w = self.begin_write().await?;
             let conn: &mut AnyConnection = &mut w.tx;
             // Resolve survivors first and lock them in order, so batches never deadlock.
+            // A merge holds its profiles' locks, so once every survivor read is locked, the
+            // picture is stable; a merge that committed between the read and the lock shows
+            // up on the re-read (its survivor is then locked too).
             let requested: BTreeSet<&str> = deltas.iter().map(|d| d.profile_id.as_str()).collect();
-            let live = survivors(conn, &requested).await?;
-            let ids: BTreeSet<String> = live.values().flatten().cloned().collect();
-            self.lock(conn, ids.iter().map(|p| format!("p:{p}")))
-                .await?;
+            let mut locked: BTreeSet<String> = BTreeSet::new();
+            let live = loop {
+                let live = survivors(conn, &requested).await?;
+                let ids: BTreeSet<String> = live.values().flatten().cloned().collect();
+                let new: Vec<String> = ids.difference(&locked).cloned().collect();
+                if new.is_empty() && !locked.is_empty() || ids.is_empty() {
+                    break live;
+                }
+                self.lock(conn, new.iter().map(|p| format!("p:{p}")))
+                    .await?;
+                locked.extend(new);
+            };
             // Keys new to this call, first occurrence only; then which of them are new to the
             // store (the insert returns exactly those).
             let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
