@@ -21,6 +21,7 @@ use clientele_runtime::server::Mount;
 use clientele_runtime::settings::IngestSettings;
 use clientele_runtime::status::{invalid_field, violated_field};
 use clientele_runtime::time::now_micros;
+use futures::StreamExt as _;
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
@@ -42,6 +43,8 @@ pub const DEFAULT_PAGE: i64 = 100;
 pub const MAX_PAGE: i64 = 1000;
 /// Batch results replayed on `open` at most.
 const MAX_REPLAY: u64 = 10_000;
+/// Batches of one IngestStream being validated and resolved at once.
+const PREPARE_AHEAD: usize = 2;
 /// Idle IngestStream heartbeat interval.
 const HEARTBEAT: Duration = Duration::from_secs(20);
 
@@ -1011,7 +1014,7 @@ impl IngestServiceImpl {
             Duration::from_millis(u64::from(self.inner.settings.stream_ack_interval_ms.max(1)));
 
         // Two stages: prepare (validate + resolve) batch n+1 while batch n commits.
-        let (prep_tx, mut prep_rx) =
+        let (prep_tx, prep_rx) =
             mpsc::channel::<(u64, Vec<pb::Event>)>(usize::try_from(max_unacked).unwrap_or(16));
         let (commit_tx, mut commit_rx) = mpsc::channel::<(u64, Result<Prepared, Status>)>(1);
         let (done_tx, mut done_rx) =
@@ -1019,12 +1022,22 @@ impl IngestServiceImpl {
         let preparer = {
             let svc = self.clone();
             tokio::spawn(async move {
-                while let Some((seq, events)) = prep_rx.recv().await {
-                    let p = match svc.inner.admission.acquire().await {
-                        Ok(_permit) => svc.prepare(events, "events").await,
-                        Err(_) => Err(Status::unavailable("shutting down")),
-                    };
-                    if commit_tx.send((seq, p)).await.is_err() {
+                // Up to PREPARE_AHEAD batches resolve at once (their BatchResolve round trips
+                // overlap); they reach the committer in sequence order.
+                let mut prepared = tokio_stream::wrappers::ReceiverStream::new(prep_rx)
+                    .map(|(seq, events)| {
+                        let svc = svc.clone();
+                        async move {
+                            let p = match svc.inner.admission.acquire().await {
+                                Ok(_permit) => svc.prepare(events, "events").await,
+                                Err(_) => Err(Status::unavailable("shutting down")),
+                            };
+                            (seq, p)
+                        }
+                    })
+                    .buffered(PREPARE_AHEAD);
+                while let Some(item) = prepared.next().await {
+                    if commit_tx.send(item).await.is_err() {
                         return;
                     }
                 }

@@ -2,7 +2,8 @@
 //! input is INVALID_ARGUMENT naming the field, and nothing is written), calls the store, and
 //! keeps the read-through profile cache coherent (each write invalidates at its new version).
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,8 @@ use crate::store::{ProfileStore, StoreError};
 
 /// Most identifier sets in one batch call.
 pub const MAX_BATCH_SETS: usize = 1000;
+/// Sets of one BatchResolve that need the full resolution, resolved at once at most.
+const SLOW_RESOLVE_CONCURRENCY: usize = 4;
 /// Most profile ids in one BatchGetProfiles.
 pub const MAX_BATCH_GET: usize = 500;
 /// Most traits set or removed in one call.
@@ -244,7 +247,17 @@ impl ProfileServiceImpl {
         keys: &[IdentifierKey],
         index: &[usize],
     ) -> Result<pb::ResolveResponse, Status> {
+        let started = std::time::Instant::now();
         let out = self.store.resolve(keys, now_micros()).await?;
+        tracing::debug!(
+            keys = keys.len(),
+            created = out.created,
+            merged = out.merged.len(),
+            refused = out.refused.len(),
+            written = out.version.is_some(),
+            resolve_ms = started.elapsed().as_secs_f64() * 1e3,
+            "full resolution"
+        );
         if let Some(v) = out.version {
             self.cache.invalidate(&out.profile_id, v).await;
             self.changed.notify_waiters();
@@ -318,12 +331,26 @@ impl ProfileService for ProfileServiceImpl {
             .enumerate()
             .map(|(i, s)| self.normalise_set(&format!("sets[{i}]"), Some(s)))
             .collect::<Result<Vec<_>, _>>()?;
-        let key_sets: Vec<Vec<IdentifierKey>> = normalised.iter().map(|(k, _)| k.clone()).collect();
+        // Identical sets (the same session's events) are resolved once: a repeat resolution of
+        // a set changes nothing, so later copies get the first result as a repeat call would
+        // (not created, nothing merged; the same refusals).
+        let mut first_of: HashMap<&(Vec<IdentifierKey>, Vec<usize>), usize> = HashMap::new();
+        let mut uniq: Vec<&(Vec<IdentifierKey>, Vec<usize>)> = Vec::new();
+        let slot: Vec<usize> = normalised
+            .iter()
+            .map(|n| {
+                *first_of.entry(n).or_insert_with(|| {
+                    uniq.push(n);
+                    uniq.len() - 1
+                })
+            })
+            .collect();
+        let key_sets: Vec<Vec<IdentifierKey>> = uniq.iter().map(|(k, _)| k.clone()).collect();
         // Returning customers (every identifier known, one profile) need no write; first-time
-        // customers are created in bulk; only the rest (links, merges, tombstones) go one by
-        // one through the full resolution.
+        // customers are created in bulk; sets that the bulk creation made known are read again;
+        // only the rest (links, merges, tombstones) go one by one through the full resolution.
         let started = std::time::Instant::now();
-        let known = self.store.resolve_known(&key_sets).await?;
+        let mut known = self.store.resolve_known(&key_sets).await?;
         let known_ms = started.elapsed().as_secs_f64() * 1e3;
         let unknown: Vec<usize> = (0..known.len()).filter(|&i| known[i].is_none()).collect();
         let unknown_sets: Vec<Vec<IdentifierKey>> =
@@ -339,13 +366,36 @@ impl ProfileService for ProfileServiceImpl {
         }
         if created_at.iter().any(Option::is_some) {
             self.changed.notify_waiters();
+            let rest: Vec<usize> = unknown
+                .iter()
+                .copied()
+                .filter(|&i| created_at[i].is_none())
+                .collect();
+            if !rest.is_empty() {
+                let sets: Vec<Vec<IdentifierKey>> =
+                    rest.iter().map(|&i| key_sets[i].clone()).collect();
+                for (&i, k) in rest.iter().zip(self.store.resolve_known(&sets).await?) {
+                    known[i] = k;
+                }
+            }
         }
         let created_ms = started.elapsed().as_secs_f64() * 1e3 - known_ms;
-        let mut slow = 0usize;
-        let mut results = Vec::with_capacity(normalised.len());
-        for (((keys, index), known), created) in normalised.iter().zip(known).zip(created_at) {
-            slow += usize::from(known.is_none() && created.is_none());
-            results.push(match (known, created) {
+        let slow = known
+            .iter()
+            .zip(&created_at)
+            .filter(|(k, c)| k.is_none() && c.is_none())
+            .count();
+        // The rest resolve as concurrent Resolve calls would (advisory locks order them), a
+        // few at a time so that their round trips and lock waits overlap.
+        let resolved: Vec<pb::ResolveResponse> = futures::stream::iter(
+            uniq.iter()
+                .map(|n| (*n).clone())
+                .zip(known)
+                .zip(created_at)
+                .collect::<Vec<_>>(),
+        )
+        .map(|(((keys, index), known), created)| async move {
+            Ok::<_, Status>(match (known, created) {
                 (Some(profile_id), _) => pb::ResolveResponse {
                     profile_id,
                     ..Default::default()
@@ -355,11 +405,31 @@ impl ProfileService for ProfileServiceImpl {
                     created: true,
                     ..Default::default()
                 },
-                (None, None) => self.resolve_keys(keys, index).await?,
-            });
-        }
+                (None, None) => self.resolve_keys(&keys, &index).await?,
+            })
+        })
+        .buffered(SLOW_RESOLVE_CONCURRENCY)
+        .try_collect()
+        .await?;
+        let mut given = vec![false; resolved.len()];
+        let results: Vec<pb::ResolveResponse> = slot
+            .iter()
+            .map(|&u| {
+                let r = resolved[u].clone();
+                if std::mem::replace(&mut given[u], true) {
+                    pb::ResolveResponse {
+                        created: false,
+                        merged_profile_ids: Vec::new(),
+                        ..r
+                    }
+                } else {
+                    r
+                }
+            })
+            .collect();
         tracing::debug!(
             sets = results.len(),
+            distinct = uniq.len(),
             new = unknown.len(),
             slow,
             known_ms,

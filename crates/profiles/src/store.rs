@@ -155,6 +155,11 @@ impl SqlProfileStore {
         }
     }
 
+    /// Whether the database is PostgreSQL (some reads have a faster PostgreSQL form).
+    fn pg(&self) -> bool {
+        self.db.backend == clientele_runtime::db::Backend::Postgres
+    }
+
     async fn begin_write(&self) -> StoreResult<WriteTx<'_>> {
         Ok(self.db.begin_write().await?)
     }
@@ -227,7 +232,7 @@ impl SqlProfileStore {
                 ..ResolveOutcome::default()
             });
         }
-        let found = lookup_identifiers(conn, keys).await?;
+        let found = lookup_identifiers(conn, self.pg(), keys).await?;
         // Follow aliases and lock the profiles involved until the picture is stable.
         let mut locked: BTreeSet<String> = BTreeSet::new();
         let known = loop {
@@ -340,7 +345,7 @@ impl SqlProfileStore {
         let all: Vec<IdentifierKey> = sets.iter().flatten().cloned().collect();
         self.lock(conn, all.iter().map(IdentifierKey::lock_key))
             .await?;
-        let known = lookup_identifiers(conn, &all).await?;
+        let known = lookup_identifiers(conn, self.pg(), &all).await?;
         let erased = self.tombstoned_keys(conn, &all).await?;
         let mut claimed: std::collections::HashSet<&IdentifierKey> =
             std::collections::HashSet::new();
@@ -742,11 +747,46 @@ async fn survivors(
     Ok(done)
 }
 
+/// The stored owner and link count of each of `keys` that exists. On PostgreSQL the keys
+/// travel as one JSON parameter joined against the primary key (a long OR chain costs more to
+/// plan than to run); on SQLite as chunks of OR-ed conditions.
 async fn lookup_identifiers(
     conn: &mut AnyConnection,
+    pg: bool,
     keys: &[IdentifierKey],
 ) -> StoreResult<HashMap<IdentifierKey, (String, i64)>> {
     let mut out = HashMap::new();
+    if pg {
+        for chunk in keys.chunks(10_000) {
+            let json = serde_json::Value::Array(
+                chunk
+                    .iter()
+                    .map(|k| serde_json::json!({"t": k.kind.code(), "n": k.namespace, "v": k.stored_value}))
+                    .collect(),
+            )
+            .to_string();
+            let rows = sqlx::query(
+                "SELECT i.id_type, i.namespace, i.stored_value, i.profile_id, i.links FROM identifiers i \
+                 JOIN json_to_recordset(CAST($1 AS json)) AS k(t bigint, n text, v text) \
+                 ON i.id_type = k.t AND i.namespace = k.n AND i.stored_value = k.v",
+            )
+            .bind(json)
+            .fetch_all(&mut *conn)
+            .await?;
+            for r in rows {
+                let code: i64 = r.try_get(0)?;
+                let kind = crate::identifiers::IdKind::from_code(code)
+                    .ok_or_else(|| corrupt(format!("identifier type {code}")))?;
+                let key = IdentifierKey {
+                    kind,
+                    namespace: r.try_get(1)?,
+                    stored_value: r.try_get(2)?,
+                };
+                out.insert(key, (r.try_get(3)?, r.try_get(4)?));
+            }
+        }
+        return Ok(out);
+    }
     for chunk in keys.chunks(LOOKUP_CHUNK) {
         let mut sql = String::from(
             "SELECT id_type, namespace, stored_value, profile_id, links FROM identifiers WHERE ",
@@ -968,7 +1008,7 @@ impl ProfileStore for SqlProfileStore {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let found = lookup_identifiers(&mut conn, &all).await?;
+        let found = lookup_identifiers(&mut conn, self.pg(), &all).await?;
         let mut out = Vec::with_capacity(sets.len());
         for set in sets {
             let mut profile: Option<&str> = None;
@@ -1114,11 +1154,22 @@ impl ProfileStore for SqlProfileStore {
             let mut w = self.begin_write().await?;
             let conn: &mut AnyConnection = &mut w.tx;
             // Resolve survivors first and lock them in order, so batches never deadlock.
+            // A merge holds its profiles' locks, so once every survivor read is locked, the
+            // picture is stable; a merge that committed between the read and the lock shows
+            // up on the re-read (its survivor is then locked too).
             let requested: BTreeSet<&str> = deltas.iter().map(|d| d.profile_id.as_str()).collect();
-            let live = survivors(conn, &requested).await?;
-            let ids: BTreeSet<String> = live.values().flatten().cloned().collect();
-            self.lock(conn, ids.iter().map(|p| format!("p:{p}")))
-                .await?;
+            let mut locked: BTreeSet<String> = BTreeSet::new();
+            let live = loop {
+                let live = survivors(conn, &requested).await?;
+                let ids: BTreeSet<String> = live.values().flatten().cloned().collect();
+                let new: Vec<String> = ids.difference(&locked).cloned().collect();
+                if new.is_empty() && !locked.is_empty() || ids.is_empty() {
+                    break live;
+                }
+                self.lock(conn, new.iter().map(|p| format!("p:{p}")))
+                    .await?;
+                locked.extend(new);
+            };
             // Keys new to this call, first occurrence only; then which of them are new to the
             // store (the insert returns exactly those).
             let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
