@@ -390,9 +390,24 @@ async fn the_loyalty_story_from_events_to_offers_experiments_and_erasure() {
         "customers who changed devices or emails were merged"
     );
 
-    // 3. A segmentation run over everyone.
-    tokio::time::sleep(Duration::from_secs(2)).await; // let the feeds reach segmentation
-    let run = recompute(&p.segmentation, "e2e-story-1").await;
+    // 3. A segmentation run over everyone, once segmentation has folded the feeds: runs are
+    // repeated until two in a row score the same number of customers.
+    let scored = |r: &pb::Recompute| {
+        r.outputs
+            .as_ref()
+            .and_then(|o| o.rfm.as_ref())
+            .map_or(0, |r| r.scored_customers)
+    };
+    let mut run = recompute(&p.segmentation, "e2e-story-0").await;
+    for attempt in 1..=120 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let next = recompute(&p.segmentation, &format!("e2e-story-{attempt}")).await;
+        let settled = scored(&next) == scored(&run) && scored(&next) > i64::from(CUSTOMERS) / 2;
+        run = next;
+        if settled {
+            break;
+        }
+    }
     let rfm = run
         .outputs
         .as_ref()
