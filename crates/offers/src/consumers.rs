@@ -129,7 +129,13 @@ impl Consumers {
             })
             .await?
             .into_inner();
+        // Triggers are read once per pass; one created meanwhile applies from the next pass.
+        let triggers = store.list_triggers("", "", i64::MAX).await?;
         let mut records = 0;
+        // The cursor of the last record that wrote nothing: stored once at the end of the pass
+        // instead of one transaction per event. A crash replays those records, which is safe:
+        // ledger and activity keys and trigger firings are idempotent.
+        let mut pending: Option<String> = None;
         while records < BATCH {
             let Ok(next) = tokio::time::timeout(self.idle, stream.message()).await else {
                 break;
@@ -138,35 +144,54 @@ impl Consumers {
             match msg.kind {
                 Some(pb::watch_events_response::Kind::Record(r)) => {
                     records += 1;
-                    self.apply_record(&r).await?;
+                    if self.apply_record(&r, &triggers).await? {
+                        pending = None;
+                    } else {
+                        pending = Some(r.cursor);
+                    }
                 }
                 Some(pb::watch_events_response::Kind::HeartbeatCursor(c)) => {
                     if expected.as_deref() != Some(c.as_str()) {
-                        store.set_cursor(INGEST_FEED, &c).await?;
+                        pending = Some(c);
                     }
                     break;
                 }
                 None => {}
             }
         }
+        if let Some(c) = pending {
+            store.set_cursor(INGEST_FEED, &c).await?;
+        }
         Ok(records)
     }
 
     /// Applies one event record: accrual / reversal with the cursor, then event triggers.
-    async fn apply_record(&self, r: &pb::EventRecord) -> Result<(), ConsumerError> {
+    /// Returns whether the record's cursor was stored (with a ledger write); otherwise the
+    /// caller stores it later.
+    async fn apply_record(
+        &self,
+        r: &pb::EventRecord,
+        triggers: &[pb::Trigger],
+    ) -> Result<bool, ConsumerError> {
         let store = self.service.store();
         let Some(stored) = r.event.as_ref() else {
-            store.set_cursor(INGEST_FEED, &r.cursor).await?;
-            return Ok(());
+            return Ok(false);
         };
         let Some(event) = stored.event.as_ref() else {
-            store.set_cursor(INGEST_FEED, &r.cursor).await?;
-            return Ok(());
+            return Ok(false);
         };
         let profile = stored.profile_id.as_str();
-        if !profile.is_empty() && store.is_erased(profile).await? {
-            store.set_cursor(INGEST_FEED, &r.cursor).await?;
-            return Ok(()); // erased: nothing is recreated for the person
+        let relevant = matches!(
+            event.payload,
+            Some(pb::event::Payload::OrderCompleted(_) | pb::event::Payload::OrderRefunded(_))
+        ) || triggers
+            .iter()
+            .any(|t| matches!(&t.on, Some(pb::trigger::On::Event(e)) if e.kind == stored.kind));
+        if profile.is_empty() || !relevant {
+            return Ok(false);
+        }
+        if store.is_erased(profile).await? {
+            return Ok(false); // erased: nothing is recreated for the person
         }
         let at = event
             .occurred_at
@@ -229,13 +254,9 @@ impl Consumers {
             }
             _ => {}
         }
-        if !wrote {
-            store.set_cursor(INGEST_FEED, &r.cursor).await?;
-        }
-        if !profile.is_empty() {
-            self.fire_event_triggers(profile, stored, event).await?;
-        }
-        Ok(())
+        self.fire_event_triggers(triggers, profile, stored, event)
+            .await?;
+        Ok(wrote)
     }
 
     /// The accrual command for an order, if it earns anything, after recording the order's
@@ -343,11 +364,11 @@ impl Consumers {
 
     async fn fire_event_triggers(
         &self,
+        triggers: &[pb::Trigger],
         profile: &str,
         stored: &pb::StoredEvent,
         event: &pb::Event,
     ) -> Result<(), ConsumerError> {
-        let triggers = self.service.store().list_triggers("", "", i64::MAX).await?;
         for t in triggers {
             let Some(pb::trigger::On::Event(e)) = &t.on else {
                 continue;
@@ -368,7 +389,7 @@ impl Consumers {
                 continue;
             }
             let source_key = format!("{}/{}", event.source, event.event_id);
-            self.fire(&t, profile, &source_key).await?;
+            self.fire(t, profile, &source_key).await?;
         }
         Ok(())
     }

@@ -299,7 +299,8 @@ pub trait OfferStore: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<Vec<pb::Trigger>>;
     /// Deletes a trigger (idempotent); [`StoreError::NotFound`] if never created.
     async fn delete_trigger(&self, trigger_id: &str) -> StoreResult<()>;
-    /// Records that `trigger_id` fired for `source_key`; false if it already had.
+    /// Records that `trigger_id` fired for `source_key`; false if it already had, or if the
+    /// trigger has been deleted meanwhile (it stops firing at once).
     async fn claim_firing(
         &self,
         trigger_id: &str,
@@ -1212,12 +1213,15 @@ impl OfferStore for SqlOfferStore {
         let mut w = self.begin_write().await?;
         let n = sqlx::query(
             "INSERT INTO trigger_firings (trigger_id, source_key, profile_id, fired_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+             SELECT $1, $2, $3, $4 WHERE EXISTS \
+             (SELECT 1 FROM triggers WHERE trigger_id = $5 AND deleted = 0) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(trigger_id)
         .bind(source_key)
         .bind(profile_id)
         .bind(now)
+        .bind(trigger_id)
         .execute(&mut *w.tx)
         .await?
         .rows_affected();
