@@ -2,7 +2,7 @@
 """scikit-learn side of `clientele-bench segmentation` (k-means, `make bench`).
 
 Reads the standardised RFM matrix that the Rust bench wrote (raw little-endian float64,
-row-major, COLUMNS columns), fits `KMeans(k, algorithm="lloyd", n_init=1)` once per seed
+row-major, COLUMNS columns), fits `KMeans(k, algorithm="lloyd", n_init=1)` twice per seed (best time kept)
 (k-means++ initialisation, scikit-learn's defaults otherwise) after one untimed warm-up fit
 on the first 10 000 rows, and prints one JSON object:
 the mean fit time in seconds, the mean inertia, the iterations and the library versions.
@@ -41,9 +41,14 @@ def main() -> None:
     KMeans(args.k, algorithm="lloyd", n_init=1, random_state=0).fit(x[: max(args.k, 10_000)])
     times, inertias, iterations = [], [], []
     for seed in args.seeds:
-        start = time.perf_counter()
-        model = KMeans(args.k, algorithm="lloyd", n_init=1, random_state=seed).fit(x)
-        times.append(time.perf_counter() - start)
+        # Best of two identical fits (same seed, same result): the minimum is the time least
+        # disturbed by other processes; the Rust side does the same.
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            model = KMeans(args.k, algorithm="lloyd", n_init=1, random_state=seed).fit(x)
+            best = min(best, time.perf_counter() - start)
+        times.append(best)
         inertias.append(float(model.inertia_))
         iterations.append(int(model.n_iter_))
     print(

@@ -12,7 +12,8 @@
 //!    change or `ScoreProfile`) one after another; baseline: a primary-key SELECT round trip.
 //!    Goal: p99 under 5 ms.
 //! 3. **k-means** on `--kmeans-rows` × 3 log1p-standardised RFM features, k = 8, one
-//!    k-means++ initialisation, seeds 0..3, beside scikit-learn's
+//!    k-means++ initialisation, seeds 0..3 (each the best of two identical fits, on both
+//!    sides), beside scikit-learn's
 //!    `KMeans(algorithm="lloyd", n_init=1)` on the same data file in the same run
 //!    (`scripts/bench_kmeans_sklearn.py`; skipped with a message without scikit-learn).
 //!    Goals: at least 3× faster, inertia at most 1.001× scikit-learn's.
@@ -571,13 +572,21 @@ fn kmeans_vs_sklearn(args: &SegmentationArgs, report: &mut Report) -> anyhow::Re
             seed,
             ..KMeansConfig::default()
         };
-        let t = Instant::now();
-        let model = KMeans::fit(&data, &config)?;
-        secs += t.elapsed().as_secs_f64() / 3.0;
-        inertia += model.inertia() / 3.0;
+        // Best of two identical fits per seed (same result, so the minimum time is the least
+        // disturbed by other processes on the machine); the Python side does the same.
+        let mut best = f64::INFINITY;
+        let mut fitted = None;
+        for _ in 0..2 {
+            let t = Instant::now();
+            let model = KMeans::fit(&data, &config)?;
+            best = best.min(t.elapsed().as_secs_f64());
+            fitted = Some(model);
+        }
+        secs += best / 3.0;
+        inertia += fitted.map_or(0.0, |m| m.inertia()) / 3.0;
     }
     report.line(
-        format!("k-means k=8 n_init=1 on {rows} x 3 (mean of 3 seeds)"),
+        format!("k-means k=8 n_init=1 on {rows} x 3 (seeds 0-2, best of 2 each)"),
         secs,
         "s",
         None,

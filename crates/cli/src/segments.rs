@@ -594,6 +594,7 @@ fn run_text(r: &pb::Recompute) -> String {
 async fn follow(
     client: &mut Client,
     run_id: &str,
+    key: &str,
     timeout: Duration,
 ) -> anyhow::Result<pb::Recompute> {
     let progress = if std::io::stderr().is_terminal() {
@@ -650,7 +651,7 @@ async fn follow(
             progress.abandon();
             bail!(
                 "run {run_id} is still {} after {} s; it keeps going on the server (follow it with \
-                 `clientele segments recompute --key <same key>`)",
+                 `clientele segments recompute --key {key}`)",
                 state_name(run.state),
                 timeout.as_secs()
             );
@@ -941,9 +942,10 @@ pub async fn run(command: SegmentsCommand, options: &ConnectionOptions) -> anyho
             detach,
             timeout_secs,
         } => {
+            let key = key.unwrap_or_else(new_key);
             let started = client
                 .start_recompute(pb::StartRecomputeRequest {
-                    idempotency_key: key.unwrap_or_else(new_key),
+                    idempotency_key: key.clone(),
                     requested_by: "clientele-cli".into(),
                 })
                 .await?
@@ -955,7 +957,13 @@ pub async fn run(command: SegmentsCommand, options: &ConnectionOptions) -> anyho
             let run = if detach {
                 run
             } else {
-                follow(&mut client, &run.run_id, Duration::from_secs(timeout_secs)).await?
+                follow(
+                    &mut client,
+                    &run.run_id,
+                    &key,
+                    Duration::from_secs(timeout_secs),
+                )
+                .await?
             };
             print(options, &run_json(&run), &run_text(&run))?;
             if run.state == pb::RecomputeState::Failed as i32 {

@@ -400,6 +400,7 @@ impl Engine {
             .await?;
         let previous = self.store.latest_run().await?;
         let data = self.store.load_all_profiles(as_of).await?;
+        lap("load facts", &mut timings);
         let total = data.len();
         let config = self.config.clone();
         let mut scored: Vec<Scored> = data
@@ -407,7 +408,7 @@ impl Engine {
             .map(|d| scoring::features_of(d, as_of, &config))
             .collect();
         drop(data);
-        lap("load + features", &mut timings);
+        lap("features", &mut timings);
         self.progress(run_id, P::Rfm, total, total, None).await?;
         let prev_model = previous.as_ref().and_then(|r| r.model.clone());
         let (mut model, converged) = scoring::score_base(&mut scored, &config, prev_model.as_ref());
