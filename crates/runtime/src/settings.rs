@@ -340,7 +340,7 @@ impl Default for IngestSettings {
             max_event_age_days: 0,
             max_in_flight_batches: 32,
             admission_timeout_ms: 250,
-            stream_max_unacked_batches: 16,
+            stream_max_unacked_batches: 4,
             stream_ack_interval_ms: 50,
             forward_batch_size: 500,
         }
