@@ -594,7 +594,17 @@ impl Consumers {
                     0
                 }
             };
-            let e = self.consume_events_once().await?;
+            // Drain the event feed page by page before looking at the quieter feeds: each of
+            // those waits up to `idle` for a message, which would otherwise be paid once per
+            // 500 events and cap accrual at a few hundred events a second.
+            let mut e = 0;
+            loop {
+                let page = self.consume_events_once().await?;
+                e += page;
+                if page < BATCH {
+                    break;
+                }
+            }
             let m = self.consume_memberships_once().await?;
             events += e;
             changes += m;
