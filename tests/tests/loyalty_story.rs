@@ -1,7 +1,7 @@
 //! The whole loyalty story on a generated customer base, every service its own process (the
 //! compose topology) against PostgreSQL and Redis:
 //!
-//! 1. months of orders and behaviour for thousands of customers stream through IngestStream;
+//! 1. a year of orders and behaviour for thousands of customers streams through IngestStream;
 //! 2. identities are stitched across devices and emails (merges happen);
 //! 3. a segmentation run scores everyone with the 11-segment RFM map;
 //! 4. the seeds' four strategies each give their segment the right offer (Decide);
@@ -25,8 +25,8 @@ use clientele_proto::v1::segmentation_service_client::SegmentationServiceClient;
 
 const SEED: u64 = 2026;
 const CUSTOMERS: u32 = 2000;
-/// Days of history: 90 keeps the story near 30k events, so CI stays quick.
-const DAYS: u32 = 90;
+/// A year of history: about 75k events.
+const DAYS: u32 = 365;
 
 /// The five processes of the compose topology.
 struct Platform {
@@ -365,7 +365,7 @@ async fn the_loyalty_story_from_events_to_offers_experiments_and_erasure() {
             .unwrap();
     }
 
-    // 1. Months of history for thousands of customers through the ingest stream.
+    // 1. A year of history for thousands of customers through the ingest stream.
     let config = GeneratorConfig::new(SEED, CUSTOMERS, DAYS);
     let events: Vec<pb::Event> = generate::events(&config).collect();
     let started = std::time::Instant::now();
