@@ -245,35 +245,6 @@ async fn measure<W: Worker>(
     Ok((result, cpu))
 }
 
-fn row(name: &str, r: &LoadResult, cpu: CpuPerCall, baseline_rps: f64) -> Row {
-    Row {
-        name: name.to_string(),
-        rps: r.rps(),
-        p50_ms: Some(r.ms(0.5)),
-        p99_ms: Some(r.ms(0.99)),
-        p999_ms: Some(r.ms(0.999)),
-        ratio: Some(r.rps() / baseline_rps),
-        errors: r.errors,
-        cpu,
-    }
-}
-
-fn check_errors(what: &str, r: &LoadResult) -> anyhow::Result<()> {
-    let total = r.ops + r.errors;
-    anyhow::ensure!(
-        total > 0,
-        "{what}: no call completed in the measured period"
-    );
-    anyhow::ensure!(
-        r.errors * 100 <= total,
-        "{what}: {} of {} calls failed; first error: {}",
-        r.errors,
-        total,
-        r.first_error.as_deref().unwrap_or("?")
-    );
-    Ok(())
-}
-
 /// In-process assignments per second from criterion's estimates (mean time of one
 /// iteration of 1024 assignments, nanoseconds).
 fn in_process_rate(path: &std::path::Path) -> anyhow::Result<f64> {
@@ -344,7 +315,7 @@ pub async fn run(args: AssignArgs) -> anyhow::Result<()> {
     );
     let (health_before, health_before_cpu) =
         measure(health_workers(), window, args.server_pid).await?;
-    check_errors("health Check", &health_before)?;
+    health_before.check("health Check")?;
 
     // 3. Assign.
     eprintln!("gRPC Assign…");
@@ -358,7 +329,7 @@ pub async fn run(args: AssignArgs) -> anyhow::Result<()> {
         })
         .collect();
     let (assign, assign_cpu) = measure(workers, window, args.server_pid).await?;
-    check_errors("Assign", &assign)?;
+    assign.check("Assign")?;
 
     // 4. BatchAssign.
     eprintln!("gRPC BatchAssign of {} experiments…", keys.len());
@@ -372,36 +343,25 @@ pub async fn run(args: AssignArgs) -> anyhow::Result<()> {
         })
         .collect();
     let (batch, batch_cpu) = measure(workers, window, args.server_pid).await?;
-    check_errors("BatchAssign", &batch)?;
+    batch.check("BatchAssign")?;
 
     // 5. Baseline again, so a change in background load shows as a gap between the two.
     eprintln!("health Check baseline again…");
     let (health_after, health_after_cpu) =
         measure(health_workers(), window, args.server_pid).await?;
-    check_errors("health Check", &health_after)?;
+    health_after.check("health Check")?;
 
     // 6. Report.
     let base = (health_before.rps() + health_after.rps()) / 2.0;
     let mut rows = vec![
-        row("gRPC Assign", &assign, assign_cpu, base),
-        row(
+        assign.row("gRPC Assign", assign_cpu, base),
+        batch.row(
             &format!("gRPC BatchAssign ({} experiments)", keys.len()),
-            &batch,
             batch_cpu,
             base,
         ),
-        row(
-            "gRPC health Check (before)",
-            &health_before,
-            health_before_cpu,
-            base,
-        ),
-        row(
-            "gRPC health Check (after)",
-            &health_after,
-            health_after_cpu,
-            base,
-        ),
+        health_before.row("gRPC health Check (before)", health_before_cpu, base),
+        health_after.row("gRPC health Check (after)", health_after_cpu, base),
     ];
     let mut notes = vec![
         format!(

@@ -48,6 +48,44 @@ impl LoadResult {
     pub fn ms(&self, quantile: f64) -> f64 {
         self.latency.value_at_quantile(quantile) as f64 / 1e6
     }
+
+    /// The report row of this run: throughput, p50/p99/p999 and the ratio to `baseline_rps`
+    /// (a baseline measured in the same run).
+    pub fn row(
+        &self,
+        name: &str,
+        cpu: crate::cpu::CpuPerCall,
+        baseline_rps: f64,
+    ) -> crate::report::Row {
+        crate::report::Row {
+            name: name.to_string(),
+            rps: self.rps(),
+            p50_ms: Some(self.ms(0.5)),
+            p99_ms: Some(self.ms(0.99)),
+            p999_ms: Some(self.ms(0.999)),
+            ratio: Some(self.rps() / baseline_rps),
+            errors: self.errors,
+            cpu,
+        }
+    }
+
+    /// Fails when nothing completed or more than 1% of the calls failed: a failing system is
+    /// an error, not a slow one (a stray failure is only reported).
+    pub fn check(&self, what: &str) -> anyhow::Result<()> {
+        let total = self.ops + self.errors;
+        anyhow::ensure!(
+            total > 0,
+            "{what}: no call completed in the measured period"
+        );
+        anyhow::ensure!(
+            self.errors * 100 <= total,
+            "{what}: {} of {} calls failed; first error: {}",
+            self.errors,
+            total,
+            self.first_error.as_deref().unwrap_or("?")
+        );
+        Ok(())
+    }
 }
 
 fn histogram() -> anyhow::Result<Histogram<u64>> {

@@ -294,36 +294,6 @@ async fn measure<W: Worker>(
     Ok((result, cpu))
 }
 
-fn row(name: &str, r: &LoadResult, cpu: CpuPerCall, raw_rps: f64) -> Row {
-    Row {
-        name: name.to_string(),
-        rps: r.rps(),
-        p50_ms: Some(r.ms(0.5)),
-        p99_ms: Some(r.ms(0.99)),
-        p999_ms: Some(r.ms(0.999)),
-        ratio: Some(r.rps() / raw_rps),
-        errors: r.errors,
-        cpu,
-    }
-}
-
-fn check_errors(what: &str, r: &LoadResult) -> anyhow::Result<()> {
-    let total = r.ops + r.errors;
-    anyhow::ensure!(
-        total > 0,
-        "{what}: no call completed in the measured period"
-    );
-    // A stray failure is reported; a failing system is an error, not a slow one.
-    anyhow::ensure!(
-        r.errors * 100 <= total,
-        "{what}: {} of {} calls failed; first error: {}",
-        r.errors,
-        total,
-        r.first_error.as_deref().unwrap_or("?")
-    );
-    Ok(())
-}
-
 /// Runs the profile benchmark.
 pub async fn run(args: ProfilesArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
@@ -418,7 +388,7 @@ pub async fn run(args: ProfilesArgs) -> anyhow::Result<()> {
     let workers = RawGet::workers(&redis_client, args.concurrency, &args.raw_key, 1024).await?;
     let (raw_before, raw_before_cpu) =
         measure(workers, window, args.server_pid, &mut control).await?;
-    check_errors("raw GET", &raw_before)?;
+    raw_before.check("raw GET")?;
 
     let mut bench_rows = Vec::new();
     if args.redis_benchmark_requests > 0
@@ -467,7 +437,7 @@ pub async fn run(args: ProfilesArgs) -> anyhow::Result<()> {
         })
         .collect();
     let (grpc, grpc_cpu) = measure(workers, window, args.server_pid, &mut control).await?;
-    check_errors("GetProfile", &grpc)?;
+    grpc.check("GetProfile")?;
     if let (Some(a), Some(before)) = (&args.metrics_addr, metrics_before) {
         let after = scrape(a).await?;
         let (hits, misses, errors) = (
@@ -494,7 +464,7 @@ pub async fn run(args: ProfilesArgs) -> anyhow::Result<()> {
     let workers = RawGet::workers(&redis_client, args.concurrency, &args.raw_key, 1024).await?;
     let (raw_after, raw_after_cpu) =
         measure(workers, window, args.server_pid, &mut control).await?;
-    check_errors("raw GET", &raw_after)?;
+    raw_after.check("raw GET")?;
     let _: () = redis::cmd("DEL")
         .arg(&args.raw_key)
         .query_async(&mut control)
@@ -503,14 +473,9 @@ pub async fn run(args: ProfilesArgs) -> anyhow::Result<()> {
     // 6. Report.
     let raw_rps = (raw_before.rps() + raw_after.rps()) / 2.0;
     let mut rows = vec![
-        row("gRPC GetProfile (hot cache)", &grpc, grpc_cpu, raw_rps),
-        row(
-            "Redis GET 1 KB (before)",
-            &raw_before,
-            raw_before_cpu,
-            raw_rps,
-        ),
-        row("Redis GET 1 KB (after)", &raw_after, raw_after_cpu, raw_rps),
+        grpc.row("gRPC GetProfile (hot cache)", grpc_cpu, raw_rps),
+        raw_before.row("Redis GET 1 KB (before)", raw_before_cpu, raw_rps),
+        raw_after.row("Redis GET 1 KB (after)", raw_after_cpu, raw_rps),
     ];
     for (name, rps) in &bench_rows {
         rows.push(Row {
