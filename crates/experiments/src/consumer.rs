@@ -24,7 +24,6 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::events::{self, EventFact};
-use crate::model::ProfileChange;
 use crate::store::{ExperimentStore, StoreError};
 
 type Intercepted = InterceptedService<Channel, ClientInterceptor>;
@@ -186,30 +185,13 @@ impl Consumer {
             })
             .await?
             .into_inner();
-        let mut changes = Vec::new();
-        let mut read = 0usize;
-        let mut last = after;
-        while read < BATCH {
-            let Ok(next) = tokio::time::timeout(self.idle, stream.message()).await else {
-                break;
-            };
-            let Some(change) = next? else { break };
-            read += 1;
-            last = change.sequence;
-            use pb::ProfileChangeKind as K;
-            match K::try_from(change.kind).unwrap_or(K::Unspecified) {
-                K::Merged => changes.push(ProfileChange::Merged {
-                    survivor: change.profile_id,
-                    merged: change.merged_profile_ids,
-                }),
-                K::Erased => changes.push(ProfileChange::Erased(change.profile_id)),
-                _ => {}
-            }
-        }
+        let page = clientele_runtime::feed::read_page(&mut stream, BATCH, self.idle).await?;
         drop(stream);
-        if read == 0 {
+        let read = page.len();
+        let (changes, last) = clientele_runtime::feed::identity_changes(page);
+        let Some(last) = last else {
             return Ok(0);
-        }
+        };
         self.store
             .apply_profile_changes(
                 PROFILES_FEED,

@@ -197,19 +197,9 @@ pub struct AggregateQuery {
     pub event_derived: bool,
 }
 
-/// A profile change the experiment data follows (ProfileService.WatchChanges).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProfileChange {
-    /// `merged` profile ids now belong to `survivor`.
-    Merged {
-        /// The surviving profile id.
-        survivor: String,
-        /// The ids merged into it.
-        merged: Vec<String>,
-    },
-    /// The profile (and every id merged into it) was erased.
-    Erased(String),
-}
+/// A merge or an erasure from ProfileService's changes feed (shared with the other
+/// consumers of that feed).
+pub use clientele_runtime::feed::IdentityChange as ProfileChange;
 
 /// Sufficient statistics of one variant for one metric, straight from SQL aggregates.
 /// Per unit: `c` = converted at least once (0/1), `v` = sum of conversion values (minor

@@ -16,7 +16,7 @@ use clientele_proto::v1 as pb;
 use tonic::Status;
 
 use crate::service::ProfileClient;
-use crate::store::{EventStore, ProfileChange};
+use crate::store::EventStore;
 
 /// Feed name of ProfileService.WatchChanges in `feed_cursors`.
 pub const PROFILES_FEED: &str = "profiles";
@@ -59,30 +59,13 @@ impl ErasureConsumer {
             })
             .await?
             .into_inner();
-        let mut changes = Vec::new();
-        let mut read = 0usize;
-        let mut last = expected;
-        while read < BATCH {
-            let Ok(next) = tokio::time::timeout(self.idle, stream.message()).await else {
-                break;
-            };
-            let Some(change) = next? else { break };
-            read += 1;
-            last = change.sequence;
-            use pb::ProfileChangeKind as K;
-            match K::try_from(change.kind).unwrap_or(K::Unspecified) {
-                K::Merged => changes.push(ProfileChange::Merged {
-                    survivor: change.profile_id,
-                    merged: change.merged_profile_ids,
-                }),
-                K::Erased => changes.push(ProfileChange::Erased(change.profile_id)),
-                _ => {}
-            }
-        }
+        let page = clientele_runtime::feed::read_page(&mut stream, BATCH, self.idle).await?;
         drop(stream);
-        if read == 0 || last == expected {
+        let read = page.len();
+        let (changes, last) = clientele_runtime::feed::identity_changes(page);
+        let Some(last) = last.filter(|l| *l != expected) else {
             return Ok(0);
-        }
+        };
         let out = self
             .store
             .apply_profile_changes(

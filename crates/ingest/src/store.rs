@@ -178,19 +178,9 @@ pub struct OutboxRow {
     pub delta: Vec<u8>,
 }
 
-/// A ProfileService change that ingest acts on (from WatchChanges).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProfileChange {
-    /// `merged` were merged into `survivor`: events stored under them now belong to it.
-    Merged {
-        /// The surviving profile.
-        survivor: String,
-        /// The ids merged into it.
-        merged: Vec<String>,
-    },
-    /// The profile was erased: its events and those of the ids merged into it go.
-    Erased(String),
-}
+/// A merge or an erasure from ProfileService's changes feed (shared with the other
+/// consumers of that feed).
+pub use clientele_runtime::feed::IdentityChange as ProfileChange;
 
 /// What applying a batch of profile changes did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

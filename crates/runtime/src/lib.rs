@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cache;
 pub mod client;
 pub mod db;
+pub mod feed;
 pub mod leader;
 pub mod metrics;
 pub mod server;
