@@ -2,7 +2,7 @@
 //! input is INVALID_ARGUMENT naming the field, and nothing is written), calls the store, and
 //! keeps the read-through profile cache coherent (each write invalidates at its new version).
 
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,8 +24,6 @@ use crate::store::{ProfileStore, StoreError};
 
 /// Most identifier sets in one batch call.
 pub const MAX_BATCH_SETS: usize = 1000;
-/// Sets of one BatchResolve that need the full resolution, resolved at once at most.
-const SLOW_RESOLVE_CONCURRENCY: usize = 4;
 /// Most profile ids in one BatchGetProfiles.
 pub const MAX_BATCH_GET: usize = 500;
 /// Most traits set or removed in one call.
@@ -265,20 +263,7 @@ impl ProfileServiceImpl {
         for m in &out.merged {
             self.cache.invalidate(m, i64::MAX).await;
         }
-        Ok(pb::ResolveResponse {
-            profile_id: out.profile_id,
-            created: out.created,
-            merged_profile_ids: out.merged,
-            refused_links: out
-                .refused
-                .iter()
-                .map(|&i| pb::RefusedLink {
-                    identifier_index: u32::try_from(index[i]).unwrap_or(u32::MAX),
-                    reason: pb::LinkRefusal::OverMergeCap as i32,
-                })
-                .collect(),
-            erased: out.erased,
-        })
+        Ok(response(out, index))
     }
 
     async fn load(&self, id: &str) -> Result<pb::Profile, Status> {
@@ -298,6 +283,25 @@ impl ProfileServiceImpl {
     async fn after_write(&self, record: &ProfileRecord) {
         self.cache.invalidate(&record.id, record.version).await;
         self.changed.notify_waiters();
+    }
+}
+
+/// The reply to one resolution; `index` maps positions in the normalised set back to the
+/// request's identifiers (for refused links).
+fn response(out: crate::model::ResolveOutcome, index: &[usize]) -> pb::ResolveResponse {
+    pb::ResolveResponse {
+        profile_id: out.profile_id,
+        created: out.created,
+        merged_profile_ids: out.merged,
+        refused_links: out
+            .refused
+            .iter()
+            .map(|&i| pb::RefusedLink {
+                identifier_index: u32::try_from(index[i]).unwrap_or(u32::MAX),
+                reason: pb::LinkRefusal::OverMergeCap as i32,
+            })
+            .collect(),
+        erased: out.erased,
     }
 }
 
@@ -346,71 +350,39 @@ impl ProfileService for ProfileServiceImpl {
             })
             .collect();
         let key_sets: Vec<Vec<IdentifierKey>> = uniq.iter().map(|(k, _)| k.clone()).collect();
-        // Returning customers (every identifier known, one profile) need no write; first-time
-        // customers are created in bulk; sets that the bulk creation made known are read again;
-        // only the rest (links, merges, tombstones) go one by one through the full resolution.
+        // Returning customers (every identifier known, one profile) need no write; all other
+        // sets (first-time customers, new links, merges, tombstones) resolve together in one
+        // transaction, with the outcomes of one Resolve call per set in order.
         let started = std::time::Instant::now();
-        let mut known = self.store.resolve_known(&key_sets).await?;
+        let known = self.store.resolve_known(&key_sets).await?;
         let known_ms = started.elapsed().as_secs_f64() * 1e3;
         let unknown: Vec<usize> = (0..known.len()).filter(|&i| known[i].is_none()).collect();
         let unknown_sets: Vec<Vec<IdentifierKey>> =
             unknown.iter().map(|&i| key_sets[i].clone()).collect();
-        let created = if unknown_sets.is_empty() {
-            Vec::new()
-        } else {
-            self.store.create_new(&unknown_sets, now_micros()).await?
-        };
-        let mut created_at: Vec<Option<String>> = vec![None; key_sets.len()];
-        for (&i, c) in unknown.iter().zip(created) {
-            created_at[i] = c;
-        }
-        if created_at.iter().any(Option::is_some) {
-            self.changed.notify_waiters();
-            let rest: Vec<usize> = unknown
-                .iter()
-                .copied()
-                .filter(|&i| created_at[i].is_none())
-                .collect();
-            if !rest.is_empty() {
-                let sets: Vec<Vec<IdentifierKey>> =
-                    rest.iter().map(|&i| key_sets[i].clone()).collect();
-                for (&i, k) in rest.iter().zip(self.store.resolve_known(&sets).await?) {
-                    known[i] = k;
-                }
+        let outcomes = self.store.resolve_many(&unknown_sets, now_micros()).await?;
+        // Cache entries of written and merged profiles are dropped concurrently.
+        let mut stale: Vec<(String, i64)> = Vec::new();
+        for out in &outcomes {
+            if let Some(v) = out.version {
+                stale.push((out.profile_id.clone(), v));
             }
+            stale.extend(out.merged.iter().map(|m| (m.clone(), i64::MAX)));
         }
-        let created_ms = started.elapsed().as_secs_f64() * 1e3 - known_ms;
-        let slow = known
-            .iter()
-            .zip(&created_at)
-            .filter(|(k, c)| k.is_none() && c.is_none())
-            .count();
-        // The rest resolve as concurrent Resolve calls would (advisory locks order them), a
-        // few at a time so that their round trips and lock waits overlap.
-        let resolved: Vec<pb::ResolveResponse> = futures::stream::iter(
-            uniq.iter()
-                .map(|n| (*n).clone())
-                .zip(known)
-                .zip(created_at)
-                .collect::<Vec<_>>(),
-        )
-        .map(|(((keys, index), known), created)| async move {
-            Ok::<_, Status>(match (known, created) {
-                (Some(profile_id), _) => pb::ResolveResponse {
-                    profile_id,
-                    ..Default::default()
-                },
-                (None, Some(profile_id)) => pb::ResolveResponse {
-                    profile_id,
-                    created: true,
-                    ..Default::default()
-                },
-                (None, None) => self.resolve_keys(&keys, &index).await?,
+        let merges = outcomes.iter().map(|o| o.merged.len()).sum::<usize>();
+        futures::future::join_all(stale.iter().map(|(id, v)| self.cache.invalidate(id, *v))).await;
+        if !stale.is_empty() {
+            self.changed.notify_waiters();
+        }
+        let mut resolved: Vec<pb::ResolveResponse> = known
+            .into_iter()
+            .map(|k| pb::ResolveResponse {
+                profile_id: k.unwrap_or_default(),
+                ..Default::default()
             })
-        })
-        .buffered(SLOW_RESOLVE_CONCURRENCY)
-        .try_collect()
-        .await?;
+            .collect();
+        for (&u, out) in unknown.iter().zip(outcomes) {
+            resolved[u] = response(out, &uniq[u].1);
+        }
         let mut given = vec![false; resolved.len()];
         let results: Vec<pb::ResolveResponse> = slot
             .iter()
@@ -430,10 +402,9 @@ impl ProfileService for ProfileServiceImpl {
         tracing::debug!(
             sets = results.len(),
             distinct = uniq.len(),
-            new = unknown.len(),
-            slow,
+            resolved = unknown.len(),
+            merges,
             known_ms,
-            created_ms,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
             "batch resolve"
         );

@@ -93,6 +93,16 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
         sets: &[Vec<IdentifierKey>],
         now: i64,
     ) -> StoreResult<Vec<Option<String>>>;
+    /// Resolves many identifier sets in one transaction, in order, with the outcome each would
+    /// get from [`ProfileStore::resolve`] called one after the other (a later set sees what an
+    /// earlier one created, linked or merged). Reads and locks are taken for all sets at once
+    /// and multi-row writes are used wherever the order of the sets does not matter; only the
+    /// merges run one after the other. Same locks as `resolve`, so it is race-free against it.
+    async fn resolve_many(
+        &self,
+        sets: &[Vec<IdentifierKey>],
+        now: i64,
+    ) -> StoreResult<Vec<ResolveOutcome>>;
     /// The profile `id` (or the survivor it merged into).
     async fn get(&self, id: &str) -> StoreResult<ProfileRecord>;
     /// Sets and removes traits.
@@ -333,6 +343,296 @@ impl SqlProfileStore {
         w.tx.commit().await?;
         out.profile_id = survivor_id;
         Ok(out)
+    }
+
+    /// One attempt of [`ProfileStore::resolve_many`]. The sets are planned one after the other
+    /// against an in-memory picture (identifier owners and link counts, merge aliases,
+    /// creation times) that starts from the locked database state and takes in each set's
+    /// decisions, so the plans are those of sequential `resolve` calls. The writes then go in
+    /// an order that gives the same rows: new profiles, the merges in plan order (each moves
+    /// everything its loser holds, so it composes), identifiers attached to the survivor they
+    /// end on, link counts, version bumps and the changes-feed rows in set order.
+    async fn resolve_many_once(
+        &self,
+        sets: &[Vec<IdentifierKey>],
+        now: i64,
+    ) -> StoreResult<Vec<ResolveOutcome>> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        let all: Vec<IdentifierKey> = sets
+            .iter()
+            .flatten()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        self.lock(conn, all.iter().map(IdentifierKey::lock_key))
+            .await?;
+        let erased = self.tombstoned_keys(conn, &all).await?;
+        // Identifier -> (owner as stored, links); owners are followed through `alias` below.
+        let mut owner: HashMap<IdentifierKey, (String, i64)> =
+            lookup_identifiers(conn, self.pg(), &all).await?;
+        // Lock every live survivor involved, re-reading until no merge slipped in between the
+        // read and the lock (the same loop as `resolve`, for all sets at once).
+        let mut locked: BTreeSet<String> = BTreeSet::new();
+        let heads = loop {
+            let ids: BTreeSet<&str> = owner.values().map(|(p, _)| p.as_str()).collect();
+            let heads = survivor_heads(conn, &ids).await?;
+            let live: BTreeSet<String> = heads
+                .values()
+                .filter(|h| h.erased_at.is_none())
+                .map(|h| h.id.clone())
+                .collect();
+            let new: Vec<String> = live.difference(&locked).cloned().collect();
+            if new.is_empty() {
+                break heads;
+            }
+            self.lock(conn, new.iter().map(|p| format!("p:{p}")))
+                .await?;
+            locked.extend(new);
+        };
+        // Profile id -> where it points now (merge aliases of this call included).
+        let mut alias: HashMap<String, String> = HashMap::new();
+        // Live profile id -> creation time; erased survivors are absent (their identifiers
+        // count as unknown, as in `resolve`).
+        let mut created_at: HashMap<String, i64> = HashMap::new();
+        for (id, h) in &heads {
+            if h.id != *id {
+                alias.insert(id.clone(), h.id.clone());
+            }
+            if h.erased_at.is_none() {
+                created_at.insert(h.id.clone(), h.created_at);
+            }
+        }
+        let head = |alias: &HashMap<String, String>, id: &str| -> String {
+            let mut cur = id.to_string();
+            while let Some(next) = alias.get(&cur) {
+                cur = next.clone();
+            }
+            cur
+        };
+
+        let mut outcomes: Vec<ResolveOutcome> = Vec::with_capacity(sets.len());
+        let mut new_profiles: Vec<String> = Vec::new();
+        let mut merges: Vec<(String, String, IdentifierKey)> = Vec::new();
+        let mut bumps: BTreeMap<IdentifierKey, i64> = BTreeMap::new();
+        let mut attaches: Vec<(IdentifierKey, String)> = Vec::new();
+        let mut written: Vec<(usize, ChangeKind)> = Vec::new();
+        for (n, keys) in sets.iter().enumerate() {
+            if keys.iter().any(|k| erased.contains(k)) {
+                outcomes.push(ResolveOutcome {
+                    erased: true,
+                    ..ResolveOutcome::default()
+                });
+                continue;
+            }
+            let known: Vec<Option<KnownIdentifier>> = keys
+                .iter()
+                .map(|k| {
+                    let (pid, links) = owner.get(k)?;
+                    let s = head(&alias, pid);
+                    let at = *created_at.get(&s)?;
+                    Some(KnownIdentifier {
+                        profile_id: s,
+                        profile_created_at: at,
+                        links: *links,
+                    })
+                })
+                .collect();
+            let kinds: Vec<_> = keys.iter().map(|k| k.kind).collect();
+            let plan = stitching::plan(&kinds, &known, self.cap);
+            let mut out = ResolveOutcome {
+                refused: plan.refused.clone(),
+                ..ResolveOutcome::default()
+            };
+            let survivor_id = match &plan.survivor {
+                Some(s) => s.clone(),
+                None => {
+                    let id = uuid::Uuid::now_v7().to_string();
+                    created_at.insert(id.clone(), now);
+                    new_profiles.push(id.clone());
+                    out.created = true;
+                    id
+                }
+            };
+            for (loser, via) in &plan.merge {
+                merges.push((loser.clone(), survivor_id.clone(), keys[*via].clone()));
+                alias.insert(loser.clone(), survivor_id.clone());
+                created_at.remove(loser);
+                out.merged.push(loser.clone());
+            }
+            for &i in &plan.bump_links {
+                *bumps.entry(keys[i].clone()).or_default() += 1;
+                if let Some(o) = owner.get_mut(&keys[i]) {
+                    o.1 += 1;
+                }
+            }
+            for &i in &plan.attach {
+                // A stored identifier of an erased person stays as it is (the insert below
+                // does nothing for it), as in `resolve`.
+                if !owner.contains_key(&keys[i]) {
+                    owner.insert(keys[i].clone(), (survivor_id.clone(), 1));
+                    attaches.push((keys[i].clone(), survivor_id.clone()));
+                }
+            }
+            if out.created
+                || !plan.attach.is_empty()
+                || !plan.merge.is_empty()
+                || !plan.bump_links.is_empty()
+            {
+                let kind = if out.created {
+                    ChangeKind::Created
+                } else if !out.merged.is_empty() {
+                    ChangeKind::Merged
+                } else {
+                    ChangeKind::Updated
+                };
+                written.push((n, kind));
+            }
+            out.profile_id = survivor_id;
+            outcomes.push(out);
+        }
+
+        for chunk in new_profiles.chunks(LOOKUP_CHUNK) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, ${}, 0)", i * 3 + 1, i * 3 + 2, i * 3 + 3))
+                .collect();
+            let sql = format!(
+                "INSERT INTO profiles (id, created_at, updated_at, version) VALUES {}",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.as_str()).bind(now).bind(now);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        for (loser, survivor, via) in &merges {
+            merge_profiles(conn, loser, survivor, via, now).await?;
+        }
+        // Attached before the link counts grow: a set may bridge through an identifier an
+        // earlier set of this call attached.
+        for chunk in attaches.chunks(LOOKUP_CHUNK) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let b = i * 5;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${}, 1)",
+                        b + 1,
+                        b + 2,
+                        b + 3,
+                        b + 4,
+                        b + 5
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO identifiers (id_type, namespace, stored_value, profile_id, first_seen_at, links) \
+                 VALUES {} ON CONFLICT DO NOTHING",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (k, pid) in chunk {
+                // Attached where the profile ends up: a later merge of this call would have
+                // moved it there.
+                let end = head(&alias, pid);
+                q = q
+                    .bind(k.kind.code())
+                    .bind(k.namespace.clone())
+                    .bind(k.stored_value.clone())
+                    .bind(end)
+                    .bind(now);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        let bumps: Vec<(IdentifierKey, i64)> = bumps.into_iter().collect();
+        for chunk in bumps.chunks(LOOKUP_CHUNK) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let b = i * 4;
+                    format!(
+                        "(CAST(${} AS BIGINT), ${}, ${}, CAST(${} AS BIGINT))",
+                        b + 1,
+                        b + 2,
+                        b + 3,
+                        b + 4
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "WITH v (t, n, s, c) AS (VALUES {}) UPDATE identifiers SET links = links + v.c \
+                 FROM v WHERE identifiers.id_type = v.t AND identifiers.namespace = v.n \
+                 AND identifiers.stored_value = v.s",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (k, c) in chunk {
+                q = q
+                    .bind(k.kind.code())
+                    .bind(k.namespace.as_str())
+                    .bind(k.stored_value.as_str())
+                    .bind(*c);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        if !written.is_empty() {
+            // One version step per set that wrote, as many calls would have made.
+            let mut steps: BTreeMap<&str, i64> = BTreeMap::new();
+            for (n, _) in &written {
+                *steps.entry(outcomes[*n].profile_id.as_str()).or_default() += 1;
+            }
+            let steps: Vec<(&str, i64)> = steps.into_iter().collect();
+            let mut versions: HashMap<String, i64> = HashMap::new();
+            for chunk in steps.chunks(LOOKUP_CHUNK) {
+                let rows: Vec<String> = (0..chunk.len())
+                    .map(|i| format!("(${}, CAST(${} AS BIGINT))", i * 2 + 1, i * 2 + 2))
+                    .collect();
+                let sql = format!(
+                    "WITH v (id, c) AS (VALUES {}) UPDATE profiles SET version = version + v.c, \
+                     updated_at = ${} FROM v WHERE profiles.id = v.id \
+                     RETURNING profiles.id, profiles.version",
+                    rows.join(", "),
+                    chunk.len() * 2 + 1
+                );
+                let mut q = sqlx::query(&sql);
+                for (id, c) in chunk {
+                    q = q.bind(*id).bind(*c);
+                }
+                q = q.bind(now);
+                for r in q.fetch_all(&mut *conn).await? {
+                    versions.insert(r.try_get(0)?, r.try_get(1)?);
+                }
+            }
+            self.db.lock_id(conn, CHANGES_LOCK).await?;
+            for chunk in written.chunks(LOOKUP_CHUNK) {
+                let rows: Vec<String> = (0..chunk.len())
+                    .map(|i| {
+                        let b = i * 4;
+                        format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4)
+                    })
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES {}",
+                    rows.join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for (n, kind) in chunk {
+                    let o = &outcomes[*n];
+                    q = q
+                        .bind(o.profile_id.as_str())
+                        .bind(*kind as i64)
+                        .bind(o.merged.join(","))
+                        .bind(now);
+                }
+                q.execute(&mut *conn).await?;
+            }
+            for (n, _) in &written {
+                let o = &mut outcomes[*n];
+                o.version = versions.get(&o.profile_id).copied();
+            }
+        }
+        w.tx.commit().await?;
+        Ok(outcomes)
     }
 
     async fn create_new_chunk(
@@ -655,6 +955,61 @@ async fn survivor(conn: &mut AnyConnection, id: &str) -> StoreResult<Option<Surv
         }
     }
     Err(corrupt(format!("alias chain of {id} too long")))
+}
+
+/// The survivor (id, creation time, erasure) of each of `ids`, following merge aliases a hop
+/// at a time for all ids at once; ids that do not exist are absent.
+async fn survivor_heads(
+    conn: &mut AnyConnection,
+    ids: &BTreeSet<&str>,
+) -> StoreResult<HashMap<String, Survivor>> {
+    let requested: Vec<String> = ids.iter().map(|s| (*s).to_string()).collect();
+    let mut current: Vec<Option<String>> = requested.iter().cloned().map(Some).collect();
+    let mut done: HashMap<String, Survivor> = HashMap::new();
+    for _ in 0..MAX_ALIAS_HOPS {
+        let frontier: BTreeSet<&str> = current.iter().flatten().map(String::as_str).collect();
+        if frontier.is_empty() {
+            return Ok(done);
+        }
+        // id -> (merged_into, created_at, erased_at)
+        let mut rows: HashMap<String, (Option<String>, i64, Option<i64>)> = HashMap::new();
+        let frontier: Vec<&str> = frontier.into_iter().collect();
+        for chunk in frontier.chunks(LOOKUP_CHUNK) {
+            let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT id, merged_into, created_at, erased_at FROM profiles WHERE id IN ({})",
+                params.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                rows.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?));
+            }
+        }
+        for (i, cur) in current.iter_mut().enumerate() {
+            let Some(id) = cur.take() else { continue };
+            match rows.get(&id) {
+                None => {}
+                Some((None, created_at, erased_at)) => {
+                    done.insert(
+                        requested[i].clone(),
+                        Survivor {
+                            id,
+                            created_at: *created_at,
+                            erased_at: *erased_at,
+                        },
+                    );
+                }
+                Some((Some(next), _, _)) => *cur = Some(next.clone()),
+            }
+        }
+    }
+    if current.iter().any(Option::is_some) {
+        return Err(corrupt("alias chain too long"));
+    }
+    Ok(done)
 }
 
 /// Rows per multi-row statement in `apply_aggregates`.
@@ -1040,6 +1395,17 @@ impl ProfileStore for SqlProfileStore {
             out.extend(self.retry(|| self.create_new_chunk(chunk, now)).await?);
         }
         Ok(out)
+    }
+
+    async fn resolve_many(
+        &self,
+        sets: &[Vec<IdentifierKey>],
+        now: i64,
+    ) -> StoreResult<Vec<ResolveOutcome>> {
+        if sets.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.retry(|| self.resolve_many_once(sets, now)).await
     }
 
     async fn get(&self, id: &str) -> StoreResult<ProfileRecord> {

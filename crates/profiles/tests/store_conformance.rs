@@ -465,6 +465,180 @@ async fn bulk_creation_and_resolution_race_to_one_profile(e: Engine) {
     }
 }
 
+/// Profiles before a batch: two customers with orders, an anonymous visitor, a tablet already
+/// shared by one person, and an erased person. Returns the identifier sets of the batch.
+async fn batch_scenario(
+    f: &support::Fixture,
+) -> Vec<Vec<clientele_profiles::identifiers::IdentifierKey>> {
+    let a = f.store.resolve(&[f.email("a@x.io")], T0).await.unwrap();
+    let b = f.store.resolve(&[f.customer("b")], T0 + 1).await.unwrap();
+    let anon = f
+        .store
+        .resolve(&[f.anonymous("ck-1")], T0 + 2)
+        .await
+        .unwrap();
+    f.store
+        .resolve(&[f.email("t@x.io"), f.device("tablet")], T0 + 3)
+        .await
+        .unwrap();
+    f.store.resolve(&[f.email("c@x.io")], T0 + 4).await.unwrap();
+    let gone = f
+        .store
+        .resolve(&[f.customer("gone")], T0 + 4)
+        .await
+        .unwrap();
+    f.store
+        .erase(&gone.profile_id, "test", T0 + 5)
+        .await
+        .unwrap();
+    f.store
+        .apply_aggregates(
+            &[
+                order("o1", &a.profile_id, T0 + 10, 1000, "USD"),
+                order("o2", &b.profile_id, T0 + 20, 700, "USD"),
+                order("o3", &anon.profile_id, T0 + 30, 300, "EUR"),
+            ],
+            T0 + 40,
+        )
+        .await
+        .unwrap();
+    vec![
+        // new person, then the same new e-mail bridged to an old customer (created in the
+        // batch, merged in the same batch)
+        vec![f.email("n@x.io"), f.device("d-1")],
+        vec![f.email("n@x.io"), f.customer("b")],
+        // anonymous visitor signs up with a's e-mail: merge into a
+        vec![f.anonymous("ck-1"), f.email("a@x.io")],
+        // b (now holding n's profile) meets a: a chain across three earlier merges
+        vec![f.device("d-1"), f.email("a@x.io"), f.anonymous("ck-2")],
+        // the tablet (cap 2) links a second person, then a third is refused
+        vec![f.device("tablet"), f.customer("b")],
+        vec![f.device("tablet"), f.email("c@x.io")],
+        // erased identifiers stay suppressed
+        vec![f.customer("gone"), f.email("new-gone@x.io")],
+        // a set repeated after it was resolved in the batch changes nothing
+        vec![f.email("solo@x.io")],
+        vec![f.email("solo@x.io")],
+    ]
+}
+
+/// Which identifiers share a profile, with that profile's order count and spend: the shape of
+/// the store, independent of the generated ids.
+async fn partition(
+    f: &support::Fixture,
+    sets: &[Vec<clientele_profiles::identifiers::IdentifierKey>],
+) -> Vec<(Vec<String>, i64, Vec<(String, i64)>)> {
+    let mut keys: Vec<clientele_profiles::identifiers::IdentifierKey> =
+        sets.iter().flatten().cloned().collect();
+    keys.extend([f.device("tablet"), f.email("t@x.io"), f.email("c@x.io")]);
+    keys.sort();
+    keys.dedup();
+    let mut by: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for k in &keys {
+        if let Some(p) = f
+            .store
+            .resolve_known(&[vec![k.clone()]])
+            .await
+            .unwrap()
+            .remove(0)
+        {
+            by.entry(p).or_default().push(format!("{k:?}"));
+        }
+    }
+    let mut out = Vec::new();
+    for (p, ks) in by {
+        let r = f.store.get(&p).await.unwrap();
+        let spend = r
+            .spend
+            .iter()
+            .map(|s| (s.currency.clone(), s.gross_minor))
+            .collect();
+        out.push((ks, r.order_count, spend));
+    }
+    out.sort();
+    out
+}
+
+async fn resolving_many_sets_at_once_matches_one_call_per_set(e: Engine) {
+    let one = fixture(e, 2).await;
+    let many = fixture(e, 2).await;
+    let sets_one = batch_scenario(&one).await;
+    let sets_many = batch_scenario(&many).await;
+    let mut singles = Vec::new();
+    for s in &sets_one {
+        singles.push(one.store.resolve(s, T0 + 100).await.unwrap());
+    }
+    let bulk = many.store.resolve_many(&sets_many, T0 + 100).await.unwrap();
+    assert_eq!(bulk.len(), singles.len());
+    for (i, (b, s)) in bulk.iter().zip(&singles).enumerate() {
+        assert_eq!(
+            (
+                b.created,
+                b.erased,
+                b.merged.len(),
+                &b.refused,
+                b.version.is_some()
+            ),
+            (
+                s.created,
+                s.erased,
+                s.merged.len(),
+                &s.refused,
+                s.version.is_some()
+            ),
+            "set {i}"
+        );
+    }
+    assert_eq!(bulk[7].profile_id, bulk[8].profile_id);
+    assert_eq!(
+        partition(&many, &sets_many).await,
+        partition(&one, &sets_one).await
+    );
+    let kinds = |f: &support::Fixture| {
+        let store = f.store.clone();
+        async move {
+            store
+                .changes_after(0, 1000)
+                .await
+                .unwrap()
+                .iter()
+                .map(|c| (c.kind, c.merged_ids.len()))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(kinds(&many).await, kinds(&one).await);
+}
+
+async fn bulk_resolution_and_single_resolution_race_to_one_profile(e: Engine) {
+    let f = fixture(e, 5).await;
+    for round in 0..5 {
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(10));
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let store = f.store.clone();
+            let barrier = barrier.clone();
+            let a = vec![f.email(&format!("r{round}@x.io"))];
+            let b = vec![f.customer(&format!("r{round}"))];
+            let both = vec![a[0].clone(), b[0].clone()];
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                if i % 2 == 0 {
+                    let out = store.resolve_many(&[a, b, both], T0).await.unwrap();
+                    out[2].profile_id.clone()
+                } else {
+                    store.resolve(&both, T0).await.unwrap().profile_id
+                }
+            }));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for t in tasks {
+            let id = t.await.unwrap();
+            ids.insert(f.store.get(&id).await.unwrap().id);
+        }
+        assert_eq!(ids.len(), 1, "round {round}: {ids:?}");
+    }
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -490,4 +664,6 @@ conformance!(
     a_missing_profile_is_not_found,
     first_time_customers_are_created_in_bulk,
     bulk_creation_and_resolution_race_to_one_profile,
+    resolving_many_sets_at_once_matches_one_call_per_set,
+    bulk_resolution_and_single_resolution_race_to_one_profile,
 );
