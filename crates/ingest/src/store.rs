@@ -757,6 +757,14 @@ impl EventStore for PgEventStore {
         stream: Option<StreamMark<'_>>,
         now: i64,
     ) -> StoreResult<Vec<Outcome>> {
+        let started = std::time::Instant::now();
+        let mut lap = started;
+        let mut laps = [0.0f64; 5];
+        let mut mark_lap = |i: usize| {
+            let t = std::time::Instant::now();
+            laps[i] = (t - lap).as_secs_f64() * 1e3;
+            lap = t;
+        };
         let mut tx = self.pg.begin().await?;
         let mut inserted: HashSet<(String, String)> = HashSet::new();
         let mut existing: HashMap<(String, String), (Vec<u8>, String)> = HashMap::new();
@@ -797,6 +805,7 @@ impl EventStore for PgEventStore {
                 }
             }
         }
+        mark_lap(0);
         let outcomes = outcomes_from(events, &inserted, &existing)?;
         let accepted: Vec<&NewEvent> = events
             .iter()
@@ -833,6 +842,7 @@ impl EventStore for PgEventStore {
             .bind(&redacted)
             .execute(&mut *tx)
             .await?;
+            mark_lap(1);
 
             let mut order_ids = Vec::new();
             let mut order_keys = Vec::new();
@@ -923,6 +933,7 @@ impl EventStore for PgEventStore {
                     .await?;
             }
         }
+        mark_lap(2);
         if let Some(mark) = stream {
             let advanced = sqlx::query(ADVANCE_PRODUCER)
                 .bind(mark.producer_id)
@@ -947,7 +958,18 @@ impl EventStore for PgEventStore {
             .execute(&mut *tx)
             .await?;
         }
+        mark_lap(3);
         tx.commit().await?;
+        mark_lap(4);
+        tracing::debug!(
+            events = events.len(),
+            keys_ms = laps[0],
+            log_ms = laps[1],
+            outbox_ms = laps[2],
+            mark_ms = laps[3],
+            fsync_ms = laps[4],
+            "commit phases"
+        );
         Ok(outcomes)
     }
 

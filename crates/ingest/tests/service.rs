@@ -368,7 +368,9 @@ async fn acks_until(resp: &mut Responses, through: u64) -> Vec<pb::BatchResult> 
 }
 
 async fn a_stream_resumes_from_the_last_acknowledgement(e: Engine) {
-    let s = serve(e).await;
+    // This producer sends three batches before it reads an acknowledgement, so the server
+    // must allow that many in flight (the default window is smaller).
+    let s = serve_with(e, |s| s.ingest.stream_max_unacked_batches = 4).await;
     let mut c = s.client();
     let (tx, mut resp, opened) = start(&mut c, vec![open("pos-1", 0)]).await;
     assert_eq!(opened.last_durable_sequence, 0);
