@@ -296,7 +296,7 @@ impl SqlProfileStore {
             }
         };
         for (loser, via) in &plan.merge {
-            merge_profiles(conn, loser, &survivor_id, &keys[*via], now).await?;
+            merge_profiles(conn, self.pg(), loser, &survivor_id, &keys[*via], now).await?;
             out.merged.push(loser.clone());
         }
         for &i in &plan.bump_links {
@@ -508,7 +508,7 @@ impl SqlProfileStore {
             q.execute(&mut *conn).await?;
         }
         for (loser, survivor, via) in &merges {
-            merge_profiles(conn, loser, survivor, via, now).await?;
+            merge_profiles(conn, self.pg(), loser, survivor, via, now).await?;
         }
         // Attached before the link counts grow: a set may bridge through an identifier an
         // earlier set of this call attached.
@@ -1222,6 +1222,7 @@ async fn consent_rows(
 /// order and last seen the later; engagement counters add up. The loser stays as an alias.
 async fn merge_profiles(
     conn: &mut AnyConnection,
+    pg: bool,
     loser: &str,
     survivor: &str,
     via: &IdentifierKey,
@@ -1232,23 +1233,39 @@ async fn merge_profiles(
         .bind(loser)
         .execute(&mut *conn)
         .await?;
-    sqlx::query(
-        "DELETE FROM traits WHERE profile_id = $1 AND EXISTS (SELECT 1 FROM traits t2 \
-         WHERE t2.profile_id = $2 AND t2.name = traits.name AND t2.updated_at >= traits.updated_at)",
+    // Most merged profiles (anonymous visitors, campaign contacts) hold no traits or consent
+    // decisions; one read spares the four statements that would move nothing.
+    let held = sqlx::query(
+        "SELECT (SELECT COUNT(*) FROM traits WHERE profile_id = $1), \
+         (SELECT COUNT(*) FROM consents WHERE profile_id = $2)",
     )
     .bind(loser)
-    .bind(survivor)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "DELETE FROM traits WHERE profile_id = $1 AND EXISTS (SELECT 1 FROM traits t2 \
-         WHERE t2.profile_id = $2 AND t2.name = traits.name)",
-    )
-    .bind(survivor)
     .bind(loser)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    for table in ["traits", "consents"] {
+    let (traits, consents): (i64, i64) = (held.try_get(0)?, held.try_get(1)?);
+    if traits > 0 {
+        sqlx::query(
+            "DELETE FROM traits WHERE profile_id = $1 AND EXISTS (SELECT 1 FROM traits t2 \
+             WHERE t2.profile_id = $2 AND t2.name = traits.name AND t2.updated_at >= traits.updated_at)",
+        )
+        .bind(loser)
+        .bind(survivor)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "DELETE FROM traits WHERE profile_id = $1 AND EXISTS (SELECT 1 FROM traits t2 \
+             WHERE t2.profile_id = $2 AND t2.name = traits.name)",
+        )
+        .bind(survivor)
+        .bind(loser)
+        .execute(&mut *conn)
+        .await?;
+    }
+    for (table, n) in [("traits", traits), ("consents", consents)] {
+        if n == 0 {
+            continue;
+        }
         sqlx::query(&format!(
             "UPDATE {table} SET profile_id = $1 WHERE profile_id = $2"
         ))
@@ -1257,64 +1274,66 @@ async fn merge_profiles(
         .execute(&mut *conn)
         .await?;
     }
-    sqlx::query(
-        "INSERT INTO spend (profile_id, currency, gross_minor, refunded_minor) \
-         SELECT $1, currency, gross_minor, refunded_minor FROM spend WHERE profile_id = $2 \
-         ON CONFLICT (profile_id, currency) DO UPDATE SET \
-         gross_minor = spend.gross_minor + excluded.gross_minor, \
-         refunded_minor = spend.refunded_minor + excluded.refunded_minor",
-    )
-    .bind(survivor)
-    .bind(loser)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO engagement (profile_id, kind, count) \
-         SELECT $1, kind, count FROM engagement WHERE profile_id = $2 \
-         ON CONFLICT (profile_id, kind) DO UPDATE SET count = engagement.count + excluded.count",
-    )
-    .bind(survivor)
-    .bind(loser)
-    .execute(&mut *conn)
-    .await?;
-    for table in ["spend", "engagement"] {
-        sqlx::query(&format!("DELETE FROM {table} WHERE profile_id = $1"))
+    let moves = [
+        (
+            "spend (profile_id, currency, gross_minor, refunded_minor)",
+            "currency, gross_minor, refunded_minor",
+            "spend",
+            "ON CONFLICT (profile_id, currency) DO UPDATE SET \
+             gross_minor = spend.gross_minor + excluded.gross_minor, \
+             refunded_minor = spend.refunded_minor + excluded.refunded_minor",
+        ),
+        (
+            "engagement (profile_id, kind, count)",
+            "kind, count",
+            "engagement",
+            "ON CONFLICT (profile_id, kind) DO UPDATE SET count = engagement.count + excluded.count",
+        ),
+    ];
+    for (into, cols, table, conflict) in moves {
+        if pg {
+            // One statement: the loser's rows are deleted and added to the survivor's.
+            sqlx::query(&format!(
+                "WITH moved AS (DELETE FROM {table} WHERE profile_id = $2 RETURNING {cols}) \
+                 INSERT INTO {into} SELECT $1, {cols} FROM moved {conflict}"
+            ))
+            .bind(survivor)
             .bind(loser)
             .execute(&mut *conn)
             .await?;
+        } else {
+            sqlx::query(&format!(
+                "INSERT INTO {into} SELECT $1, {cols} FROM {table} WHERE profile_id = $2 {conflict}"
+            ))
+            .bind(survivor)
+            .bind(loser)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(&format!("DELETE FROM {table} WHERE profile_id = $1"))
+                .bind(loser)
+                .execute(&mut *conn)
+                .await?;
+        }
     }
-    let row = sqlx::query(
-        "SELECT first_order_at, last_order_at, last_seen_at, order_count, refund_count \
-         FROM profiles WHERE id = $1",
+    // Counts add up; first order takes the earlier time, last order and last seen the later
+    // (a NULL side yields the other).
+    sqlx::query(
+        "UPDATE profiles SET order_count = profiles.order_count + l.order_count, \
+         refund_count = profiles.refund_count + l.refund_count, \
+         first_order_at = CASE WHEN l.first_order_at IS NULL THEN profiles.first_order_at \
+           WHEN profiles.first_order_at IS NULL OR l.first_order_at < profiles.first_order_at \
+           THEN l.first_order_at ELSE profiles.first_order_at END, \
+         last_order_at = CASE WHEN l.last_order_at IS NULL THEN profiles.last_order_at \
+           WHEN profiles.last_order_at IS NULL OR l.last_order_at > profiles.last_order_at \
+           THEN l.last_order_at ELSE profiles.last_order_at END, \
+         last_seen_at = CASE WHEN l.last_seen_at IS NULL THEN profiles.last_seen_at \
+           WHEN profiles.last_seen_at IS NULL OR l.last_seen_at > profiles.last_seen_at \
+           THEN l.last_seen_at ELSE profiles.last_seen_at END \
+         FROM (SELECT order_count, refund_count, first_order_at, last_order_at, last_seen_at \
+               FROM profiles WHERE id = $1) AS l \
+         WHERE profiles.id = $2",
     )
     .bind(loser)
-    .fetch_one(&mut *conn)
-    .await?;
-    let (first, last, seen): (Option<i64>, Option<i64>, Option<i64>) =
-        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-    let (orders, refunds): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
-    let srow = sqlx::query(
-        "SELECT first_order_at, last_order_at, last_seen_at FROM profiles WHERE id = $1",
-    )
-    .bind(survivor)
-    .fetch_one(&mut *conn)
-    .await?;
-    let pick = |a: Option<i64>, b: Option<i64>, earliest: bool| match (a, b) {
-        (Some(x), Some(y)) => Some(if earliest { x.min(y) } else { x.max(y) }),
-        (x, y) => x.or(y),
-    };
-    let first = pick(srow.try_get(0)?, first, true);
-    let last = pick(srow.try_get(1)?, last, false);
-    let seen = pick(srow.try_get(2)?, seen, false);
-    sqlx::query(
-        "UPDATE profiles SET order_count = order_count + $1, refund_count = refund_count + $2, \
-         first_order_at = $3, last_order_at = $4, last_seen_at = $5 WHERE id = $6",
-    )
-    .bind(orders)
-    .bind(refunds)
-    .bind(first)
-    .bind(last)
-    .bind(seen)
     .bind(survivor)
     .execute(&mut *conn)
     .await?;
