@@ -441,6 +441,7 @@ async fn recompute_and_rescore(args: &SegmentationArgs, report: &mut Report) -> 
             ),
             profiles: None,
             changed: Arc::default(),
+            rescore_cache: Default::default(),
         };
         let mut members_written = 0i64;
         let mut run_secs = Vec::new();

@@ -294,6 +294,32 @@ pub struct RunPublication {
     pub retained_runs: u32,
 }
 
+/// The lifecycle a profile was last scored with: what a re-score needs of its previous scores
+/// to keep `lifecycle_since` while the state is unchanged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PreviousLifecycle {
+    /// Lifecycle code, if any.
+    pub lifecycle: Option<i64>,
+    /// Since when, µs, if recorded.
+    pub lifecycle_since: Option<i64>,
+    /// When those scores were computed (re-score time or the run's finish), µs.
+    pub scored_at: i64,
+}
+
+/// Everything a real-time re-score reads before scoring: on PostgreSQL one statement.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RescoreRead {
+    /// The latest succeeded run (its model is cached by the engine).
+    pub latest_run: Option<String>,
+    /// Changes whenever a segment is defined, redefined or deleted (the engine's compiled
+    /// segments are reused while it is unchanged).
+    pub segments_stamp: String,
+    /// Histories of the known profiles among the requested ids, by id.
+    pub profiles: Vec<ProfileData>,
+    /// Previous lifecycle of each profile that has scores.
+    pub previous: HashMap<String, PreviousLifecycle>,
+}
+
 /// Aggregates of a segment in a run snapshot.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SummaryRow {
@@ -418,6 +444,9 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
         members: &[MemberRow],
         now: i64,
     ) -> StoreResult<Vec<ChangeRow>>;
+    /// What a re-score of `ids` reads: the latest run id, the segments stamp, the profiles'
+    /// histories and previous lifecycles (on PostgreSQL over the native pool in one statement).
+    async fn rescore_read(&self, ids: &[String], as_of: i64) -> StoreResult<RescoreRead>;
     /// The latest scores of a profile: (scores, run id, scored_at).
     async fn profile_scores(
         &self,
@@ -1350,6 +1379,155 @@ impl SqlSegmentationStore {
         Ok(data)
     }
 
+    /// [`SegmentationStore::rescore_read`] in one statement ([`RESCORE_READ_PG`]).
+    async fn rescore_read_pg(pg: &PgPool, ids: &[String], as_of: i64) -> StoreResult<RescoreRead> {
+        let since_day = as_of.div_euclid(DAY_MICROS) - ENGAGEMENT_DAYS;
+        let (latest_run, n, versions, deleted, updated, json): (
+            Option<String>,
+            i64,
+            i64,
+            i64,
+            i64,
+            String,
+        ) = sqlx::query_as(RESCORE_READ_PG)
+            .bind(ids)
+            .bind(pb::RecomputeState::Succeeded as i64)
+            .bind(since_day)
+            .fetch_one(pg)
+            .await?;
+        let rows: Vec<RescoreJson> = serde_json::from_str(&json).map_err(corrupt)?;
+        let mut profiles = Vec::with_capacity(rows.len());
+        let mut previous = HashMap::new();
+        for r in rows {
+            let prev = match (r.s, r.rs) {
+                (Some((lifecycle, lifecycle_since, scored_at)), _) => Some(PreviousLifecycle {
+                    lifecycle,
+                    lifecycle_since,
+                    scored_at,
+                }),
+                (None, Some((lifecycle, lifecycle_since, finish))) => Some(PreviousLifecycle {
+                    lifecycle,
+                    lifecycle_since,
+                    scored_at: finish.unwrap_or(0),
+                }),
+                (None, None) => None,
+            };
+            if let Some(prev) = prev {
+                previous.insert(r.p.clone(), prev);
+            }
+            let mut orders: Vec<StoredOrder> =
+                r.o.into_iter()
+                    .map(
+                        |(placed_at, amount, discount, refunded, full, lines)| StoredOrder {
+                            placed_at,
+                            amount_minor: amount,
+                            discount_minor: discount,
+                            refunded_minor: refunded,
+                            fully_refunded: full != 0,
+                            lines,
+                        },
+                    )
+                    .collect();
+            orders.sort_by_key(|o| o.placed_at);
+            profiles.push(ProfileData {
+                profile_id: r.p,
+                orders,
+                engagement: r.e.into_iter().collect(),
+            });
+        }
+        Ok(RescoreRead {
+            latest_run,
+            segments_stamp: format!("{n}:{versions}:{deleted}:{updated}"),
+            profiles,
+            previous,
+        })
+    }
+
+    /// [`SegmentationStore::apply_realtime`] in one round trip: the `seg_apply_realtime`
+    /// function (PostgreSQL migration 0002) takes the change-log lock, diffs, writes and
+    /// appends the changes in one implicit transaction.
+    async fn apply_realtime_pg(
+        pg: &PgPool,
+        run_id: &str,
+        scores: &[ScoreRow],
+        segments: &[String],
+        members: &[MemberRow],
+        now: i64,
+    ) -> StoreResult<Vec<ChangeRow>> {
+        use pb::MembershipChangeType as T;
+        let reason = pb::MembershipChangeReason::Realtime;
+        let col = |f: fn(&ScoreRow) -> Option<i64>| scores.iter().map(f).collect::<Vec<_>>();
+        let colf = |f: fn(&ScoreRow) -> Option<f64>| scores.iter().map(f).collect::<Vec<_>>();
+        let rows: Vec<(i64, String, String, String, i64, i64)> = sqlx::query_as(
+            "SELECT * FROM seg_apply_realtime($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+             $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)",
+        )
+        .bind(CHANGES_LOCK)
+        .bind(run_id)
+        .bind(now)
+        .bind(reason as i64)
+        .bind(T::Entered as i64)
+        .bind(T::Exited as i64)
+        .bind(segments)
+        .bind(
+            members
+                .iter()
+                .map(|m| m.segment_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            members
+                .iter()
+                .map(|m| m.profile_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(members.iter().map(|m| m.cluster_index).collect::<Vec<_>>())
+        .bind(members.iter().map(|m| m.distance).collect::<Vec<_>>())
+        .bind(
+            scores
+                .iter()
+                .map(|s| s.profile_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(col(|s| s.rfm.map(|x| x.0)))
+        .bind(col(|s| s.rfm.map(|x| x.1)))
+        .bind(col(|s| s.rfm.map(|x| x.2)))
+        .bind(
+            scores
+                .iter()
+                .map(|s| s.rfm_name.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(colf(|s| s.recency_days))
+        .bind(col(|s| s.frequency))
+        .bind(col(|s| s.monetary_minor))
+        .bind(col(|s| s.lifecycle))
+        .bind(col(|s| s.lifecycle_since))
+        .bind(colf(|s| s.clv))
+        .bind(colf(|s| s.p_alive))
+        .bind(colf(|s| s.exp_purchases))
+        .bind(colf(|s| s.exp_aov))
+        .fetch_all(pg)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(seq, change_id, profile_id, segment_id, cluster_index, change_type)| {
+                    Ok(ChangeRow {
+                        seq,
+                        change_id,
+                        profile_id,
+                        segment_id,
+                        cluster_index,
+                        change_type: i32::try_from(change_type).map_err(corrupt)?,
+                        reason: reason as i32,
+                        run_id: String::new(),
+                        occurred_at: now,
+                    })
+                },
+            )
+            .collect()
+    }
+
     /// [`SegmentationStore::publish_run`] over the native pool: the membership diff with
     /// `DELETE … USING UNNEST` and `COPY`, the change log and the run snapshot with `COPY`.
     #[allow(clippy::too_many_lines)]
@@ -1502,22 +1680,80 @@ impl SqlSegmentationStore {
         .bind(&p.run_id)
         .execute(&mut *tx)
         .await?;
-        // Retention: drop snapshots of succeeded runs beyond the newest `retained_runs`.
+        // Retention: drop snapshots of succeeded runs beyond the newest `retained_runs`,
+        // recording it on the run (an empty run has no rows but is still retained).
         let keep = i64::from(p.retained_runs);
-        for table in ["seg_run_scores", "seg_run_members"] {
-            sqlx::query(&format!(
-                "DELETE FROM {table} WHERE run_id IN (SELECT run_id FROM seg_runs WHERE state = $1 \
-                 ORDER BY finish_time DESC, run_id DESC OFFSET $2)"
-            ))
-            .bind(pb::RecomputeState::Succeeded as i64)
-            .bind(keep)
-            .execute(&mut *tx)
-            .await?;
+        let dropped: Vec<String> = sqlx::query_scalar(
+            "UPDATE seg_runs SET snapshot_dropped = 1 WHERE snapshot_dropped = 0 AND run_id IN \
+             (SELECT run_id FROM seg_runs WHERE state = $1 \
+              ORDER BY finish_time DESC, run_id DESC OFFSET $2) RETURNING run_id",
+        )
+        .bind(pb::RecomputeState::Succeeded as i64)
+        .bind(keep)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !dropped.is_empty() {
+            for table in ["seg_run_scores", "seg_run_members"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE run_id = ANY($1)"))
+                    .bind(&dropped)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         tx.commit().await?;
         self.get_run(&p.run_id).await
     }
 }
+
+/// (count, sum of versions, deleted, latest update) of the segment definitions: any define,
+/// redefine or delete changes it.
+const SEGMENTS_STAMP: &str = "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(version), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(deleted), 0) AS BIGINT), CAST(COALESCE(MAX(updated_at), 0) AS BIGINT) FROM seg_segments";
+
+/// An order in [`RESCORE_READ_PG`]'s JSON: (placed_at, amount, discount, refunded, full
+/// refund, [(category, amount)]).
+type OrderJson = (i64, i64, i64, i64, i64, Vec<(String, i64)>);
+
+/// One profile of [`RESCORE_READ_PG`]'s JSON.
+#[derive(Debug, serde::Deserialize)]
+struct RescoreJson {
+    p: String,
+    o: Vec<OrderJson>,
+    /// (kind, n).
+    e: Vec<(String, i64)>,
+    /// Real-time scores: (lifecycle, since, scored_at).
+    s: Option<(Option<i64>, Option<i64>, i64)>,
+    /// The latest run's scores: (lifecycle, since, run finish).
+    rs: Option<(Option<i64>, Option<i64>, Option<i64>)>,
+}
+
+/// The read half of a re-score in one statement ($1 ids, $2 SUCCEEDED, $3 first engagement
+/// day excluded): the latest run, the segments stamp, and per known profile its orders with
+/// refunds and lines, engagement, and previous lifecycle, as JSON.
+const RESCORE_READ_PG: &str = "WITH latest AS (SELECT run_id, finish_time FROM seg_runs WHERE state = $2 \
+       ORDER BY finish_time DESC, run_id DESC LIMIT 1) \
+     SELECT (SELECT run_id FROM latest), \
+       (SELECT COUNT(*)::int8 FROM seg_segments), (SELECT COALESCE(SUM(version), 0)::int8 FROM seg_segments), \
+       (SELECT COALESCE(SUM(deleted), 0)::int8 FROM seg_segments), (SELECT COALESCE(MAX(updated_at), 0)::int8 FROM seg_segments), \
+       COALESCE((SELECT json_agg(json_build_object( \
+         'p', p.profile_id, \
+         'o', (SELECT COALESCE(json_agg(json_build_array(o.placed_at, o.amount_minor, o.discount_minor, \
+                 COALESCE(r.amount, 0), COALESCE(r.full_refund, 0), \
+                 (SELECT COALESCE(json_agg(json_build_array(l.category, l.amount_minor)), '[]'::json) \
+                  FROM seg_order_lines l WHERE l.profile_id = o.profile_id AND l.order_id = o.order_id))), '[]'::json) \
+               FROM seg_orders o LEFT JOIN (SELECT x.order_id, SUM(x.amount_minor)::int8 AS amount, \
+                 MAX(x.full_refund)::int8 AS full_refund FROM seg_refunds x WHERE x.profile_id = p.profile_id \
+                 GROUP BY x.order_id) r ON r.order_id = o.order_id \
+               WHERE o.profile_id = p.profile_id), \
+         'e', (SELECT COALESCE(json_agg(json_build_array(g.kind, g.n)), '[]'::json) FROM \
+               (SELECT e.kind, SUM(e.n)::int8 AS n FROM seg_engagement e \
+                WHERE e.profile_id = p.profile_id AND e.day > $3 GROUP BY e.kind) g), \
+         's', (SELECT json_build_array(s.lifecycle, s.lifecycle_since, s.scored_at) FROM seg_scores s \
+               WHERE s.profile_id = p.profile_id), \
+         'rs', (SELECT json_build_array(rs.lifecycle, rs.lifecycle_since, lr.finish_time) \
+                FROM seg_run_scores rs JOIN latest lr ON rs.run_id = lr.run_id \
+                WHERE rs.profile_id = p.profile_id)) ORDER BY p.profile_id) \
+        FROM seg_profiles p WHERE p.profile_id = ANY($1)), '[]'::json)::text";
 
 fn run_segment_filter(cluster: Option<i64>, next_param: usize) -> String {
     if cluster.is_some() {
@@ -2219,7 +2455,8 @@ impl SegmentationStore for SqlSegmentationStore {
         .await?;
         // Retention: drop snapshots of succeeded runs beyond the newest `retained_runs`.
         let succeeded: Vec<String> = sqlx::query_scalar(
-            "SELECT run_id FROM seg_runs WHERE state = $1 ORDER BY finish_time DESC, run_id DESC",
+            "SELECT run_id FROM seg_runs WHERE state = $1 AND snapshot_dropped = 0 \
+             ORDER BY finish_time DESC, run_id DESC",
         )
         .bind(pb::RecomputeState::Succeeded as i64)
         .fetch_all(&mut *conn)
@@ -2227,6 +2464,10 @@ impl SegmentationStore for SqlSegmentationStore {
         let keep = usize::try_from(p.retained_runs).unwrap_or(usize::MAX);
         let old = succeeded.into_iter().skip(keep);
         for run in old {
+            sqlx::query("UPDATE seg_runs SET snapshot_dropped = 1 WHERE run_id = $1")
+                .bind(&run)
+                .execute(&mut *conn)
+                .await?;
             for table in ["seg_run_scores", "seg_run_members"] {
                 sqlx::query(&format!("DELETE FROM {table} WHERE run_id = $1"))
                     .bind(&run)
@@ -2295,6 +2536,9 @@ impl SegmentationStore for SqlSegmentationStore {
         members: &[MemberRow],
         now: i64,
     ) -> StoreResult<Vec<ChangeRow>> {
+        if let Some(pg) = &self.pg {
+            return Self::apply_realtime_pg(pg, run_id, scores, segments, members, now).await;
+        }
         let mut w = self.begin_write().await?;
         let conn: &mut AnyConnection = &mut w.tx;
         self.db.lock_id(conn, CHANGES_LOCK).await?;
@@ -2350,6 +2594,36 @@ impl SegmentationStore for SqlSegmentationStore {
         .await?;
         w.tx.commit().await?;
         Ok(changes)
+    }
+
+    async fn rescore_read(&self, ids: &[String], as_of: i64) -> StoreResult<RescoreRead> {
+        if let Some(pg) = &self.pg {
+            return Self::rescore_read_pg(pg, ids, as_of).await;
+        }
+        let latest_run = self.latest_run().await?.map(|r| r.run_id);
+        let (n, versions, deleted, updated): (i64, i64, i64, i64) = sqlx::query_as(SEGMENTS_STAMP)
+            .fetch_one(&self.db.pool)
+            .await?;
+        let profiles = self.load_profiles(ids, as_of).await?;
+        let mut previous = HashMap::new();
+        for p in &profiles {
+            if let Some((row, _, at)) = self.profile_scores(&p.profile_id).await? {
+                previous.insert(
+                    p.profile_id.clone(),
+                    PreviousLifecycle {
+                        lifecycle: row.lifecycle,
+                        lifecycle_since: row.lifecycle_since,
+                        scored_at: at,
+                    },
+                );
+            }
+        }
+        Ok(RescoreRead {
+            latest_run,
+            segments_stamp: format!("{n}:{versions}:{deleted}:{updated}"),
+            profiles,
+            previous,
+        })
     }
 
     async fn profile_scores(
@@ -2434,18 +2708,14 @@ impl SegmentationStore for SqlSegmentationStore {
 
     async fn run_retained(&self, run_id: &str) -> StoreResult<bool> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM seg_run_scores WHERE run_id = $1 LIMIT 1) x",
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM seg_runs \
+             WHERE run_id = $1 AND state = $2 AND snapshot_dropped = 0",
         )
         .bind(run_id)
+        .bind(pb::RecomputeState::Succeeded as i64)
         .fetch_one(&self.db.pool)
         .await?;
-        let m: i64 = sqlx::query_scalar(
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM seg_run_members WHERE run_id = $1 LIMIT 1) x",
-        )
-        .bind(run_id)
-        .fetch_one(&self.db.pool)
-        .await?;
-        Ok(n + m > 0)
+        Ok(n > 0)
     }
 
     async fn run_summary(

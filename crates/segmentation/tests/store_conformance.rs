@@ -320,6 +320,165 @@ macro_rules! conformance {
         }
 
         #[tokio::test]
+        async fn the_rescore_read_returns_what_the_separate_reads_return() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let facts = vec![
+                order("p1", "o1", T0, 1000),
+                order("p1", "o2", T0 + DAY, 500),
+                Fact::Refund {
+                    profile_id: "p1".into(),
+                    refund_key: "web/r1".into(),
+                    order_id: "o1".into(),
+                    amount_minor: 300,
+                    full: false,
+                },
+                Fact::Engagement {
+                    profile_id: "p1".into(),
+                    at: T0 + DAY,
+                    kind: "email_opened".into(),
+                },
+                Fact::Seen {
+                    profile_id: "p2".into(),
+                    at: T0,
+                },
+            ];
+            s.apply_events("ingest", None, "log:1", &facts)
+                .await
+                .unwrap();
+            let ids: Vec<String> = vec!["p2".into(), "p1".into(), "nobody".into()];
+            let as_of = T0 + 2 * DAY;
+            let before = s.rescore_read(&ids, as_of).await.unwrap();
+            assert_eq!(before.latest_run, None);
+            assert_eq!(before.profiles, s.load_profiles(&ids, as_of).await.unwrap());
+            assert_eq!(before.profiles.len(), 2);
+            assert!(before.previous.is_empty());
+            s.define_segment(
+                &rule_segment("vip", "orders > 1"),
+                pb::SegmentKind::Rule as i32,
+                0,
+                T0,
+            )
+            .await
+            .unwrap();
+            let r1 = "00000000-0000-4000-8000-000000000001";
+            s.start_run(&run(r1, "k1")).await.unwrap();
+            let mut p = publication(r1, vec![member("vip", "p1")], T0 + 1);
+            p.scores[0].lifecycle = Some(2);
+            p.scores[0].lifecycle_since = Some(T0);
+            s.publish_run(p).await.unwrap();
+            let after = s.rescore_read(&ids, as_of).await.unwrap();
+            assert_eq!(after.latest_run.as_deref(), Some(r1));
+            assert_ne!(after.segments_stamp, before.segments_stamp);
+            let prev = after.previous.get("p1").copied().unwrap();
+            assert_eq!((prev.lifecycle, prev.lifecycle_since), (Some(2), Some(T0)));
+            assert!(!after.previous.contains_key("p2"));
+            // Real-time scores take precedence over the run's.
+            let score = ScoreRow {
+                profile_id: "p1".into(),
+                lifecycle: Some(3),
+                ..Default::default()
+            };
+            s.apply_realtime(
+                r1,
+                std::slice::from_ref(&score),
+                &["vip".into()],
+                &[],
+                T0 + 5,
+            )
+            .await
+            .unwrap();
+            let prev = s.rescore_read(&ids, as_of).await.unwrap().previous["p1"];
+            assert_eq!(
+                (prev.lifecycle, prev.lifecycle_since, prev.scored_at),
+                (Some(3), None, T0 + 5)
+            );
+        }
+
+        #[tokio::test]
+        async fn a_realtime_cluster_move_appends_the_exit_before_the_entry() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            s.define_segment(
+                &rule_segment("vip", "orders > 1"),
+                pb::SegmentKind::Rule as i32,
+                0,
+                T0,
+            )
+            .await
+            .unwrap();
+            s.define_segment(
+                &rule_segment("big", "orders > 5"),
+                pb::SegmentKind::Rule as i32,
+                0,
+                T0,
+            )
+            .await
+            .unwrap();
+            let score = ScoreRow {
+                profile_id: "p1".into(),
+                ..Default::default()
+            };
+            let segs: Vec<String> = vec!["vip".into(), "big".into()];
+            let mut vip = member("vip", "p1");
+            vip.cluster_index = 0;
+            s.apply_realtime(
+                "r",
+                std::slice::from_ref(&score),
+                &segs,
+                &[vip.clone(), member("big", "p1")],
+                T0,
+            )
+            .await
+            .unwrap();
+            vip.cluster_index = 1;
+            let changes = s
+                .apply_realtime("r", std::slice::from_ref(&score), &segs, &[vip], T0 + 1)
+                .await
+                .unwrap();
+            use pb::MembershipChangeType as C;
+            let got: Vec<(&str, i64, i32)> = changes
+                .iter()
+                .map(|c| (c.segment_id.as_str(), c.cluster_index, c.change_type))
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    ("vip", 0, C::Exited as i32),
+                    ("vip", 1, C::Entered as i32),
+                    ("big", -1, C::Exited as i32)
+                ]
+            );
+            assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
+            assert_eq!(s.changes_after(2, 10).await.unwrap(), changes);
+            let now = s.memberships_of(&["p1".into()]).await.unwrap();
+            assert_eq!(now.len(), 1);
+            assert_eq!((now[0].cluster_index, now[0].entered_at), (1, T0 + 1));
+        }
+
+        #[tokio::test]
+        async fn a_run_that_scored_nobody_stays_retained_until_pruned() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let ids: Vec<String> = (1..=3)
+                .map(|i| format!("00000000-0000-4000-8000-00000000000{i}"))
+                .collect();
+            for (i, id) in ids.iter().enumerate() {
+                s.start_run(&run(id, &format!("k{i}"))).await.unwrap();
+                let mut p = publication(id, Vec::new(), T0 + 1 + i64::try_from(i).unwrap());
+                p.scores.clear();
+                p.retained_runs = 2;
+                s.publish_run(p).await.unwrap();
+            }
+            assert!(
+                !s.run_retained(&ids[0]).await.unwrap(),
+                "beyond retained_runs"
+            );
+            assert!(s.run_retained(&ids[1]).await.unwrap(), "empty but retained");
+            assert!(s.run_retained(&ids[2]).await.unwrap());
+        }
+
+        #[tokio::test]
         async fn merges_move_facts_to_the_survivor_and_erasure_forgets_everything() {
             let f = fixture($engine).await;
             let s = &f.store;
