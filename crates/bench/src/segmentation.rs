@@ -78,6 +78,9 @@ pub struct SegmentationArgs {
     /// uses; for comparing the two on the same data).
     #[arg(long)]
     pub insert_path: bool,
+    /// Keep the throwaway schema at the end (printed) for inspecting plans; drop it by hand.
+    #[arg(long)]
+    pub keep_schema: bool,
     /// Append one JSON object per result here.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
@@ -541,7 +544,11 @@ async fn recompute_and_rescore(args: &SegmentationArgs, report: &mut Report) -> 
         anyhow::Ok(())
     }
     .await;
-    guard.drop_now().await;
+    if args.keep_schema {
+        eprintln!("segmentation: kept schema {schema}");
+    } else {
+        guard.drop_now().await;
+    }
     result
 }
 

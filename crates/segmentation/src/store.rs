@@ -878,20 +878,21 @@ fn copy_f64(out: &mut String, v: Option<f64>) {
 
 /// Streams `rows` through `statement` (`COPY … FROM STDIN`, text format) in ~1 MiB messages,
 /// formatting the next message while the server parses the previous one.
-async fn copy_rows<T>(
+async fn copy_rows<I: IntoIterator>(
     conn: &mut sqlx::PgConnection,
     statement: &str,
-    rows: &[T],
-    write: impl Fn(&mut String, &T),
+    rows: I,
+    write: impl Fn(&mut String, &I::Item),
 ) -> StoreResult<u64> {
-    if rows.is_empty() {
+    let mut rows = rows.into_iter().peekable();
+    if rows.peek().is_none() {
         return Ok(0);
     }
     const MESSAGE: usize = 1 << 20;
     let mut copy = conn.copy_in_raw(statement).await?;
     let mut buf = String::with_capacity(MESSAGE + 4096);
     for r in rows {
-        write(&mut buf, r);
+        write(&mut buf, &r);
         if buf.len() >= MESSAGE {
             copy.send(buf.as_bytes()).await?;
             buf.clear();
@@ -901,6 +902,97 @@ async fn copy_rows<T>(
         copy.send(buf.as_bytes()).await?;
     }
     Ok(copy.finish().await?)
+}
+
+/// Streams the rows of `statement` (`COPY … TO STDOUT`, text format) to `row` as their raw
+/// fields, across message boundaries, without allocating per row.
+async fn copy_out_rows(
+    conn: &mut sqlx::PgConnection,
+    statement: &str,
+    mut row: impl FnMut(&[&[u8]]) -> StoreResult<()>,
+) -> StoreResult<()> {
+    use futures::TryStreamExt as _;
+    let mut stream = conn.copy_out_raw(statement).await?;
+    let mut pending: Vec<u8> = Vec::new();
+    // Rows wider than 16 fields are passed cut at 16 (callers check their width).
+    let mut each_line = |bytes: &[u8]| -> StoreResult<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        for line in bytes.split(|b| *b == b'\n') {
+            let mut fields: [&[u8]; 16] = [&[]; 16];
+            let mut n = 0;
+            for part in line.split(|b| *b == b'\t') {
+                if n < fields.len() {
+                    fields[n] = part;
+                }
+                n += 1;
+            }
+            row(&fields[..n.min(fields.len())])?;
+        }
+        Ok(())
+    };
+    while let Some(chunk) = stream.try_next().await? {
+        let chunk: &[u8] = chunk.as_ref();
+        let Some(end) = chunk.iter().rposition(|b| *b == b'\n') else {
+            pending.extend_from_slice(chunk);
+            continue;
+        };
+        if pending.is_empty() {
+            each_line(&chunk[..end])?;
+        } else {
+            pending.extend_from_slice(&chunk[..end]);
+            each_line(&pending)?;
+            pending.clear();
+        }
+        pending.extend_from_slice(&chunk[end + 1..]);
+    }
+    if !pending.is_empty() {
+        each_line(&pending)?;
+    }
+    Ok(())
+}
+
+/// A COPY text-format field as text (escapes undone).
+fn copy_text(f: &[u8]) -> StoreResult<std::borrow::Cow<'_, str>> {
+    if !f.contains(&b'\\') {
+        return Ok(std::borrow::Cow::Borrowed(
+            std::str::from_utf8(f).map_err(corrupt)?,
+        ));
+    }
+    let mut out = Vec::with_capacity(f.len());
+    let mut it = f.iter().copied();
+    while let Some(b) = it.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match it.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b't') => out.push(b'\t'),
+            Some(b'r') => out.push(b'\r'),
+            Some(b'b') => out.push(8),
+            Some(b'f') => out.push(12),
+            Some(b'v') => out.push(11),
+            Some(c) => out.push(c),
+            None => {}
+        }
+    }
+    Ok(std::borrow::Cow::Owned(
+        String::from_utf8(out).map_err(corrupt)?,
+    ))
+}
+
+/// A COPY text-format integer field (`\N` is `None`).
+fn copy_int(f: &[u8]) -> StoreResult<Option<i64>> {
+    if f == b"\\N" {
+        return Ok(None);
+    }
+    std::str::from_utf8(f)
+        .map_err(corrupt)?
+        .parse()
+        .map(Some)
+        .map_err(corrupt)
 }
 
 fn copy_score(out: &mut String, run_id: &str, s: &ScoreRow) {
@@ -1295,84 +1387,98 @@ impl SqlSegmentationStore {
         Ok(())
     }
 
-    /// Every profile's facts over the native pool: four streamed full-table reads (refunds
-    /// and engagement aggregated in SQL) into one vector ordered by profile id, as
-    /// [`Self::load`] returns them.
+    /// Every profile's facts over the native pool, as [`Self::load`] returns them (ordered by
+    /// profile id), in three `COPY … TO STDOUT` streams parsed without per-row decoding: the
+    /// profile ids, every order joined with its refund totals and lines in (profile, order)
+    /// order (merge joins over the primary keys, so orders group without hashing), and the
+    /// engagement counters.
     async fn load_all_pg(&self, pg: &PgPool, as_of: i64) -> StoreResult<Vec<ProfileData>> {
-        use futures::TryStreamExt as _;
         let since_day = as_of.div_euclid(DAY_MICROS) - ENGAGEMENT_DAYS;
         let mut conn = pg.acquire().await?;
         let mut data: Vec<ProfileData> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
-        {
-            let mut rows = sqlx::query_scalar::<_, String>(
-                "SELECT profile_id FROM seg_profiles ORDER BY profile_id",
-            )
-            .fetch(&mut *conn);
-            while let Some(id) = rows.try_next().await? {
+        copy_out_rows(
+            &mut conn,
+            "COPY (SELECT profile_id FROM seg_profiles ORDER BY profile_id) TO STDOUT",
+            |f| {
+                let id = copy_text(f[0])?.into_owned();
                 index.insert(id.clone(), data.len());
                 data.push(ProfileData {
                     profile_id: id,
                     ..Default::default()
                 });
-            }
-        }
-        // (profile index, order id) → position in that profile's orders, for the lines.
-        let mut orders: HashMap<(usize, String), usize> = HashMap::new();
-        {
-            let mut rows = sqlx::query_as::<_, (String, String, i64, i64, i64, i64, i64)>(
-                "SELECT o.profile_id, o.order_id, o.placed_at, o.amount_minor, o.discount_minor, \
-                 COALESCE(r.amount, 0)::int8, COALESCE(r.full_refund, 0)::int8 \
-                 FROM seg_orders o LEFT JOIN (SELECT profile_id, order_id, SUM(amount_minor) AS amount, \
-                 MAX(full_refund) AS full_refund FROM seg_refunds GROUP BY profile_id, order_id) r \
-                 ON r.profile_id = o.profile_id AND r.order_id = o.order_id",
-            )
-            .fetch(&mut *conn);
-            while let Some((profile, order_id, placed_at, amount, discount, refunded, full)) =
-                rows.try_next().await?
-            {
-                let Some(&i) = index.get(&profile) else {
-                    continue;
-                };
-                orders.insert((i, order_id), data[i].orders.len());
-                data[i].orders.push(StoredOrder {
-                    placed_at,
-                    amount_minor: amount,
-                    discount_minor: discount,
-                    refunded_minor: refunded,
-                    fully_refunded: full != 0,
-                    lines: Vec::new(),
-                });
-            }
-        }
-        {
-            let mut rows = sqlx::query_as::<_, (String, String, String, i64)>(
-                "SELECT profile_id, order_id, category, amount_minor FROM seg_order_lines",
-            )
-            .fetch(&mut *conn);
-            while let Some((profile, order_id, category, amount)) = rows.try_next().await? {
-                let Some(&i) = index.get(&profile) else {
-                    continue;
-                };
-                if let Some(&o) = orders.get(&(i, order_id)) {
-                    data[i].orders[o].lines.push((category, amount));
+                Ok(())
+            },
+        )
+        .await?;
+        let mut last_profile: Vec<u8> = Vec::new();
+        let mut last_order: Vec<u8> = Vec::new();
+        let mut current: Option<usize> = None;
+        copy_out_rows(
+            &mut conn,
+            "COPY (SELECT o.profile_id, o.order_id, o.placed_at, o.amount_minor, o.discount_minor, \
+             COALESCE(r.amount, 0)::int8, COALESCE(r.full_refund, 0)::int8, l.category, l.amount_minor \
+             FROM seg_orders o \
+             LEFT JOIN (SELECT profile_id, order_id, SUM(amount_minor) AS amount, \
+               MAX(full_refund) AS full_refund FROM seg_refunds GROUP BY profile_id, order_id) r \
+               ON r.profile_id = o.profile_id AND r.order_id = o.order_id \
+             LEFT JOIN seg_order_lines l ON l.profile_id = o.profile_id AND l.order_id = o.order_id \
+             ORDER BY o.profile_id, o.order_id) TO STDOUT",
+            |f| {
+                if f.len() != 9 {
+                    return Err(corrupt("order row of the wrong width"));
                 }
-            }
-        }
-        drop(orders);
-        {
-            let mut rows = sqlx::query_as::<_, (String, String, i64)>(
-                "SELECT profile_id, kind, SUM(n)::int8 FROM seg_engagement WHERE day > $1 \
-                 GROUP BY profile_id, kind",
-            )
-            .bind(since_day)
-            .fetch(&mut *conn);
-            while let Some((profile, kind, n)) = rows.try_next().await? {
-                if let Some(&i) = index.get(&profile) {
-                    data[i].engagement.insert(kind, n);
+                if f[0] != last_profile.as_slice() {
+                    last_profile.clear();
+                    last_profile.extend_from_slice(f[0]);
+                    last_order.clear();
+                    current = index.get(copy_text(f[0])?.as_ref()).copied();
                 }
-            }
-        }
+                let Some(i) = current else {
+                    return Ok(());
+                };
+                let orders = &mut data[i].orders;
+                if orders.is_empty() || f[1] != last_order.as_slice() {
+                    last_order.clear();
+                    last_order.extend_from_slice(f[1]);
+                    orders.push(StoredOrder {
+                        placed_at: copy_int(f[2])?.unwrap_or(0),
+                        amount_minor: copy_int(f[3])?.unwrap_or(0),
+                        discount_minor: copy_int(f[4])?.unwrap_or(0),
+                        refunded_minor: copy_int(f[5])?.unwrap_or(0),
+                        fully_refunded: copy_int(f[6])?.unwrap_or(0) != 0,
+                        lines: Vec::new(),
+                    });
+                }
+                if f[7] != b"\\N"
+                    && let Some(o) = orders.last_mut()
+                {
+                    o.lines
+                        .push((copy_text(f[7])?.into_owned(), copy_int(f[8])?.unwrap_or(0)));
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        copy_out_rows(
+            &mut conn,
+            &format!(
+                "COPY (SELECT profile_id, kind, SUM(n)::int8 FROM seg_engagement WHERE day > {since_day} \
+                 GROUP BY profile_id, kind) TO STDOUT"
+            ),
+            |f| {
+                if f.len() != 3 {
+                    return Err(corrupt("engagement row of the wrong width"));
+                }
+                if let Some(&i) = index.get(copy_text(f[0])?.as_ref()) {
+                    data[i]
+                        .engagement
+                        .insert(copy_text(f[1])?.into_owned(), copy_int(f[2])?.unwrap_or(0));
+                }
+                Ok(())
+            },
+        )
+        .await?;
         for d in &mut data {
             d.orders.sort_by_key(|o| o.placed_at);
         }
@@ -1528,8 +1634,12 @@ impl SqlSegmentationStore {
             .collect()
     }
 
-    /// [`SegmentationStore::publish_run`] over the native pool: the membership diff with
-    /// `DELETE … USING UNNEST` and `COPY`, the change log and the run snapshot with `COPY`.
+    /// [`SegmentationStore::publish_run`] over the native pool, set-based inside PostgreSQL:
+    /// the new memberships are sent once with `COPY` into a temporary staging table, diffed
+    /// against the current ones with one full join, applied with one DELETE, one UPDATE and
+    /// one INSERT, logged with one ordered `INSERT … SELECT` into the change log, and copied
+    /// into the run snapshot from the staging table; only the scores are sent again (`COPY`).
+    /// Nothing is read back to the client but the counts.
     #[allow(clippy::too_many_lines)]
     async fn publish_run_pg(&self, pg: &PgPool, p: RunPublication) -> StoreResult<RunRecord> {
         let mut tx = pg.begin().await?;
@@ -1537,47 +1647,26 @@ impl SqlSegmentationStore {
             .bind(CHANGES_LOCK)
             .execute(&mut *tx)
             .await?;
-        let ids: Vec<String> = p.segments.iter().map(|(s, _)| s.clone()).collect();
-        let mut current = CurrentMembers::new();
-        {
-            use futures::TryStreamExt as _;
-            let mut rows = sqlx::query_as::<_, (String, String, i64)>(
-                "SELECT segment_id, profile_id, cluster_index FROM seg_memberships \
-                 WHERE segment_id = ANY($1)",
-            )
-            .bind(&ids)
-            .fetch(&mut *tx);
-            while let Some((segment, profile, cluster)) = rows.try_next().await? {
-                add_current(&mut current, segment, profile, cluster);
-            }
-        }
-        let (deletes, inserts, changes) = diff_memberships(
-            &current,
-            &p.members,
-            pb::MembershipChangeReason::Recompute,
-            &p.run_id,
-            p.now,
-        );
-        drop(current);
-        if !deletes.is_empty() {
-            let (segs, profiles): (Vec<&str>, Vec<&str>) = deletes
-                .iter()
-                .map(|(s, p)| (s.as_str(), p.as_str()))
-                .unzip();
-            sqlx::query(
-                "DELETE FROM seg_memberships m USING UNNEST($1::text[], $2::text[]) AS d(s, p) \
-                 WHERE m.segment_id = d.s AND m.profile_id = d.p",
-            )
-            .bind(&segs)
-            .bind(&profiles)
+        // Room for the diff's joins and the change log's ordering without spilling to disk.
+        sqlx::query("SET LOCAL work_mem = '256MB'")
             .execute(&mut *tx)
             .await?;
-        }
+        let ids: Vec<String> = p.segments.iter().map(|(s, _)| s.clone()).collect();
+        // 1. The new memberships, in the run's order, into an unindexed temporary table.
+        sqlx::query(
+            "CREATE TEMP TABLE seg_stage (ord BIGINT NOT NULL, segment_id TEXT NOT NULL, \
+             profile_id TEXT NOT NULL, cluster_index BIGINT NOT NULL, distance DOUBLE PRECISION) \
+             ON COMMIT DROP",
+        )
+        .execute(&mut *tx)
+        .await?;
         copy_rows(
             &mut tx,
-            "COPY seg_memberships (segment_id, profile_id, cluster_index, distance, entered_at) FROM STDIN",
-            &inserts,
-            |out, m| {
+            "COPY seg_stage (ord, segment_id, profile_id, cluster_index, distance) FROM STDIN",
+            p.members.iter().enumerate(),
+            |out, (i, m)| {
+                copy_i64(out, i64::try_from(*i).ok());
+                out.push('\t');
                 copy_str(out, &m.segment_id);
                 out.push('\t');
                 copy_str(out, &m.profile_id);
@@ -1585,59 +1674,97 @@ impl SqlSegmentationStore {
                 copy_i64(out, Some(m.cluster_index));
                 out.push('\t');
                 copy_f64(out, m.distance);
-                out.push('\t');
-                copy_i64(out, Some(m.entered_at));
                 out.push('\n');
             },
         )
         .await?;
-        // Under the change-log lock the COPY's rows take the next sequence numbers in order.
-        copy_rows(
-            &mut tx,
-            "COPY seg_changes (change_id, profile_id, segment_id, cluster_index, change_type, \
-             reason, run_id, occurred_at) FROM STDIN",
-            &changes,
-            |out, c| {
-                copy_str(out, &c.change_id);
-                out.push('\t');
-                copy_str(out, &c.profile_id);
-                out.push('\t');
-                copy_str(out, &c.segment_id);
-                out.push('\t');
-                copy_i64(out, Some(c.cluster_index));
-                out.push('\t');
-                copy_i64(out, Some(i64::from(c.change_type)));
-                out.push('\t');
-                copy_i64(out, Some(i64::from(c.reason)));
-                out.push('\t');
-                copy_str(out, &c.run_id);
-                out.push('\t');
-                copy_i64(out, Some(c.occurred_at));
-                out.push('\n');
-            },
+        sqlx::query("ANALYZE seg_stage").execute(&mut *tx).await?;
+        // 2. The diff against the current memberships of the evaluated segments: one row per
+        //    entry (old NULL), exit (new NULL) or cluster move (both set).
+        sqlx::query(
+            "CREATE TEMP TABLE seg_diff (segment_id TEXT NOT NULL, profile_id TEXT NOT NULL, \
+             old_cluster BIGINT, new_cluster BIGINT, distance DOUBLE PRECISION, ord BIGINT) \
+             ON COMMIT DROP",
         )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO seg_diff SELECT COALESCE(s.segment_id, m.segment_id), \
+             COALESCE(s.profile_id, m.profile_id), m.cluster_index, s.cluster_index, s.distance, s.ord \
+             FROM seg_stage s FULL JOIN (SELECT segment_id, profile_id, cluster_index FROM seg_memberships \
+               WHERE segment_id = ANY($1)) m ON m.segment_id = s.segment_id AND m.profile_id = s.profile_id \
+             WHERE m.cluster_index IS DISTINCT FROM s.cluster_index",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        // 3. Applied: exits deleted, moves updated, entries inserted (disjoint rows).
+        sqlx::query(
+            "DELETE FROM seg_memberships m USING seg_diff d WHERE d.new_cluster IS NULL \
+             AND m.segment_id = d.segment_id AND m.profile_id = d.profile_id",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE seg_memberships m SET cluster_index = d.new_cluster, distance = d.distance, \
+             entered_at = $1 FROM seg_diff d WHERE d.old_cluster IS NOT NULL AND d.new_cluster IS NOT NULL \
+             AND m.segment_id = d.segment_id AND m.profile_id = d.profile_id",
+        )
+        .bind(p.now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO seg_memberships (segment_id, profile_id, cluster_index, distance, entered_at) \
+             SELECT segment_id, profile_id, new_cluster, distance, $1 FROM seg_diff WHERE old_cluster IS NULL",
+        )
+        .bind(p.now)
+        .execute(&mut *tx)
+        .await?;
+        // Under the change-log lock the rows take the next sequence numbers in this order: per
+        // new membership in the run's order an EXITED of the old cluster then the ENTERED;
+        // then the exits by (segment, profile), as the portable path appends them.
+        {
+            use pb::MembershipChangeType as T;
+            sqlx::query(
+                "INSERT INTO seg_changes (change_id, profile_id, segment_id, cluster_index, change_type, \
+                 reason, run_id, occurred_at) \
+                 SELECT gen_random_uuid()::text, c.profile_id, c.segment_id, c.cluster_index, c.change_type, \
+                 $1, $2, $3 FROM ( \
+                   SELECT profile_id, segment_id, old_cluster AS cluster_index, $4::int8 AS change_type, \
+                     0 AS part, ord, 0 AS sub FROM seg_diff \
+                     WHERE old_cluster IS NOT NULL AND new_cluster IS NOT NULL \
+                   UNION ALL SELECT profile_id, segment_id, new_cluster, $5::int8, 0, ord, 1 FROM seg_diff \
+                     WHERE new_cluster IS NOT NULL \
+                   UNION ALL SELECT profile_id, segment_id, old_cluster, $4::int8, 1, 0, 0 FROM seg_diff \
+                     WHERE new_cluster IS NULL) c \
+                 ORDER BY c.part, c.ord, c.sub, c.segment_id COLLATE \"C\", c.profile_id COLLATE \"C\"",
+            )
+            .bind(pb::MembershipChangeReason::Recompute as i64)
+            .bind(&p.run_id)
+            .bind(p.now)
+            .bind(T::Exited as i64)
+            .bind(T::Entered as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let (entered, exited): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(new_cluster)::int8, COUNT(old_cluster)::int8 FROM seg_diff",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        // 4. The run snapshot: members from the staged rows, scores with COPY.
+        sqlx::query(
+            "INSERT INTO seg_run_members (run_id, segment_id, profile_id, cluster_index) \
+             SELECT $1, segment_id, profile_id, cluster_index FROM seg_stage",
+        )
+        .bind(&p.run_id)
+        .execute(&mut *tx)
         .await?;
         copy_rows(
             &mut tx,
             &format!("COPY seg_run_scores (run_id, {SCORE_COLUMNS}) FROM STDIN"),
             &p.scores,
             |out, s| copy_score(out, &p.run_id, s),
-        )
-        .await?;
-        copy_rows(
-            &mut tx,
-            "COPY seg_run_members (run_id, segment_id, profile_id, cluster_index) FROM STDIN",
-            &p.members,
-            |out, m| {
-                copy_str(out, &p.run_id);
-                out.push('\t');
-                copy_str(out, &m.segment_id);
-                out.push('\t');
-                copy_str(out, &m.profile_id);
-                out.push('\t');
-                copy_i64(out, Some(m.cluster_index));
-                out.push('\n');
-            },
         )
         .await?;
         sqlx::query("DELETE FROM seg_scores WHERE scored_at <= $1")
@@ -1655,13 +1782,9 @@ impl SqlSegmentationStore {
         .bind(&versions)
         .execute(&mut *tx)
         .await?;
-        let entered = changes
-            .iter()
-            .filter(|c| c.change_type == pb::MembershipChangeType::Entered as i32)
-            .count();
         let mut outputs = p.outputs.clone();
-        outputs.entered = i64::try_from(entered).unwrap_or(i64::MAX);
-        outputs.exited = i64::try_from(changes.len() - entered).unwrap_or(i64::MAX);
+        outputs.entered = entered;
+        outputs.exited = exited;
         let end: i64 =
             sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM seg_changes")
                 .fetch_one(&mut *tx)

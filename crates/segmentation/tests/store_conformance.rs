@@ -396,6 +396,143 @@ macro_rules! conformance {
         }
 
         #[tokio::test]
+        async fn loading_every_profile_returns_what_loading_them_by_id_returns() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let mut facts = vec![
+                order("p1", "o1", T0, 1000),
+                order("p1", "o2", T0 + DAY, 500),
+                Fact::Order {
+                    profile_id: "odd\\id\twith\nescapes".into(),
+                    order_id: "o\t1".into(),
+                    placed_at: T0,
+                    amount_minor: 700,
+                    discount_minor: 20,
+                    converted: true,
+                    lines: vec![("books".into(), 300), ("home\\garden".into(), 400)],
+                },
+                Fact::Refund {
+                    profile_id: "p1".into(),
+                    refund_key: "web/r1".into(),
+                    order_id: "o1".into(),
+                    amount_minor: 300,
+                    full: false,
+                },
+                Fact::Refund {
+                    profile_id: "p1".into(),
+                    refund_key: "web/r2".into(),
+                    order_id: "o2".into(),
+                    amount_minor: 500,
+                    full: true,
+                },
+                Fact::Engagement {
+                    profile_id: "p1".into(),
+                    at: T0 + DAY,
+                    kind: "email_opened".into(),
+                },
+                Fact::Seen {
+                    profile_id: "p2".into(),
+                    at: T0,
+                },
+            ];
+            facts.push(Fact::Order {
+                profile_id: "p3".into(),
+                order_id: "o9".into(),
+                placed_at: T0,
+                amount_minor: 10,
+                discount_minor: 0,
+                converted: true,
+                lines: Vec::new(),
+            });
+            s.apply_events("ingest", None, "log:1", &facts)
+                .await
+                .unwrap();
+            let as_of = T0 + 2 * DAY;
+            let all = s.load_all_profiles(as_of).await.unwrap();
+            let ids: Vec<String> = all.iter().map(|d| d.profile_id.clone()).collect();
+            assert_eq!(ids.len(), 4);
+            assert_eq!(all, s.load_profiles(&ids, as_of).await.unwrap());
+            let odd = all
+                .iter()
+                .find(|d| d.profile_id.starts_with("odd"))
+                .unwrap();
+            assert_eq!(odd.profile_id, "odd\\id\twith\nescapes");
+            assert_eq!(odd.orders[0].lines.len(), 2);
+            let p1 = all.iter().find(|d| d.profile_id == "p1").unwrap();
+            assert_eq!(p1.orders.len(), 2);
+            assert_eq!(
+                (p1.orders[0].refunded_minor, p1.orders[1].fully_refunded),
+                (300, true)
+            );
+            assert_eq!(p1.engagement.get("email_opened"), Some(&1));
+        }
+
+        #[tokio::test]
+        async fn publishing_a_cluster_move_logs_the_exit_before_the_entry_then_the_exits() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            s.define_segment(
+                &rule_segment("vip", "orders > 1"),
+                pb::SegmentKind::Rule as i32,
+                0,
+                T0,
+            )
+            .await
+            .unwrap();
+            let with = |profile: &str, cluster: i64| MemberRow {
+                cluster_index: cluster,
+                distance: Some(0.5),
+                ..member("vip", profile)
+            };
+            let r1 = "00000000-0000-4000-8000-000000000001";
+            s.start_run(&run(r1, "k1")).await.unwrap();
+            s.publish_run(publication(
+                r1,
+                vec![with("p1", 0), with("p2", 1), with("p3", 2)],
+                T0 + 1,
+            ))
+            .await
+            .unwrap();
+            let r2 = "00000000-0000-4000-8000-000000000002";
+            s.start_run(&run(r2, "k2")).await.unwrap();
+            let done = s
+                .publish_run(publication(
+                    r2,
+                    vec![with("p4", 0), with("p2", 2), with("p3", 2)],
+                    T0 + 2,
+                ))
+                .await
+                .unwrap();
+            let out = done.outputs.unwrap();
+            assert_eq!((out.entered, out.exited), (2, 2));
+            use pb::MembershipChangeType as C;
+            let got: Vec<(String, i64, i32)> = s
+                .changes_after(3, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.profile_id, c.cluster_index, c.change_type))
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    ("p4".to_owned(), 0, C::Entered as i32),
+                    ("p2".to_owned(), 1, C::Exited as i32),
+                    ("p2".to_owned(), 2, C::Entered as i32),
+                    ("p1".to_owned(), 0, C::Exited as i32),
+                ]
+            );
+            let now = s.memberships_of(&["p2".into(), "p3".into()]).await.unwrap();
+            let entered: Vec<(i64, i64)> = now
+                .iter()
+                .map(|m| (m.cluster_index, m.entered_at))
+                .collect();
+            assert_eq!(entered, vec![(2, T0 + 2), (2, T0 + 1)]);
+            assert_eq!(s.run_member_count(r2, "vip", None).await.unwrap(), 3);
+            assert_eq!(s.run_member_count(r2, "vip", Some(2)).await.unwrap(), 2);
+        }
+
+        #[tokio::test]
         async fn a_realtime_cluster_move_appends_the_exit_before_the_entry() {
             let f = fixture($engine).await;
             let s = &f.store;
