@@ -440,6 +440,23 @@ impl Engine {
         &self,
         run_id: &str,
     ) -> Result<Vec<(&'static str, std::time::Duration)>, EngineError> {
+        self.run_recompute_at(run_id, now_micros()).await
+    }
+
+    /// As [`Engine::run_recompute_timed`], scoring as of `as_of` (µs): recency, lifecycle and
+    /// the engagement window are measured to that instant. Two runs over the same facts at the
+    /// same `as_of` publish no membership change; between runs at different instants,
+    /// profiles whose recency crosses a threshold (a rule such as `recency_days <= 90`, the
+    /// lifecycle's day limits) move although no fact changed.
+    ///
+    /// # Errors
+    /// As [`Engine::run_recompute`].
+    #[allow(clippy::too_many_lines)]
+    pub async fn run_recompute_at(
+        &self,
+        run_id: &str,
+        as_of: i64,
+    ) -> Result<Vec<(&'static str, std::time::Duration)>, EngineError> {
         use pb::RecomputePhase as P;
         let mut timings = Vec::new();
         let mut clock = std::time::Instant::now();
@@ -448,7 +465,6 @@ impl Engine {
                 timings.push((name, clock.elapsed()));
                 clock = std::time::Instant::now();
             };
-        let as_of = now_micros();
         self.progress(run_id, P::Features, 0, 0, Some(as_of))
             .await?;
         let previous = self.store.latest_run().await?;
