@@ -1637,11 +1637,15 @@ impl SqlSegmentationStore {
             .collect()
     }
 
-    /// [`SegmentationStore::publish_run`] over the native pool, set-based inside PostgreSQL:
-    /// the new memberships are sent once with `COPY` into a temporary staging table, diffed
-    /// against the current ones with one full join, applied with one DELETE, one UPDATE and
-    /// one INSERT, and logged with one ordered `INSERT … SELECT` into the change log; nothing
-    /// is read back but the counts. The run snapshot (members, scores) is written with `COPY`.
+    /// [`SegmentationStore::publish_run`] over the native pool: the current memberships are
+    /// streamed with `COPY … TO STDOUT`, diffed in memory ([`diff_memberships`], as on the
+    /// portable path), and only the diff is written (`DELETE … USING UNNEST` for exits,
+    /// `COPY` for entries and the change log); the run snapshot is written with `COPY`.
+    ///
+    /// A set-based variant (new memberships staged with COPY into a temporary table, diffed
+    /// with a full join, applied with `INSERT … SELECT`) was measured slower: `INSERT …
+    /// SELECT` inserts row by row where `COPY` batches (1.5–2× slower per row), and a first
+    /// run writes every membership and change (BENCHMARKS.md).
     #[allow(clippy::too_many_lines)]
     async fn publish_run_pg(&self, pg: &PgPool, p: RunPublication) -> StoreResult<RunRecord> {
         let mut tx = pg.begin().await?;
@@ -1649,26 +1653,64 @@ impl SqlSegmentationStore {
             .bind(CHANGES_LOCK)
             .execute(&mut *tx)
             .await?;
-        // Room for the diff's joins and the change log's ordering without spilling to disk.
-        sqlx::query("SET LOCAL work_mem = '256MB'")
+        let ids: Vec<String> = p.segments.iter().map(|(s, _)| s.clone()).collect();
+        // The current memberships of the evaluated segments, streamed with COPY (segment ids
+        // are quoted as SQL literals: COPY takes no parameters).
+        let mut current = CurrentMembers::new();
+        if !ids.is_empty() {
+            let list: Vec<String> = ids
+                .iter()
+                .map(|id| format!("'{}'", id.replace('\'', "''")))
+                .collect();
+            copy_out_rows(
+                &mut tx,
+                &format!(
+                    "COPY (SELECT segment_id, profile_id, cluster_index FROM seg_memberships \
+                     WHERE segment_id IN ({})) TO STDOUT",
+                    list.join(", ")
+                ),
+                |f| {
+                    if f.len() != 3 {
+                        return Err(corrupt("membership row of the wrong width"));
+                    }
+                    add_current(
+                        &mut current,
+                        copy_text(f[0])?.into_owned(),
+                        copy_text(f[1])?.into_owned(),
+                        copy_int(f[2])?.unwrap_or(-1),
+                    );
+                    Ok(())
+                },
+            )
+            .await?;
+        }
+        let (deletes, inserts, changes) = diff_memberships(
+            &current,
+            &p.members,
+            pb::MembershipChangeReason::Recompute,
+            &p.run_id,
+            p.now,
+        );
+        drop(current);
+        if !deletes.is_empty() {
+            let (segs, profiles): (Vec<&str>, Vec<&str>) = deletes
+                .iter()
+                .map(|(s, p)| (s.as_str(), p.as_str()))
+                .unzip();
+            sqlx::query(
+                "DELETE FROM seg_memberships m USING UNNEST($1::text[], $2::text[]) AS d(s, p) \
+                 WHERE m.segment_id = d.s AND m.profile_id = d.p",
+            )
+            .bind(&segs)
+            .bind(&profiles)
             .execute(&mut *tx)
             .await?;
-        let ids: Vec<String> = p.segments.iter().map(|(s, _)| s.clone()).collect();
-        // 1. The new memberships, in the run's order, into an unindexed temporary table.
-        sqlx::query(
-            "CREATE TEMP TABLE seg_stage (ord BIGINT NOT NULL, segment_id TEXT NOT NULL, \
-             profile_id TEXT NOT NULL, cluster_index BIGINT NOT NULL, distance DOUBLE PRECISION) \
-             ON COMMIT DROP",
-        )
-        .execute(&mut *tx)
-        .await?;
+        }
         copy_rows(
             &mut tx,
-            "COPY seg_stage (ord, segment_id, profile_id, cluster_index, distance) FROM STDIN",
-            p.members.iter().enumerate(),
-            |out, (i, m)| {
-                copy_i64(out, i64::try_from(*i).ok());
-                out.push('\t');
+            "COPY seg_memberships (segment_id, profile_id, cluster_index, distance, entered_at) FROM STDIN",
+            &inserts,
+            |out, m| {
                 copy_str(out, &m.segment_id);
                 out.push('\t');
                 copy_str(out, &m.profile_id);
@@ -1676,86 +1718,45 @@ impl SqlSegmentationStore {
                 copy_i64(out, Some(m.cluster_index));
                 out.push('\t');
                 copy_f64(out, m.distance);
+                out.push('\t');
+                copy_i64(out, Some(m.entered_at));
                 out.push('\n');
             },
         )
         .await?;
-        sqlx::query("ANALYZE seg_stage").execute(&mut *tx).await?;
-        // 2. The diff against the current memberships of the evaluated segments: one row per
-        //    entry (old NULL), exit (new NULL) or cluster move (both set).
-        sqlx::query(
-            "CREATE TEMP TABLE seg_diff (segment_id TEXT NOT NULL, profile_id TEXT NOT NULL, \
-             old_cluster BIGINT, new_cluster BIGINT, distance DOUBLE PRECISION, ord BIGINT) \
-             ON COMMIT DROP",
+        // Under the change-log lock the COPY's rows take the next sequence numbers in order.
+        copy_rows(
+            &mut tx,
+            "COPY seg_changes (change_id, profile_id, segment_id, cluster_index, change_type, \
+             reason, run_id, occurred_at) FROM STDIN",
+            &changes,
+            |out, c| {
+                copy_str(out, &c.change_id);
+                out.push('\t');
+                copy_str(out, &c.profile_id);
+                out.push('\t');
+                copy_str(out, &c.segment_id);
+                out.push('\t');
+                copy_i64(out, Some(c.cluster_index));
+                out.push('\t');
+                copy_i64(out, Some(i64::from(c.change_type)));
+                out.push('\t');
+                copy_i64(out, Some(i64::from(c.reason)));
+                out.push('\t');
+                copy_str(out, &c.run_id);
+                out.push('\t');
+                copy_i64(out, Some(c.occurred_at));
+                out.push('\n');
+            },
         )
-        .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO seg_diff SELECT COALESCE(s.segment_id, m.segment_id), \
-             COALESCE(s.profile_id, m.profile_id), m.cluster_index, s.cluster_index, s.distance, s.ord \
-             FROM seg_stage s FULL JOIN (SELECT segment_id, profile_id, cluster_index FROM seg_memberships \
-               WHERE segment_id = ANY($1)) m ON m.segment_id = s.segment_id AND m.profile_id = s.profile_id \
-             WHERE m.cluster_index IS DISTINCT FROM s.cluster_index",
+        copy_rows(
+            &mut tx,
+            &format!("COPY seg_run_scores (run_id, {SCORE_COLUMNS}) FROM STDIN"),
+            &p.scores,
+            |out, s| copy_score(out, &p.run_id, s),
         )
-        .bind(&ids)
-        .execute(&mut *tx)
         .await?;
-        // 3. Applied: exits deleted, moves updated, entries inserted (disjoint rows).
-        sqlx::query(
-            "DELETE FROM seg_memberships m USING seg_diff d WHERE d.new_cluster IS NULL \
-             AND m.segment_id = d.segment_id AND m.profile_id = d.profile_id",
-        )
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE seg_memberships m SET cluster_index = d.new_cluster, distance = d.distance, \
-             entered_at = $1 FROM seg_diff d WHERE d.old_cluster IS NOT NULL AND d.new_cluster IS NOT NULL \
-             AND m.segment_id = d.segment_id AND m.profile_id = d.profile_id",
-        )
-        .bind(p.now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO seg_memberships (segment_id, profile_id, cluster_index, distance, entered_at) \
-             SELECT segment_id, profile_id, new_cluster, distance, $1 FROM seg_diff WHERE old_cluster IS NULL",
-        )
-        .bind(p.now)
-        .execute(&mut *tx)
-        .await?;
-        // Under the change-log lock the rows take the next sequence numbers in this order: per
-        // new membership in the run's order an EXITED of the old cluster then the ENTERED;
-        // then the exits by (segment, profile), as the portable path appends them.
-        {
-            use pb::MembershipChangeType as T;
-            sqlx::query(
-                "INSERT INTO seg_changes (change_id, profile_id, segment_id, cluster_index, change_type, \
-                 reason, run_id, occurred_at) \
-                 SELECT gen_random_uuid()::text, c.profile_id, c.segment_id, c.cluster_index, c.change_type, \
-                 $1, $2, $3 FROM ( \
-                   SELECT profile_id, segment_id, old_cluster AS cluster_index, $4::int8 AS change_type, \
-                     0 AS part, ord, 0 AS sub FROM seg_diff \
-                     WHERE old_cluster IS NOT NULL AND new_cluster IS NOT NULL \
-                   UNION ALL SELECT profile_id, segment_id, new_cluster, $5::int8, 0, ord, 1 FROM seg_diff \
-                     WHERE new_cluster IS NOT NULL \
-                   UNION ALL SELECT profile_id, segment_id, old_cluster, $4::int8, 1, 0, 0 FROM seg_diff \
-                     WHERE new_cluster IS NULL) c \
-                 ORDER BY c.part, c.ord, c.sub, c.segment_id COLLATE \"C\", c.profile_id COLLATE \"C\"",
-            )
-            .bind(pb::MembershipChangeReason::Recompute as i64)
-            .bind(&p.run_id)
-            .bind(p.now)
-            .bind(T::Exited as i64)
-            .bind(T::Entered as i64)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let (entered, exited): (i64, i64) = sqlx::query_as(
-            "SELECT COUNT(new_cluster)::int8, COUNT(old_cluster)::int8 FROM seg_diff",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        // 4. The run snapshot with COPY (its bulk insert is 1.5–2× faster per row than
-        //    `INSERT … SELECT` from the staging table, which inserts row by row).
         copy_rows(
             &mut tx,
             "COPY seg_run_members (run_id, segment_id, profile_id, cluster_index) FROM STDIN",
@@ -1770,13 +1771,6 @@ impl SqlSegmentationStore {
                 copy_i64(out, Some(m.cluster_index));
                 out.push('\n');
             },
-        )
-        .await?;
-        copy_rows(
-            &mut tx,
-            &format!("COPY seg_run_scores (run_id, {SCORE_COLUMNS}) FROM STDIN"),
-            &p.scores,
-            |out, s| copy_score(out, &p.run_id, s),
         )
         .await?;
         sqlx::query("DELETE FROM seg_scores WHERE scored_at <= $1")
@@ -1794,9 +1788,13 @@ impl SqlSegmentationStore {
         .bind(&versions)
         .execute(&mut *tx)
         .await?;
+        let entered = changes
+            .iter()
+            .filter(|c| c.change_type == pb::MembershipChangeType::Entered as i32)
+            .count();
         let mut outputs = p.outputs.clone();
-        outputs.entered = entered;
-        outputs.exited = exited;
+        outputs.entered = i64::try_from(entered).unwrap_or(i64::MAX);
+        outputs.exited = i64::try_from(changes.len() - entered).unwrap_or(i64::MAX);
         let end: i64 =
             sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM seg_changes")
                 .fetch_one(&mut *tx)
