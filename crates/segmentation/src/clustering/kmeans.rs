@@ -253,8 +253,8 @@ fn hamerly_chunk<const D: usize>(
     ctx: &PassContext<'_>,
     points: &[f64],
     labels: &mut [u32],
-    upper: &mut [f32],
-    lower: &mut [f32],
+    upper: &mut [f64],
+    lower: &mut [f64],
 ) -> Delta {
     let (k, dim) = (ctx.k, ctx.dim);
     let mut delta = Delta {
@@ -303,19 +303,19 @@ fn hamerly_chunk<const D: usize>(
     {
         let old = *label as usize;
         if !ctx.full {
-            let bound = ctx.half_separation[old].max(f64::from(*l) - max_drift);
-            if f64::from(*u) + drift[old] <= bound {
+            let bound = ctx.half_separation[old].max(*l - max_drift);
+            if *u + drift[old] <= bound {
                 continue;
             }
             let exact = sqdist::<D>(x, &ctx.centers[old * dim..], dim).sqrt();
             if exact <= bound {
-                *u = f32_up(exact - drift[old]);
+                *u = exact - drift[old];
                 continue;
             }
         }
         let (new, d1, d2) = scan(x);
-        *u = f32_up(d1 - drift[new]);
-        *l = f32_down(d2 + max_drift);
+        *u = d1 - drift[new];
+        *l = d2 + max_drift;
         if new != old {
             delta.changed += 1;
             *label = u32::try_from(new).unwrap_or(u32::MAX);
@@ -334,33 +334,14 @@ fn hamerly_chunk<const D: usize>(
     delta
 }
 
-/// `x` rounded up to an `f32` (never below `x`): a stored upper bound stays an upper bound.
-/// Bounds are kept in `f32` to halve the memory each pass streams through (the pass over
-/// bounds that prove most points unchanged is memory-bound); rounding outwards keeps every
-/// skip sound, so assignments are those of the `f64` bounds.
-#[inline]
-fn f32_up(x: f64) -> f32 {
-    #[allow(clippy::cast_possible_truncation)]
-    let f = x as f32;
-    if f64::from(f) < x { f.next_up() } else { f }
-}
-
-/// `x` rounded down to an `f32` (never above `x`): a stored lower bound stays a lower bound.
-#[inline]
-fn f32_down(x: f64) -> f32 {
-    #[allow(clippy::cast_possible_truncation)]
-    let f = x as f32;
-    if f64::from(f) > x { f.next_down() } else { f }
-}
-
 /// Runs a Hamerly pass over all points in parallel chunks and applies the changes to `sums`
 /// and `counts` in chunk order (deterministic). Returns the number of changed labels.
 fn hamerly_pass(
     ctx: &PassContext<'_>,
     points: &[f64],
     labels: &mut [u32],
-    upper: &mut [f32],
-    lower: &mut [f32],
+    upper: &mut [f64],
+    lower: &mut [f64],
     sums: &mut [f64],
     counts: &mut [i64],
 ) -> usize {
@@ -487,8 +468,8 @@ fn lloyd(data: &Matrix, init: &Matrix, max_iter: usize, tol_abs: f64) -> KMeans 
     let points = data.as_slice();
     let mut centers = init.as_slice().to_vec();
     let mut labels = vec![u32::MAX; n];
-    let mut upper = vec![0.0_f32; n];
-    let mut lower = vec![0.0_f32; n];
+    let mut upper = vec![0.0; n];
+    let mut lower = vec![0.0; n];
     let mut sums = vec![0.0; k * dim];
     let mut counts = vec![0_i64; k];
     let mut cumulative_drift = vec![0.0; k];
