@@ -11,11 +11,10 @@
 //!   committed in order and a watcher that has seen `seq = n` never later finds a smaller one.
 //!   On SQLite writers are serialised anyway.
 //! * **Bulk work in PostgreSQL**: over a native `PgPool` (opened by
-//!   [`SqlSegmentationStore::connect_postgres`]) a batch run loads every profile's facts with
-//!   three `COPY … TO STDOUT` streams and publishes set-based: the new memberships go once
-//!   into a temporary staging table, the diff against the current ones is one full join
-//!   inside PostgreSQL, applied and logged with a handful of statements, and the run snapshot
-//!   (scores, members) is written with `COPY`, so a run costs a constant number of statements
+//!   [`SqlSegmentationStore::connect_postgres`]) a batch run loads every profile's facts and
+//!   the current memberships with `COPY … TO STDOUT` streams, writes only the membership diff
+//!   (`DELETE … USING UNNEST` for exits, `COPY` for entries and the change log) and the run
+//!   snapshot (scores, members) with `COPY`, so a run costs a constant number of statements
 //!   whatever the number of profiles. A real-time re-score is one read statement and one call
 //!   of the `seg_apply_realtime` function. Elsewhere (SQLite, or a store built with
 //!   [`SqlSegmentationStore::new`]) the same diff is computed in Rust and written with
