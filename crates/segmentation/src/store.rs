@@ -2629,7 +2629,33 @@ impl SegmentationStore for SqlSegmentationStore {
         const SQL: &str = "SELECT profile_id, lifecycle, lifecycle_since FROM seg_run_scores \
              WHERE run_id = $1 AND lifecycle IS NOT NULL AND lifecycle_since IS NOT NULL";
         let rows: Vec<(String, i64, i64)> = match &self.pg {
-            Some(pg) => sqlx::query_as(SQL).bind(run_id).fetch_all(pg).await?,
+            // The whole snapshot (every profile of the run) streamed with COPY, parsed in
+            // place; the run id is quoted as a literal (COPY takes no parameters).
+            Some(pg) => {
+                let mut conn = pg.acquire().await?;
+                let mut map = HashMap::new();
+                copy_out_rows(
+                    &mut conn,
+                    &format!(
+                        "COPY (SELECT profile_id, lifecycle, lifecycle_since FROM seg_run_scores \
+                         WHERE run_id = '{}' AND lifecycle IS NOT NULL AND lifecycle_since IS NOT NULL) \
+                         TO STDOUT",
+                        run_id.replace('\'', "''")
+                    ),
+                    |f| {
+                        if f.len() != 3 {
+                            return Err(corrupt("lifecycle row of the wrong width"));
+                        }
+                        map.insert(
+                            copy_text(f[0])?.into_owned(),
+                            (copy_int(f[1])?.unwrap_or(0), copy_int(f[2])?.unwrap_or(0)),
+                        );
+                        Ok(())
+                    },
+                )
+                .await?;
+                return Ok(map);
+            }
             None => {
                 sqlx::query_as(SQL)
                     .bind(run_id)

@@ -367,6 +367,9 @@ macro_rules! conformance {
             p.scores[0].lifecycle = Some(2);
             p.scores[0].lifecycle_since = Some(T0);
             s.publish_run(p).await.unwrap();
+            let lifecycles = s.run_lifecycles(r1).await.unwrap();
+            assert_eq!(lifecycles.len(), 1);
+            assert_eq!(lifecycles.get("p1"), Some(&(2, T0)));
             let after = s.rescore_read(&ids, as_of).await.unwrap();
             assert_eq!(after.latest_run.as_deref(), Some(r1));
             assert_ne!(after.segments_stamp, before.segments_stamp);
