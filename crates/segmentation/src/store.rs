@@ -436,8 +436,8 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
 
     /// Current memberships of `profile_ids` in live segments.
     async fn memberships_of(&self, profile_ids: &[String]) -> StoreResult<Vec<MemberRow>>;
-    /// Writes real-time scores and replaces the memberships of `profiles` in `segments` with
-    /// `members`, appending the changes. Returns the changes.
+    /// Writes real-time scores (at most one row per profile) and replaces the memberships of
+    /// `profiles` in `segments` with `members`, appending the changes. Returns the changes.
     async fn apply_realtime(
         &self,
         run_id: &str,

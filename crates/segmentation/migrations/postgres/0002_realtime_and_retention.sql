@@ -79,12 +79,21 @@ BEGIN
     SELECT l.seq, l.change_id, l.profile_id, l.segment_id, l.cluster_index, l.change_type
     FROM logged l ORDER BY l.seq;
 
-    DELETE FROM seg_scores s WHERE s.profile_id = ANY(p_profile);
-    INSERT INTO seg_scores (run_id, scored_at, profile_id, r, f, m, rfm_name, recency_days,
-                            frequency, monetary_minor, lifecycle, lifecycle_since, clv, p_alive,
-                            exp_purchases, exp_aov)
+    -- One upsert per profile (ids are distinct): one index probe instead of a delete and an
+    -- insert.
+    INSERT INTO seg_scores AS s (run_id, scored_at, profile_id, r, f, m, rfm_name, recency_days,
+                                 frequency, monetary_minor, lifecycle, lifecycle_since, clv,
+                                 p_alive, exp_purchases, exp_aov)
     SELECT p_run, p_now, u.* FROM UNNEST(p_profile, p_r, p_f, p_m, p_rfm_name, p_recency,
         p_frequency, p_monetary, p_lifecycle, p_lifecycle_since, p_clv, p_p_alive,
-        p_exp_purchases, p_exp_aov) AS u;
+        p_exp_purchases, p_exp_aov) AS u
+    ON CONFLICT (profile_id) DO UPDATE SET
+        run_id = excluded.run_id, scored_at = excluded.scored_at, r = excluded.r,
+        f = excluded.f, m = excluded.m, rfm_name = excluded.rfm_name,
+        recency_days = excluded.recency_days, frequency = excluded.frequency,
+        monetary_minor = excluded.monetary_minor, lifecycle = excluded.lifecycle,
+        lifecycle_since = excluded.lifecycle_since, clv = excluded.clv,
+        p_alive = excluded.p_alive, exp_purchases = excluded.exp_purchases,
+        exp_aov = excluded.exp_aov;
 END
 $fn$;
