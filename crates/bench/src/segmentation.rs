@@ -78,6 +78,9 @@ pub struct SegmentationArgs {
     /// uses; for comparing the two on the same data).
     #[arg(long)]
     pub insert_path: bool,
+    /// Keep the throwaway schema at the end (printed) for inspecting plans; drop it by hand.
+    #[arg(long)]
+    pub keep_schema: bool,
     /// Append one JSON object per result here.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
@@ -441,9 +444,11 @@ async fn recompute_and_rescore(args: &SegmentationArgs, report: &mut Report) -> 
             ),
             profiles: None,
             changed: Arc::default(),
+            rescore_cache: Default::default(),
         };
         let mut members_written = 0i64;
         let mut run_secs = Vec::new();
+        let mut run_ids = Vec::new();
         for (i, label) in ["first run (every membership new)", "second run (diff only)"].iter().enumerate() {
             let run = new_run(&format!("bench-{i}"), now);
             store.start_run(&run).await?;
@@ -468,6 +473,29 @@ async fn recompute_and_rescore(args: &SegmentationArgs, report: &mut Report) -> 
                 report.line(format!("  step: {step}"), took.as_secs_f64(), "s", None);
             }
             run_secs.push(secs);
+            run_ids.push(run.run_id.clone());
+        }
+        // Why the second run (same facts, a few seconds later) moved anyone: each change with
+        // the profile's recency in both runs (profiles crossing `recency_days <= 90` or a
+        // lifecycle day limit as the clock advances).
+        type Moved = (String, String, i64, Option<f64>, Option<f64>, Option<i64>, Option<i64>);
+        let moved: Vec<Moved> =
+            sqlx::query_as(&format!(
+                "SELECT c.segment_id, c.profile_id, c.change_type, a.recency_days, b.recency_days, \
+                 a.lifecycle, b.lifecycle FROM {schema}.seg_changes c \
+                 LEFT JOIN {schema}.seg_run_scores a ON a.run_id = $1 AND a.profile_id = c.profile_id \
+                 LEFT JOIN {schema}.seg_run_scores b ON b.run_id = $2 AND b.profile_id = c.profile_id \
+                 WHERE c.run_id = $2 ORDER BY c.seq LIMIT 10"
+            ))
+            .bind(&run_ids[0])
+            .bind(&run_ids[1])
+            .fetch_all(&mut conn)
+            .await?;
+        for (segment, profile, kind, r1, r2, l1, l2) in moved {
+            let what = if kind == pb::MembershipChangeType::Entered as i64 { "entered" } else { "exited" };
+            report.notes.push(format!(
+                "second run: {profile} {what} {segment}: recency {r1:?} -> {r2:?} days, lifecycle {l1:?} -> {l2:?}"
+            ));
         }
         let baseline = copy_baseline(
             &mut conn,
@@ -540,7 +568,11 @@ async fn recompute_and_rescore(args: &SegmentationArgs, report: &mut Report) -> 
         anyhow::Ok(())
     }
     .await;
-    guard.drop_now().await;
+    if args.keep_schema {
+        eprintln!("segmentation: kept schema {schema}");
+    } else {
+        guard.drop_now().await;
+    }
     result
 }
 

@@ -89,6 +89,27 @@ pub struct Engine {
     pub profiles: Option<ProfileClient>,
     /// Notified after membership changes are committed (wakes watchers).
     pub changed: Arc<Notify>,
+    /// The latest run's model and the compiled live segments, reused by re-scores while the
+    /// run and the segments stamp they were loaded for are current.
+    pub rescore_cache: RescoreCache,
+}
+
+/// What real-time re-scores reuse between calls: the latest run's model and the compiled live
+/// segments, keyed by that run's id and the segments stamp they were loaded under. A run is
+/// immutable once published and any define / redefine / delete changes the stamp, which every
+/// re-score reads anyway, so a cached entry is never used stale.
+#[derive(Debug, Clone, Default)]
+pub struct RescoreCache(Arc<std::sync::Mutex<Option<Arc<RescoreContext>>>>);
+
+/// One cached entry of [`RescoreCache`].
+#[derive(Debug)]
+struct RescoreContext {
+    run_id: String,
+    stamp: String,
+    model: RunModel,
+    /// Live segments that can be evaluated against `model` (CLUSTER ones only with a model of
+    /// their current version).
+    evaluated: Vec<LiveSegment>,
 }
 
 /// Non-RULE segment ids a rule may reference.
@@ -242,36 +263,29 @@ impl Engine {
         Ok(out)
     }
 
-    /// Re-scores `ids` against the latest run (RFM cut points, CLV fits, cluster models) and,
-    /// unless `dry_run`, persists scores and membership changes (reason REALTIME). Unknown ids
-    /// are skipped. Returns the re-scored profiles and the changes.
-    ///
-    /// # Errors
-    /// [`EngineError::NoRun`] before the first successful run; store and upstream failures.
-    pub async fn rescore(
+    /// The cached model and compiled segments for (`run_id`, `stamp`), loading them when
+    /// either changed.
+    async fn rescore_context(
         &self,
-        ids: &[String],
-        dry_run: bool,
-    ) -> Result<(Vec<Rescored>, Vec<ChangeRow>), EngineError> {
-        let run = self.store.latest_run().await?.ok_or(EngineError::NoRun)?;
-        let model = run.model.clone().unwrap_or_default();
-        let now = now_micros();
-        let data = self.store.load_profiles(ids, now).await?;
-        if data.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
-        }
-        let segments = self.live_segments().await?;
-        let known: Vec<String> = data.iter().map(|d| d.profile_id.clone()).collect();
-        let facts = if segments
-            .iter()
-            .any(|s| matches!(s.compiled, Compiled::Rule(_)))
+        run_id: &str,
+        stamp: &str,
+    ) -> Result<Arc<RescoreContext>, EngineError> {
+        if let Some(c) = self
+            .rescore_cache
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .filter(|c| c.run_id == run_id && c.stamp == stamp)
         {
-            self.profile_facts(&known).await?
-        } else {
-            HashMap::new()
-        };
-        let evaluated: Vec<&LiveSegment> = segments
-            .iter()
+            return Ok(c.clone());
+        }
+        let run = self.store.get_run(run_id).await?;
+        let model = run.model.unwrap_or_default();
+        let evaluated: Vec<LiveSegment> = self
+            .live_segments()
+            .await?
+            .into_iter()
             .filter(|s| match &s.compiled {
                 Compiled::Cluster(_) => model
                     .clusters
@@ -280,14 +294,62 @@ impl Engine {
                 _ => true,
             })
             .collect();
-        let evaluated_owned: Vec<LiveSegment> = evaluated.iter().map(|s| (*s).clone()).collect();
+        let context = Arc::new(RescoreContext {
+            run_id: run_id.to_owned(),
+            stamp: stamp.to_owned(),
+            model,
+            evaluated,
+        });
+        *self
+            .rescore_cache
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(context.clone());
+        Ok(context)
+    }
+
+    /// Re-scores `ids` against the latest run (RFM cut points, CLV fits, cluster models) and,
+    /// unless `dry_run`, persists scores and membership changes (reason REALTIME). Unknown ids
+    /// are skipped. Returns the re-scored profiles and the changes.
+    ///
+    /// Round trips on PostgreSQL: one read (latest run, segments stamp, the profiles' facts
+    /// and previous lifecycles), one write (`seg_apply_realtime`), plus ProfileService when a
+    /// RULE segment exists; the run model and compiled segments come from
+    /// [`Engine::rescore_cache`] unless the run or a segment changed.
+    ///
+    /// # Errors
+    /// [`EngineError::NoRun`] before the first successful run; store and upstream failures.
+    pub async fn rescore(
+        &self,
+        ids: &[String],
+        dry_run: bool,
+    ) -> Result<(Vec<Rescored>, Vec<ChangeRow>), EngineError> {
+        let now = now_micros();
+        let read = self.store.rescore_read(ids, now).await?;
+        let run_id = read.latest_run.ok_or(EngineError::NoRun)?;
+        let data = read.profiles;
+        if data.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let context = self.rescore_context(&run_id, &read.segments_stamp).await?;
+        let model = &context.model;
+        let evaluated = &context.evaluated;
+        let known: Vec<String> = data.iter().map(|d| d.profile_id.clone()).collect();
+        let facts = if evaluated
+            .iter()
+            .any(|s| matches!(s.compiled, Compiled::Rule(_)))
+        {
+            self.profile_facts(&known).await?
+        } else {
+            HashMap::new()
+        };
         let mut out = Vec::with_capacity(data.len());
         for d in &data {
             let mut s = scoring::features_of(d, now, &self.config);
-            scoring::score_one(&mut s, &model, &self.config);
+            scoring::score_one(&mut s, model, &self.config);
             let mut clusters = BTreeMap::new();
             if s.window.frequency > 0 {
-                for seg in &evaluated_owned {
+                for seg in evaluated {
                     if let (Compiled::Cluster(def), Some(m)) =
                         (&seg.compiled, model.clusters.get(seg.id()))
                     {
@@ -295,19 +357,10 @@ impl Engine {
                     }
                 }
             }
-            let members = evaluate(
-                &s,
-                facts.get(&s.profile_id),
-                &evaluated_owned,
-                &model,
-                &clusters,
-            );
-            let previous = self.store.profile_scores(&s.profile_id).await?;
-            let since = match (&previous, s.lifecycle) {
-                (Some((p, _, at)), Some(state))
-                    if p.lifecycle == Some(scoring::lifecycle_code(state)) =>
-                {
-                    p.lifecycle_since.or(Some(*at))
+            let members = evaluate(&s, facts.get(&s.profile_id), evaluated, model, &clusters);
+            let since = match (read.previous.get(&s.profile_id), s.lifecycle) {
+                (Some(p), Some(state)) if p.lifecycle == Some(scoring::lifecycle_code(state)) => {
+                    p.lifecycle_since.or(Some(p.scored_at))
                 }
                 _ => Some(now),
             };
@@ -323,10 +376,10 @@ impl Engine {
         }
         let rows: Vec<ScoreRow> = out.iter().map(|r| r.row.clone()).collect();
         let members: Vec<MemberRow> = out.iter().flat_map(|r| r.members.clone()).collect();
-        let seg_ids: Vec<String> = evaluated_owned.iter().map(|s| s.id().to_owned()).collect();
+        let seg_ids: Vec<String> = evaluated.iter().map(|s| s.id().to_owned()).collect();
         let changes = self
             .store
-            .apply_realtime(&run.run_id, &rows, &seg_ids, &members, now)
+            .apply_realtime(&run_id, &rows, &seg_ids, &members, now)
             .await?;
         if !changes.is_empty() {
             self.changed.notify_waiters();
@@ -387,6 +440,23 @@ impl Engine {
         &self,
         run_id: &str,
     ) -> Result<Vec<(&'static str, std::time::Duration)>, EngineError> {
+        self.run_recompute_at(run_id, now_micros()).await
+    }
+
+    /// As [`Engine::run_recompute_timed`], scoring as of `as_of` (µs): recency, lifecycle and
+    /// the engagement window are measured to that instant. Two runs over the same facts at the
+    /// same `as_of` publish no membership change; between runs at different instants,
+    /// profiles whose recency crosses a threshold (a rule such as `recency_days <= 90`, the
+    /// lifecycle's day limits) move although no fact changed.
+    ///
+    /// # Errors
+    /// As [`Engine::run_recompute`].
+    #[allow(clippy::too_many_lines)]
+    pub async fn run_recompute_at(
+        &self,
+        run_id: &str,
+        as_of: i64,
+    ) -> Result<Vec<(&'static str, std::time::Duration)>, EngineError> {
         use pb::RecomputePhase as P;
         let mut timings = Vec::new();
         let mut clock = std::time::Instant::now();
@@ -395,7 +465,6 @@ impl Engine {
                 timings.push((name, clock.elapsed()));
                 clock = std::time::Instant::now();
             };
-        let as_of = now_micros();
         self.progress(run_id, P::Features, 0, 0, Some(as_of))
             .await?;
         let previous = self.store.latest_run().await?;

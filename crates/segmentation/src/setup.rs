@@ -100,6 +100,7 @@ pub async fn build_without_background(
         config: Arc::new(config),
         profiles: Some(profiles.clone()),
         changed: Arc::new(Notify::new()),
+        rescore_cache: Default::default(),
     };
     let consumer = Consumer::new(engine.clone(), ingest, profiles, Duration::from_millis(300));
     Ok(Built {

@@ -10,12 +10,14 @@
 //!   first takes one PostgreSQL advisory lock ([`CHANGES_LOCK`]), so sequence numbers are
 //!   committed in order and a watcher that has seen `seq = n` never later finds a smaller one.
 //!   On SQLite writers are serialised anyway.
-//! * **Bulk writes**: on PostgreSQL a batch run is published over a native `PgPool` (opened
-//!   by [`SqlSegmentationStore::connect_postgres`]): only the diff against the current
-//!   memberships is applied (`DELETE … USING UNNEST` for exits, `COPY` for entries and the
-//!   change log), and the run snapshot (scores, members) is written with `COPY`, so a run
-//!   costs a constant number of statements whatever the number of profiles. Elsewhere (SQLite,
-//!   or a store built with [`SqlSegmentationStore::new`]) the same diff is written with
+//! * **Bulk work in PostgreSQL**: over a native `PgPool` (opened by
+//!   [`SqlSegmentationStore::connect_postgres`]) a batch run loads every profile's facts and
+//!   the current memberships with `COPY … TO STDOUT` streams, writes only the membership diff
+//!   (`DELETE … USING UNNEST` for exits, `COPY` for entries and the change log) and the run
+//!   snapshot (scores, members) with `COPY`, so a run costs a constant number of statements
+//!   whatever the number of profiles. A real-time re-score is one read statement and one call
+//!   of the `seg_apply_realtime` function. Elsewhere (SQLite, or a store built with
+//!   [`SqlSegmentationStore::new`]) the same diff is computed in Rust and written with
 //!   multi-row INSERTs chunked under the bind-parameter limits.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -294,6 +296,32 @@ pub struct RunPublication {
     pub retained_runs: u32,
 }
 
+/// The lifecycle a profile was last scored with: what a re-score needs of its previous scores
+/// to keep `lifecycle_since` while the state is unchanged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PreviousLifecycle {
+    /// Lifecycle code, if any.
+    pub lifecycle: Option<i64>,
+    /// Since when, µs, if recorded.
+    pub lifecycle_since: Option<i64>,
+    /// When those scores were computed (re-score time or the run's finish), µs.
+    pub scored_at: i64,
+}
+
+/// Everything a real-time re-score reads before scoring: on PostgreSQL one statement.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RescoreRead {
+    /// The latest succeeded run (its model is cached by the engine).
+    pub latest_run: Option<String>,
+    /// Changes whenever a segment is defined, redefined or deleted (the engine's compiled
+    /// segments are reused while it is unchanged).
+    pub segments_stamp: String,
+    /// Histories of the known profiles among the requested ids, by id.
+    pub profiles: Vec<ProfileData>,
+    /// Previous lifecycle of each profile that has scores.
+    pub previous: HashMap<String, PreviousLifecycle>,
+}
+
 /// Aggregates of a segment in a run snapshot.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SummaryRow {
@@ -408,8 +436,8 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
 
     /// Current memberships of `profile_ids` in live segments.
     async fn memberships_of(&self, profile_ids: &[String]) -> StoreResult<Vec<MemberRow>>;
-    /// Writes real-time scores and replaces the memberships of `profiles` in `segments` with
-    /// `members`, appending the changes. Returns the changes.
+    /// Writes real-time scores (at most one row per profile) and replaces the memberships of
+    /// `profiles` in `segments` with `members`, appending the changes. Returns the changes.
     async fn apply_realtime(
         &self,
         run_id: &str,
@@ -418,6 +446,9 @@ pub trait SegmentationStore: Send + Sync + std::fmt::Debug {
         members: &[MemberRow],
         now: i64,
     ) -> StoreResult<Vec<ChangeRow>>;
+    /// What a re-score of `ids` reads: the latest run id, the segments stamp, the profiles'
+    /// histories and previous lifecycles (on PostgreSQL over the native pool in one statement).
+    async fn rescore_read(&self, ids: &[String], as_of: i64) -> StoreResult<RescoreRead>;
     /// The latest scores of a profile: (scores, run id, scored_at).
     async fn profile_scores(
         &self,
@@ -849,20 +880,21 @@ fn copy_f64(out: &mut String, v: Option<f64>) {
 
 /// Streams `rows` through `statement` (`COPY … FROM STDIN`, text format) in ~1 MiB messages,
 /// formatting the next message while the server parses the previous one.
-async fn copy_rows<T>(
+async fn copy_rows<I: IntoIterator>(
     conn: &mut sqlx::PgConnection,
     statement: &str,
-    rows: &[T],
-    write: impl Fn(&mut String, &T),
+    rows: I,
+    write: impl Fn(&mut String, &I::Item),
 ) -> StoreResult<u64> {
-    if rows.is_empty() {
+    let mut rows = rows.into_iter().peekable();
+    if rows.peek().is_none() {
         return Ok(0);
     }
     const MESSAGE: usize = 1 << 20;
     let mut copy = conn.copy_in_raw(statement).await?;
     let mut buf = String::with_capacity(MESSAGE + 4096);
     for r in rows {
-        write(&mut buf, r);
+        write(&mut buf, &r);
         if buf.len() >= MESSAGE {
             copy.send(buf.as_bytes()).await?;
             buf.clear();
@@ -872,6 +904,97 @@ async fn copy_rows<T>(
         copy.send(buf.as_bytes()).await?;
     }
     Ok(copy.finish().await?)
+}
+
+/// Streams the rows of `statement` (`COPY … TO STDOUT`, text format) to `row` as their raw
+/// fields, across message boundaries, without allocating per row.
+async fn copy_out_rows(
+    conn: &mut sqlx::PgConnection,
+    statement: &str,
+    mut row: impl FnMut(&[&[u8]]) -> StoreResult<()>,
+) -> StoreResult<()> {
+    use futures::TryStreamExt as _;
+    let mut stream = conn.copy_out_raw(statement).await?;
+    let mut pending: Vec<u8> = Vec::new();
+    // Rows wider than 16 fields are passed cut at 16 (callers check their width).
+    let mut each_line = |bytes: &[u8]| -> StoreResult<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        for line in bytes.split(|b| *b == b'\n') {
+            let mut fields: [&[u8]; 16] = [&[]; 16];
+            let mut n = 0;
+            for part in line.split(|b| *b == b'\t') {
+                if n < fields.len() {
+                    fields[n] = part;
+                }
+                n += 1;
+            }
+            row(&fields[..n.min(fields.len())])?;
+        }
+        Ok(())
+    };
+    while let Some(chunk) = stream.try_next().await? {
+        let chunk: &[u8] = chunk.as_ref();
+        let Some(end) = chunk.iter().rposition(|b| *b == b'\n') else {
+            pending.extend_from_slice(chunk);
+            continue;
+        };
+        if pending.is_empty() {
+            each_line(&chunk[..end])?;
+        } else {
+            pending.extend_from_slice(&chunk[..end]);
+            each_line(&pending)?;
+            pending.clear();
+        }
+        pending.extend_from_slice(&chunk[end + 1..]);
+    }
+    if !pending.is_empty() {
+        each_line(&pending)?;
+    }
+    Ok(())
+}
+
+/// A COPY text-format field as text (escapes undone).
+fn copy_text(f: &[u8]) -> StoreResult<std::borrow::Cow<'_, str>> {
+    if !f.contains(&b'\\') {
+        return Ok(std::borrow::Cow::Borrowed(
+            std::str::from_utf8(f).map_err(corrupt)?,
+        ));
+    }
+    let mut out = Vec::with_capacity(f.len());
+    let mut it = f.iter().copied();
+    while let Some(b) = it.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match it.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b't') => out.push(b'\t'),
+            Some(b'r') => out.push(b'\r'),
+            Some(b'b') => out.push(8),
+            Some(b'f') => out.push(12),
+            Some(b'v') => out.push(11),
+            Some(c) => out.push(c),
+            None => {}
+        }
+    }
+    Ok(std::borrow::Cow::Owned(
+        String::from_utf8(out).map_err(corrupt)?,
+    ))
+}
+
+/// A COPY text-format integer field (`\N` is `None`).
+fn copy_int(f: &[u8]) -> StoreResult<Option<i64>> {
+    if f == b"\\N" {
+        return Ok(None);
+    }
+    std::str::from_utf8(f)
+        .map_err(corrupt)?
+        .parse()
+        .map(Some)
+        .map_err(corrupt)
 }
 
 fn copy_score(out: &mut String, run_id: &str, s: &ScoreRow) {
@@ -1266,92 +1389,262 @@ impl SqlSegmentationStore {
         Ok(())
     }
 
-    /// Every profile's facts over the native pool: four streamed full-table reads (refunds
-    /// and engagement aggregated in SQL) into one vector ordered by profile id, as
-    /// [`Self::load`] returns them.
+    /// Every profile's facts over the native pool, as [`Self::load`] returns them (ordered by
+    /// profile id), in three `COPY … TO STDOUT` streams parsed without per-row decoding: the
+    /// profile ids, every order joined with its refund totals and lines in (profile, order)
+    /// order (merge joins over the primary keys, so orders group without hashing), and the
+    /// engagement counters.
     async fn load_all_pg(&self, pg: &PgPool, as_of: i64) -> StoreResult<Vec<ProfileData>> {
-        use futures::TryStreamExt as _;
         let since_day = as_of.div_euclid(DAY_MICROS) - ENGAGEMENT_DAYS;
         let mut conn = pg.acquire().await?;
         let mut data: Vec<ProfileData> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
-        {
-            let mut rows = sqlx::query_scalar::<_, String>(
-                "SELECT profile_id FROM seg_profiles ORDER BY profile_id",
-            )
-            .fetch(&mut *conn);
-            while let Some(id) = rows.try_next().await? {
+        copy_out_rows(
+            &mut conn,
+            "COPY (SELECT profile_id FROM seg_profiles ORDER BY profile_id) TO STDOUT",
+            |f| {
+                let id = copy_text(f[0])?.into_owned();
                 index.insert(id.clone(), data.len());
                 data.push(ProfileData {
                     profile_id: id,
                     ..Default::default()
                 });
-            }
-        }
-        // (profile index, order id) → position in that profile's orders, for the lines.
-        let mut orders: HashMap<(usize, String), usize> = HashMap::new();
-        {
-            let mut rows = sqlx::query_as::<_, (String, String, i64, i64, i64, i64, i64)>(
-                "SELECT o.profile_id, o.order_id, o.placed_at, o.amount_minor, o.discount_minor, \
-                 COALESCE(r.amount, 0)::int8, COALESCE(r.full_refund, 0)::int8 \
-                 FROM seg_orders o LEFT JOIN (SELECT profile_id, order_id, SUM(amount_minor) AS amount, \
-                 MAX(full_refund) AS full_refund FROM seg_refunds GROUP BY profile_id, order_id) r \
-                 ON r.profile_id = o.profile_id AND r.order_id = o.order_id",
-            )
-            .fetch(&mut *conn);
-            while let Some((profile, order_id, placed_at, amount, discount, refunded, full)) =
-                rows.try_next().await?
-            {
-                let Some(&i) = index.get(&profile) else {
-                    continue;
-                };
-                orders.insert((i, order_id), data[i].orders.len());
-                data[i].orders.push(StoredOrder {
-                    placed_at,
-                    amount_minor: amount,
-                    discount_minor: discount,
-                    refunded_minor: refunded,
-                    fully_refunded: full != 0,
-                    lines: Vec::new(),
-                });
-            }
-        }
-        {
-            let mut rows = sqlx::query_as::<_, (String, String, String, i64)>(
-                "SELECT profile_id, order_id, category, amount_minor FROM seg_order_lines",
-            )
-            .fetch(&mut *conn);
-            while let Some((profile, order_id, category, amount)) = rows.try_next().await? {
-                let Some(&i) = index.get(&profile) else {
-                    continue;
-                };
-                if let Some(&o) = orders.get(&(i, order_id)) {
-                    data[i].orders[o].lines.push((category, amount));
+                Ok(())
+            },
+        )
+        .await?;
+        let mut last_profile: Vec<u8> = Vec::new();
+        let mut last_order: Vec<u8> = Vec::new();
+        let mut current: Option<usize> = None;
+        copy_out_rows(
+            &mut conn,
+            "COPY (SELECT o.profile_id, o.order_id, o.placed_at, o.amount_minor, o.discount_minor, \
+             COALESCE(r.amount, 0)::int8, COALESCE(r.full_refund, 0)::int8, l.category, l.amount_minor \
+             FROM seg_orders o \
+             LEFT JOIN (SELECT profile_id, order_id, SUM(amount_minor) AS amount, \
+               MAX(full_refund) AS full_refund FROM seg_refunds GROUP BY profile_id, order_id) r \
+               ON r.profile_id = o.profile_id AND r.order_id = o.order_id \
+             LEFT JOIN seg_order_lines l ON l.profile_id = o.profile_id AND l.order_id = o.order_id \
+             ORDER BY o.profile_id, o.order_id) TO STDOUT",
+            |f| {
+                if f.len() != 9 {
+                    return Err(corrupt("order row of the wrong width"));
                 }
-            }
-        }
-        drop(orders);
-        {
-            let mut rows = sqlx::query_as::<_, (String, String, i64)>(
-                "SELECT profile_id, kind, SUM(n)::int8 FROM seg_engagement WHERE day > $1 \
-                 GROUP BY profile_id, kind",
-            )
-            .bind(since_day)
-            .fetch(&mut *conn);
-            while let Some((profile, kind, n)) = rows.try_next().await? {
-                if let Some(&i) = index.get(&profile) {
-                    data[i].engagement.insert(kind, n);
+                if f[0] != last_profile.as_slice() {
+                    last_profile.clear();
+                    last_profile.extend_from_slice(f[0]);
+                    last_order.clear();
+                    current = index.get(copy_text(f[0])?.as_ref()).copied();
                 }
-            }
-        }
+                let Some(i) = current else {
+                    return Ok(());
+                };
+                let orders = &mut data[i].orders;
+                if orders.is_empty() || f[1] != last_order.as_slice() {
+                    last_order.clear();
+                    last_order.extend_from_slice(f[1]);
+                    orders.push(StoredOrder {
+                        placed_at: copy_int(f[2])?.unwrap_or(0),
+                        amount_minor: copy_int(f[3])?.unwrap_or(0),
+                        discount_minor: copy_int(f[4])?.unwrap_or(0),
+                        refunded_minor: copy_int(f[5])?.unwrap_or(0),
+                        fully_refunded: copy_int(f[6])?.unwrap_or(0) != 0,
+                        lines: Vec::new(),
+                    });
+                }
+                if f[7] != b"\\N"
+                    && let Some(o) = orders.last_mut()
+                {
+                    o.lines
+                        .push((copy_text(f[7])?.into_owned(), copy_int(f[8])?.unwrap_or(0)));
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        copy_out_rows(
+            &mut conn,
+            &format!(
+                "COPY (SELECT profile_id, kind, SUM(n)::int8 FROM seg_engagement WHERE day > {since_day} \
+                 GROUP BY profile_id, kind) TO STDOUT"
+            ),
+            |f| {
+                if f.len() != 3 {
+                    return Err(corrupt("engagement row of the wrong width"));
+                }
+                if let Some(&i) = index.get(copy_text(f[0])?.as_ref()) {
+                    data[i]
+                        .engagement
+                        .insert(copy_text(f[1])?.into_owned(), copy_int(f[2])?.unwrap_or(0));
+                }
+                Ok(())
+            },
+        )
+        .await?;
         for d in &mut data {
             d.orders.sort_by_key(|o| o.placed_at);
         }
         Ok(data)
     }
 
-    /// [`SegmentationStore::publish_run`] over the native pool: the membership diff with
-    /// `DELETE … USING UNNEST` and `COPY`, the change log and the run snapshot with `COPY`.
+    /// [`SegmentationStore::rescore_read`] in one statement ([`RESCORE_READ_PG`]).
+    async fn rescore_read_pg(pg: &PgPool, ids: &[String], as_of: i64) -> StoreResult<RescoreRead> {
+        let since_day = as_of.div_euclid(DAY_MICROS) - ENGAGEMENT_DAYS;
+        let (latest_run, n, versions, deleted, updated, json): (
+            Option<String>,
+            i64,
+            i64,
+            i64,
+            i64,
+            String,
+        ) = sqlx::query_as(RESCORE_READ_PG)
+            .bind(ids)
+            .bind(pb::RecomputeState::Succeeded as i64)
+            .bind(since_day)
+            .fetch_one(pg)
+            .await?;
+        let rows: Vec<RescoreJson> = serde_json::from_str(&json).map_err(corrupt)?;
+        let mut profiles = Vec::with_capacity(rows.len());
+        let mut previous = HashMap::new();
+        for r in rows {
+            let prev = match (r.s, r.rs) {
+                (Some((lifecycle, lifecycle_since, scored_at)), _) => Some(PreviousLifecycle {
+                    lifecycle,
+                    lifecycle_since,
+                    scored_at,
+                }),
+                (None, Some((lifecycle, lifecycle_since, finish))) => Some(PreviousLifecycle {
+                    lifecycle,
+                    lifecycle_since,
+                    scored_at: finish.unwrap_or(0),
+                }),
+                (None, None) => None,
+            };
+            if let Some(prev) = prev {
+                previous.insert(r.p.clone(), prev);
+            }
+            let mut orders: Vec<StoredOrder> =
+                r.o.into_iter()
+                    .map(
+                        |(placed_at, amount, discount, refunded, full, lines)| StoredOrder {
+                            placed_at,
+                            amount_minor: amount,
+                            discount_minor: discount,
+                            refunded_minor: refunded,
+                            fully_refunded: full != 0,
+                            lines,
+                        },
+                    )
+                    .collect();
+            orders.sort_by_key(|o| o.placed_at);
+            profiles.push(ProfileData {
+                profile_id: r.p,
+                orders,
+                engagement: r.e.into_iter().collect(),
+            });
+        }
+        Ok(RescoreRead {
+            latest_run,
+            segments_stamp: format!("{n}:{versions}:{deleted}:{updated}"),
+            profiles,
+            previous,
+        })
+    }
+
+    /// [`SegmentationStore::apply_realtime`] in one round trip: the `seg_apply_realtime`
+    /// function (PostgreSQL migration 0002) takes the change-log lock, diffs, writes and
+    /// appends the changes in one implicit transaction.
+    async fn apply_realtime_pg(
+        pg: &PgPool,
+        run_id: &str,
+        scores: &[ScoreRow],
+        segments: &[String],
+        members: &[MemberRow],
+        now: i64,
+    ) -> StoreResult<Vec<ChangeRow>> {
+        use pb::MembershipChangeType as T;
+        let reason = pb::MembershipChangeReason::Realtime;
+        let col = |f: fn(&ScoreRow) -> Option<i64>| scores.iter().map(f).collect::<Vec<_>>();
+        let colf = |f: fn(&ScoreRow) -> Option<f64>| scores.iter().map(f).collect::<Vec<_>>();
+        let rows: Vec<(i64, String, String, String, i64, i64)> = sqlx::query_as(
+            "SELECT * FROM seg_apply_realtime($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+             $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)",
+        )
+        .bind(CHANGES_LOCK)
+        .bind(run_id)
+        .bind(now)
+        .bind(reason as i64)
+        .bind(T::Entered as i64)
+        .bind(T::Exited as i64)
+        .bind(segments)
+        .bind(
+            members
+                .iter()
+                .map(|m| m.segment_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            members
+                .iter()
+                .map(|m| m.profile_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(members.iter().map(|m| m.cluster_index).collect::<Vec<_>>())
+        .bind(members.iter().map(|m| m.distance).collect::<Vec<_>>())
+        .bind(
+            scores
+                .iter()
+                .map(|s| s.profile_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(col(|s| s.rfm.map(|x| x.0)))
+        .bind(col(|s| s.rfm.map(|x| x.1)))
+        .bind(col(|s| s.rfm.map(|x| x.2)))
+        .bind(
+            scores
+                .iter()
+                .map(|s| s.rfm_name.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(colf(|s| s.recency_days))
+        .bind(col(|s| s.frequency))
+        .bind(col(|s| s.monetary_minor))
+        .bind(col(|s| s.lifecycle))
+        .bind(col(|s| s.lifecycle_since))
+        .bind(colf(|s| s.clv))
+        .bind(colf(|s| s.p_alive))
+        .bind(colf(|s| s.exp_purchases))
+        .bind(colf(|s| s.exp_aov))
+        .fetch_all(pg)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(seq, change_id, profile_id, segment_id, cluster_index, change_type)| {
+                    Ok(ChangeRow {
+                        seq,
+                        change_id,
+                        profile_id,
+                        segment_id,
+                        cluster_index,
+                        change_type: i32::try_from(change_type).map_err(corrupt)?,
+                        reason: reason as i32,
+                        run_id: String::new(),
+                        occurred_at: now,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// [`SegmentationStore::publish_run`] over the native pool: the current memberships are
+    /// streamed with `COPY … TO STDOUT`, diffed in memory ([`diff_memberships`], as on the
+    /// portable path), and only the diff is written (`DELETE … USING UNNEST` for exits,
+    /// `COPY` for entries and the change log); the run snapshot is written with `COPY`.
+    ///
+    /// A set-based variant (new memberships staged with COPY into a temporary table, diffed
+    /// with a full join, applied with `INSERT … SELECT`) was measured slower: `INSERT …
+    /// SELECT` inserts row by row where `COPY` batches (1.5–2× slower per row), and a first
+    /// run writes every membership and change (BENCHMARKS.md).
     #[allow(clippy::too_many_lines)]
     async fn publish_run_pg(&self, pg: &PgPool, p: RunPublication) -> StoreResult<RunRecord> {
         let mut tx = pg.begin().await?;
@@ -1360,18 +1653,35 @@ impl SqlSegmentationStore {
             .execute(&mut *tx)
             .await?;
         let ids: Vec<String> = p.segments.iter().map(|(s, _)| s.clone()).collect();
+        // The current memberships of the evaluated segments, streamed with COPY (segment ids
+        // are quoted as SQL literals: COPY takes no parameters).
         let mut current = CurrentMembers::new();
-        {
-            use futures::TryStreamExt as _;
-            let mut rows = sqlx::query_as::<_, (String, String, i64)>(
-                "SELECT segment_id, profile_id, cluster_index FROM seg_memberships \
-                 WHERE segment_id = ANY($1)",
+        if !ids.is_empty() {
+            let list: Vec<String> = ids
+                .iter()
+                .map(|id| format!("'{}'", id.replace('\'', "''")))
+                .collect();
+            copy_out_rows(
+                &mut tx,
+                &format!(
+                    "COPY (SELECT segment_id, profile_id, cluster_index FROM seg_memberships \
+                     WHERE segment_id IN ({})) TO STDOUT",
+                    list.join(", ")
+                ),
+                |f| {
+                    if f.len() != 3 {
+                        return Err(corrupt("membership row of the wrong width"));
+                    }
+                    add_current(
+                        &mut current,
+                        copy_text(f[0])?.into_owned(),
+                        copy_text(f[1])?.into_owned(),
+                        copy_int(f[2])?.unwrap_or(-1),
+                    );
+                    Ok(())
+                },
             )
-            .bind(&ids)
-            .fetch(&mut *tx);
-            while let Some((segment, profile, cluster)) = rows.try_next().await? {
-                add_current(&mut current, segment, profile, cluster);
-            }
+            .await?;
         }
         let (deletes, inserts, changes) = diff_memberships(
             &current,
@@ -1502,22 +1812,80 @@ impl SqlSegmentationStore {
         .bind(&p.run_id)
         .execute(&mut *tx)
         .await?;
-        // Retention: drop snapshots of succeeded runs beyond the newest `retained_runs`.
+        // Retention: drop snapshots of succeeded runs beyond the newest `retained_runs`,
+        // recording it on the run (an empty run has no rows but is still retained).
         let keep = i64::from(p.retained_runs);
-        for table in ["seg_run_scores", "seg_run_members"] {
-            sqlx::query(&format!(
-                "DELETE FROM {table} WHERE run_id IN (SELECT run_id FROM seg_runs WHERE state = $1 \
-                 ORDER BY finish_time DESC, run_id DESC OFFSET $2)"
-            ))
-            .bind(pb::RecomputeState::Succeeded as i64)
-            .bind(keep)
-            .execute(&mut *tx)
-            .await?;
+        let dropped: Vec<String> = sqlx::query_scalar(
+            "UPDATE seg_runs SET snapshot_dropped = 1 WHERE snapshot_dropped = 0 AND run_id IN \
+             (SELECT run_id FROM seg_runs WHERE state = $1 \
+              ORDER BY finish_time DESC, run_id DESC OFFSET $2) RETURNING run_id",
+        )
+        .bind(pb::RecomputeState::Succeeded as i64)
+        .bind(keep)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !dropped.is_empty() {
+            for table in ["seg_run_scores", "seg_run_members"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE run_id = ANY($1)"))
+                    .bind(&dropped)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         tx.commit().await?;
         self.get_run(&p.run_id).await
     }
 }
+
+/// (count, sum of versions, deleted, latest update) of the segment definitions: any define,
+/// redefine or delete changes it.
+const SEGMENTS_STAMP: &str = "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(version), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(deleted), 0) AS BIGINT), CAST(COALESCE(MAX(updated_at), 0) AS BIGINT) FROM seg_segments";
+
+/// An order in [`RESCORE_READ_PG`]'s JSON: (placed_at, amount, discount, refunded, full
+/// refund, [(category, amount)]).
+type OrderJson = (i64, i64, i64, i64, i64, Vec<(String, i64)>);
+
+/// One profile of [`RESCORE_READ_PG`]'s JSON.
+#[derive(Debug, serde::Deserialize)]
+struct RescoreJson {
+    p: String,
+    o: Vec<OrderJson>,
+    /// (kind, n).
+    e: Vec<(String, i64)>,
+    /// Real-time scores: (lifecycle, since, scored_at).
+    s: Option<(Option<i64>, Option<i64>, i64)>,
+    /// The latest run's scores: (lifecycle, since, run finish).
+    rs: Option<(Option<i64>, Option<i64>, Option<i64>)>,
+}
+
+/// The read half of a re-score in one statement ($1 ids, $2 SUCCEEDED, $3 first engagement
+/// day excluded): the latest run, the segments stamp, and per known profile its orders with
+/// refunds and lines, engagement, and previous lifecycle, as JSON.
+const RESCORE_READ_PG: &str = "WITH latest AS (SELECT run_id, finish_time FROM seg_runs WHERE state = $2 \
+       ORDER BY finish_time DESC, run_id DESC LIMIT 1) \
+     SELECT (SELECT run_id FROM latest), \
+       (SELECT COUNT(*)::int8 FROM seg_segments), (SELECT COALESCE(SUM(version), 0)::int8 FROM seg_segments), \
+       (SELECT COALESCE(SUM(deleted), 0)::int8 FROM seg_segments), (SELECT COALESCE(MAX(updated_at), 0)::int8 FROM seg_segments), \
+       COALESCE((SELECT json_agg(json_build_object( \
+         'p', p.profile_id, \
+         'o', (SELECT COALESCE(json_agg(json_build_array(o.placed_at, o.amount_minor, o.discount_minor, \
+                 COALESCE(r.amount, 0), COALESCE(r.full_refund, 0), \
+                 (SELECT COALESCE(json_agg(json_build_array(l.category, l.amount_minor)), '[]'::json) \
+                  FROM seg_order_lines l WHERE l.profile_id = o.profile_id AND l.order_id = o.order_id))), '[]'::json) \
+               FROM seg_orders o LEFT JOIN (SELECT x.order_id, SUM(x.amount_minor)::int8 AS amount, \
+                 MAX(x.full_refund)::int8 AS full_refund FROM seg_refunds x WHERE x.profile_id = p.profile_id \
+                 GROUP BY x.order_id) r ON r.order_id = o.order_id \
+               WHERE o.profile_id = p.profile_id), \
+         'e', (SELECT COALESCE(json_agg(json_build_array(g.kind, g.n)), '[]'::json) FROM \
+               (SELECT e.kind, SUM(e.n)::int8 AS n FROM seg_engagement e \
+                WHERE e.profile_id = p.profile_id AND e.day > $3 GROUP BY e.kind) g), \
+         's', (SELECT json_build_array(s.lifecycle, s.lifecycle_since, s.scored_at) FROM seg_scores s \
+               WHERE s.profile_id = p.profile_id), \
+         'rs', (SELECT json_build_array(rs.lifecycle, rs.lifecycle_since, lr.finish_time) \
+                FROM seg_run_scores rs JOIN latest lr ON rs.run_id = lr.run_id \
+                WHERE rs.profile_id = p.profile_id)) ORDER BY p.profile_id) \
+        FROM seg_profiles p WHERE p.profile_id = ANY($1)), '[]'::json)::text";
 
 fn run_segment_filter(cluster: Option<i64>, next_param: usize) -> String {
     if cluster.is_some() {
@@ -2219,7 +2587,8 @@ impl SegmentationStore for SqlSegmentationStore {
         .await?;
         // Retention: drop snapshots of succeeded runs beyond the newest `retained_runs`.
         let succeeded: Vec<String> = sqlx::query_scalar(
-            "SELECT run_id FROM seg_runs WHERE state = $1 ORDER BY finish_time DESC, run_id DESC",
+            "SELECT run_id FROM seg_runs WHERE state = $1 AND snapshot_dropped = 0 \
+             ORDER BY finish_time DESC, run_id DESC",
         )
         .bind(pb::RecomputeState::Succeeded as i64)
         .fetch_all(&mut *conn)
@@ -2227,6 +2596,10 @@ impl SegmentationStore for SqlSegmentationStore {
         let keep = usize::try_from(p.retained_runs).unwrap_or(usize::MAX);
         let old = succeeded.into_iter().skip(keep);
         for run in old {
+            sqlx::query("UPDATE seg_runs SET snapshot_dropped = 1 WHERE run_id = $1")
+                .bind(&run)
+                .execute(&mut *conn)
+                .await?;
             for table in ["seg_run_scores", "seg_run_members"] {
                 sqlx::query(&format!("DELETE FROM {table} WHERE run_id = $1"))
                     .bind(&run)
@@ -2256,7 +2629,33 @@ impl SegmentationStore for SqlSegmentationStore {
         const SQL: &str = "SELECT profile_id, lifecycle, lifecycle_since FROM seg_run_scores \
              WHERE run_id = $1 AND lifecycle IS NOT NULL AND lifecycle_since IS NOT NULL";
         let rows: Vec<(String, i64, i64)> = match &self.pg {
-            Some(pg) => sqlx::query_as(SQL).bind(run_id).fetch_all(pg).await?,
+            // The whole snapshot (every profile of the run) streamed with COPY, parsed in
+            // place; the run id is quoted as a literal (COPY takes no parameters).
+            Some(pg) => {
+                let mut conn = pg.acquire().await?;
+                let mut map = HashMap::new();
+                copy_out_rows(
+                    &mut conn,
+                    &format!(
+                        "COPY (SELECT profile_id, lifecycle, lifecycle_since FROM seg_run_scores \
+                         WHERE run_id = '{}' AND lifecycle IS NOT NULL AND lifecycle_since IS NOT NULL) \
+                         TO STDOUT",
+                        run_id.replace('\'', "''")
+                    ),
+                    |f| {
+                        if f.len() != 3 {
+                            return Err(corrupt("lifecycle row of the wrong width"));
+                        }
+                        map.insert(
+                            copy_text(f[0])?.into_owned(),
+                            (copy_int(f[1])?.unwrap_or(0), copy_int(f[2])?.unwrap_or(0)),
+                        );
+                        Ok(())
+                    },
+                )
+                .await?;
+                return Ok(map);
+            }
             None => {
                 sqlx::query_as(SQL)
                     .bind(run_id)
@@ -2295,6 +2694,9 @@ impl SegmentationStore for SqlSegmentationStore {
         members: &[MemberRow],
         now: i64,
     ) -> StoreResult<Vec<ChangeRow>> {
+        if let Some(pg) = &self.pg {
+            return Self::apply_realtime_pg(pg, run_id, scores, segments, members, now).await;
+        }
         let mut w = self.begin_write().await?;
         let conn: &mut AnyConnection = &mut w.tx;
         self.db.lock_id(conn, CHANGES_LOCK).await?;
@@ -2350,6 +2752,36 @@ impl SegmentationStore for SqlSegmentationStore {
         .await?;
         w.tx.commit().await?;
         Ok(changes)
+    }
+
+    async fn rescore_read(&self, ids: &[String], as_of: i64) -> StoreResult<RescoreRead> {
+        if let Some(pg) = &self.pg {
+            return Self::rescore_read_pg(pg, ids, as_of).await;
+        }
+        let latest_run = self.latest_run().await?.map(|r| r.run_id);
+        let (n, versions, deleted, updated): (i64, i64, i64, i64) = sqlx::query_as(SEGMENTS_STAMP)
+            .fetch_one(&self.db.pool)
+            .await?;
+        let profiles = self.load_profiles(ids, as_of).await?;
+        let mut previous = HashMap::new();
+        for p in &profiles {
+            if let Some((row, _, at)) = self.profile_scores(&p.profile_id).await? {
+                previous.insert(
+                    p.profile_id.clone(),
+                    PreviousLifecycle {
+                        lifecycle: row.lifecycle,
+                        lifecycle_since: row.lifecycle_since,
+                        scored_at: at,
+                    },
+                );
+            }
+        }
+        Ok(RescoreRead {
+            latest_run,
+            segments_stamp: format!("{n}:{versions}:{deleted}:{updated}"),
+            profiles,
+            previous,
+        })
     }
 
     async fn profile_scores(
@@ -2434,18 +2866,14 @@ impl SegmentationStore for SqlSegmentationStore {
 
     async fn run_retained(&self, run_id: &str) -> StoreResult<bool> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM seg_run_scores WHERE run_id = $1 LIMIT 1) x",
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM seg_runs \
+             WHERE run_id = $1 AND state = $2 AND snapshot_dropped = 0",
         )
         .bind(run_id)
+        .bind(pb::RecomputeState::Succeeded as i64)
         .fetch_one(&self.db.pool)
         .await?;
-        let m: i64 = sqlx::query_scalar(
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT 1 FROM seg_run_members WHERE run_id = $1 LIMIT 1) x",
-        )
-        .bind(run_id)
-        .fetch_one(&self.db.pool)
-        .await?;
-        Ok(n + m > 0)
+        Ok(n > 0)
     }
 
     async fn run_summary(

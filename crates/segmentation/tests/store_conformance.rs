@@ -320,6 +320,305 @@ macro_rules! conformance {
         }
 
         #[tokio::test]
+        async fn the_rescore_read_returns_what_the_separate_reads_return() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let facts = vec![
+                order("p1", "o1", T0, 1000),
+                order("p1", "o2", T0 + DAY, 500),
+                Fact::Refund {
+                    profile_id: "p1".into(),
+                    refund_key: "web/r1".into(),
+                    order_id: "o1".into(),
+                    amount_minor: 300,
+                    full: false,
+                },
+                Fact::Engagement {
+                    profile_id: "p1".into(),
+                    at: T0 + DAY,
+                    kind: "email_opened".into(),
+                },
+                Fact::Seen {
+                    profile_id: "p2".into(),
+                    at: T0,
+                },
+            ];
+            s.apply_events("ingest", None, "log:1", &facts)
+                .await
+                .unwrap();
+            let ids: Vec<String> = vec!["p2".into(), "p1".into(), "nobody".into()];
+            let as_of = T0 + 2 * DAY;
+            let before = s.rescore_read(&ids, as_of).await.unwrap();
+            assert_eq!(before.latest_run, None);
+            assert_eq!(before.profiles, s.load_profiles(&ids, as_of).await.unwrap());
+            assert_eq!(before.profiles.len(), 2);
+            assert!(before.previous.is_empty());
+            s.define_segment(
+                &rule_segment("vip", "orders > 1"),
+                pb::SegmentKind::Rule as i32,
+                0,
+                T0,
+            )
+            .await
+            .unwrap();
+            let r1 = "00000000-0000-4000-8000-000000000001";
+            s.start_run(&run(r1, "k1")).await.unwrap();
+            let mut p = publication(r1, vec![member("vip", "p1")], T0 + 1);
+            p.scores[0].lifecycle = Some(2);
+            p.scores[0].lifecycle_since = Some(T0);
+            s.publish_run(p).await.unwrap();
+            let lifecycles = s.run_lifecycles(r1).await.unwrap();
+            assert_eq!(lifecycles.len(), 1);
+            assert_eq!(lifecycles.get("p1"), Some(&(2, T0)));
+            let after = s.rescore_read(&ids, as_of).await.unwrap();
+            assert_eq!(after.latest_run.as_deref(), Some(r1));
+            assert_ne!(after.segments_stamp, before.segments_stamp);
+            let prev = after.previous.get("p1").copied().unwrap();
+            assert_eq!((prev.lifecycle, prev.lifecycle_since), (Some(2), Some(T0)));
+            assert!(!after.previous.contains_key("p2"));
+            // Real-time scores take precedence over the run's.
+            let score = ScoreRow {
+                profile_id: "p1".into(),
+                lifecycle: Some(3),
+                ..Default::default()
+            };
+            s.apply_realtime(
+                r1,
+                std::slice::from_ref(&score),
+                &["vip".into()],
+                &[],
+                T0 + 5,
+            )
+            .await
+            .unwrap();
+            let prev = s.rescore_read(&ids, as_of).await.unwrap().previous["p1"];
+            assert_eq!(
+                (prev.lifecycle, prev.lifecycle_since, prev.scored_at),
+                (Some(3), None, T0 + 5)
+            );
+        }
+
+        #[tokio::test]
+        async fn loading_every_profile_returns_what_loading_them_by_id_returns() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let mut facts = vec![
+                order("p1", "o1", T0, 1000),
+                order("p1", "o2", T0 + DAY, 500),
+                Fact::Order {
+                    profile_id: "odd\\id\twith\nescapes".into(),
+                    order_id: "o\t1".into(),
+                    placed_at: T0,
+                    amount_minor: 700,
+                    discount_minor: 20,
+                    converted: true,
+                    lines: vec![("books".into(), 300), ("home\\garden".into(), 400)],
+                },
+                Fact::Refund {
+                    profile_id: "p1".into(),
+                    refund_key: "web/r1".into(),
+                    order_id: "o1".into(),
+                    amount_minor: 300,
+                    full: false,
+                },
+                Fact::Refund {
+                    profile_id: "p1".into(),
+                    refund_key: "web/r2".into(),
+                    order_id: "o2".into(),
+                    amount_minor: 500,
+                    full: true,
+                },
+                Fact::Engagement {
+                    profile_id: "p1".into(),
+                    at: T0 + DAY,
+                    kind: "email_opened".into(),
+                },
+                Fact::Seen {
+                    profile_id: "p2".into(),
+                    at: T0,
+                },
+            ];
+            facts.push(Fact::Order {
+                profile_id: "p3".into(),
+                order_id: "o9".into(),
+                placed_at: T0,
+                amount_minor: 10,
+                discount_minor: 0,
+                converted: true,
+                lines: Vec::new(),
+            });
+            s.apply_events("ingest", None, "log:1", &facts)
+                .await
+                .unwrap();
+            let as_of = T0 + 2 * DAY;
+            let all = s.load_all_profiles(as_of).await.unwrap();
+            let ids: Vec<String> = all.iter().map(|d| d.profile_id.clone()).collect();
+            assert_eq!(ids.len(), 4);
+            assert_eq!(all, s.load_profiles(&ids, as_of).await.unwrap());
+            let odd = all
+                .iter()
+                .find(|d| d.profile_id.starts_with("odd"))
+                .unwrap();
+            assert_eq!(odd.profile_id, "odd\\id\twith\nescapes");
+            assert_eq!(odd.orders[0].lines.len(), 2);
+            let p1 = all.iter().find(|d| d.profile_id == "p1").unwrap();
+            assert_eq!(p1.orders.len(), 2);
+            assert_eq!(
+                (p1.orders[0].refunded_minor, p1.orders[1].fully_refunded),
+                (300, true)
+            );
+            assert_eq!(p1.engagement.get("email_opened"), Some(&1));
+        }
+
+        #[tokio::test]
+        async fn publishing_a_cluster_move_logs_the_exit_before_the_entry_then_the_exits() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            s.define_segment(
+                &rule_segment("vip", "orders > 1"),
+                pb::SegmentKind::Rule as i32,
+                0,
+                T0,
+            )
+            .await
+            .unwrap();
+            let with = |profile: &str, cluster: i64| MemberRow {
+                cluster_index: cluster,
+                distance: Some(0.5),
+                ..member("vip", profile)
+            };
+            let r1 = "00000000-0000-4000-8000-000000000001";
+            s.start_run(&run(r1, "k1")).await.unwrap();
+            s.publish_run(publication(
+                r1,
+                vec![with("p1", 0), with("p2", 1), with("p3", 2)],
+                T0 + 1,
+            ))
+            .await
+            .unwrap();
+            let r2 = "00000000-0000-4000-8000-000000000002";
+            s.start_run(&run(r2, "k2")).await.unwrap();
+            let done = s
+                .publish_run(publication(
+                    r2,
+                    vec![with("p4", 0), with("p2", 2), with("p3", 2)],
+                    T0 + 2,
+                ))
+                .await
+                .unwrap();
+            let out = done.outputs.unwrap();
+            assert_eq!((out.entered, out.exited), (2, 2));
+            use pb::MembershipChangeType as C;
+            let got: Vec<(String, i64, i32)> = s
+                .changes_after(3, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.profile_id, c.cluster_index, c.change_type))
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    ("p4".to_owned(), 0, C::Entered as i32),
+                    ("p2".to_owned(), 1, C::Exited as i32),
+                    ("p2".to_owned(), 2, C::Entered as i32),
+                    ("p1".to_owned(), 0, C::Exited as i32),
+                ]
+            );
+            let now = s.memberships_of(&["p2".into(), "p3".into()]).await.unwrap();
+            let entered: Vec<(i64, i64)> = now
+                .iter()
+                .map(|m| (m.cluster_index, m.entered_at))
+                .collect();
+            assert_eq!(entered, vec![(2, T0 + 2), (2, T0 + 1)]);
+            assert_eq!(s.run_member_count(r2, "vip", None).await.unwrap(), 3);
+            assert_eq!(s.run_member_count(r2, "vip", Some(2)).await.unwrap(), 2);
+        }
+
+        #[tokio::test]
+        async fn a_realtime_cluster_move_appends_the_exit_before_the_entry() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            s.define_segment(
+                &rule_segment("vip", "orders > 1"),
+                pb::SegmentKind::Rule as i32,
+                0,
+                T0,
+            )
+            .await
+            .unwrap();
+            s.define_segment(
+                &rule_segment("big", "orders > 5"),
+                pb::SegmentKind::Rule as i32,
+                0,
+                T0,
+            )
+            .await
+            .unwrap();
+            let score = ScoreRow {
+                profile_id: "p1".into(),
+                ..Default::default()
+            };
+            let segs: Vec<String> = vec!["vip".into(), "big".into()];
+            let mut vip = member("vip", "p1");
+            vip.cluster_index = 0;
+            s.apply_realtime(
+                "r",
+                std::slice::from_ref(&score),
+                &segs,
+                &[vip.clone(), member("big", "p1")],
+                T0,
+            )
+            .await
+            .unwrap();
+            vip.cluster_index = 1;
+            let changes = s
+                .apply_realtime("r", std::slice::from_ref(&score), &segs, &[vip], T0 + 1)
+                .await
+                .unwrap();
+            use pb::MembershipChangeType as C;
+            let got: Vec<(&str, i64, i32)> = changes
+                .iter()
+                .map(|c| (c.segment_id.as_str(), c.cluster_index, c.change_type))
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    ("vip", 0, C::Exited as i32),
+                    ("vip", 1, C::Entered as i32),
+                    ("big", -1, C::Exited as i32)
+                ]
+            );
+            assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
+            assert_eq!(s.changes_after(2, 10).await.unwrap(), changes);
+            let now = s.memberships_of(&["p1".into()]).await.unwrap();
+            assert_eq!(now.len(), 1);
+            assert_eq!((now[0].cluster_index, now[0].entered_at), (1, T0 + 1));
+        }
+
+        #[tokio::test]
+        async fn a_run_that_scored_nobody_stays_retained_until_pruned() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let ids: Vec<String> = (1..=3)
+                .map(|i| format!("00000000-0000-4000-8000-00000000000{i}"))
+                .collect();
+            for (i, id) in ids.iter().enumerate() {
+                s.start_run(&run(id, &format!("k{i}"))).await.unwrap();
+                let mut p = publication(id, Vec::new(), T0 + 1 + i64::try_from(i).unwrap());
+                p.scores.clear();
+                p.retained_runs = 2;
+                s.publish_run(p).await.unwrap();
+            }
+            assert!(
+                !s.run_retained(&ids[0]).await.unwrap(),
+                "beyond retained_runs"
+            );
+            assert!(s.run_retained(&ids[1]).await.unwrap(), "empty but retained");
+            assert!(s.run_retained(&ids[2]).await.unwrap());
+        }
+
+        #[tokio::test]
         async fn merges_move_facts_to_the_survivor_and_erasure_forgets_everything() {
             let f = fixture($engine).await;
             let s = &f.store;
