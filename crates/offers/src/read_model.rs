@@ -26,6 +26,9 @@
 //! atomically, so staleness can show a customer an offer that issuing then refuses, never
 //! over-issue.
 //!
+//! Each entry lives a random 50–100 % of its time to live, so entries filled together do not
+//! all expire (and reload from the database) together.
+//!
 //! A fill that raced an invalidation is not kept: each key has a generation (striped), read
 //! before the load and checked after the insert; if it moved, the entry is dropped again.
 
@@ -83,6 +86,22 @@ pub struct LedgerView {
 
 const STRIPES: usize = 256;
 
+/// Each entry lives a random 50–100 % of the time to live: entries filled together (a cold
+/// start, a burst of traffic) then expire spread out instead of all at once, which would send
+/// every profile's reload to the database in the same instant.
+struct JitteredTtl(Duration);
+
+impl<V> moka::Expiry<String, V> for JitteredTtl {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        _value: &V,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(self.0.mul_f64(rand::random::<f64>().mul_add(0.5, 0.5)))
+    }
+}
+
 /// One bounded cache with per-key (striped) generations.
 struct Guarded<V: Clone + Send + Sync + 'static> {
     cache: moka::sync::Cache<String, V>,
@@ -95,7 +114,7 @@ impl<V: Clone + Send + Sync + 'static> Guarded<V> {
         Self {
             cache: moka::sync::Cache::builder()
                 .max_capacity(max)
-                .time_to_live(ttl)
+                .expire_after(JitteredTtl(ttl))
                 .build(),
             generations: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
