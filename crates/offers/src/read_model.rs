@@ -594,6 +594,51 @@ mod tests {
         assert_eq!(*b, seg(2));
     }
 
+    async fn ledger(model: &ReadModel, id: &str, points_to: u32) -> Arc<LedgerView> {
+        model
+            .ledger(id, || async move {
+                Ok::<_, ()>(LedgerView {
+                    per_offer: [("o".to_string(), points_to)].into(),
+                    ..LedgerView::default()
+                })
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_merge_drops_every_view_of_the_survivor_and_the_merged_ids() {
+        let model = ReadModel::default();
+        for id in ["survivor", "merged", "other"] {
+            load(&model, id, 1).await;
+            ledger(&model, id, 1).await;
+        }
+        model.profiles_merged("survivor", &["merged".to_string()]);
+        for id in ["survivor", "merged"] {
+            assert_eq!(*load(&model, id, 2).await, facts(2), "{id} reloaded");
+            assert_eq!(
+                ledger(&model, id, 2).await.per_offer["o"],
+                2,
+                "{id} reloaded"
+            );
+        }
+        assert_eq!(*load(&model, "other", 2).await, facts(1), "others kept");
+        assert_eq!(ledger(&model, "other", 2).await.per_offer["o"], 1);
+    }
+
+    #[tokio::test]
+    async fn own_writes_drop_one_ledger_view_and_an_archive_all() {
+        let model = ReadModel::default();
+        for id in ["a", "b"] {
+            ledger(&model, id, 1).await;
+        }
+        model.ledger_changed("a");
+        assert_eq!(ledger(&model, "a", 2).await.per_offer["o"], 2);
+        assert_eq!(ledger(&model, "b", 2).await.per_offer["o"], 1);
+        model.all_ledgers_changed();
+        assert_eq!(ledger(&model, "b", 3).await.per_offer["o"], 3);
+    }
+
     #[tokio::test]
     async fn turned_off_every_read_goes_through() {
         let model = ReadModel::new(ReadModelConfig {
