@@ -9,6 +9,10 @@
 //! redelivered event (at-least-once feed) replays the key and writes nothing. Refunds reverse
 //! under `refund:<source>/<event_id>`.
 //!
+//! Every change read from the three feeds also invalidates Decide's read models of the
+//! profile ([`crate::read_model`]): profile changes and the orders, refunds and triggering
+//! events read here its profile and segment facts, membership changes its segment facts.
+//!
 //! At most once per trigger firing: each firing is claimed by `(trigger_id, source_key)`
 //! (the membership change_id or the event's `source/event_id`) before issuing, with an
 //! idempotency key derived from both; an ineligible firing is counted as skipped.
@@ -119,18 +123,32 @@ impl Consumers {
             Some(c) => Start::AfterCursor(c.clone()),
             None => Start::From(pb::WatchStart::Earliest as i32),
         };
+        // Triggers are read once per pass; one created meanwhile applies from the next pass.
+        let triggers = store.list_triggers("", "", i64::MAX).await?;
+        // Only the kinds this pass acts on: orders, refunds and the kinds an event trigger
+        // listens to. IngestService skips the rest (most of the log: page views, carts…) and
+        // its heartbeats still move the cursor past them, so accrual is not paced by them.
+        let mut kinds = vec![
+            pb::EventKind::OrderCompleted as i32,
+            pb::EventKind::OrderRefunded as i32,
+        ];
+        for t in &triggers {
+            if let Some(pb::trigger::On::Event(e)) = &t.on
+                && !kinds.contains(&e.kind)
+            {
+                kinds.push(e.kind);
+            }
+        }
         let mut stream = self
             .ingest
             .clone()
             .watch_events(pb::WatchEventsRequest {
                 start: Some(start),
-                kinds: Vec::new(),
+                kinds,
                 consumer: "offers".into(),
             })
             .await?
             .into_inner();
-        // Triggers are read once per pass; one created meanwhile applies from the next pass.
-        let triggers = store.list_triggers("", "", i64::MAX).await?;
         let mut records = 0;
         // The cursor of the last record that wrote nothing: stored once at the end of the pass
         // instead of one transaction per event. A crash replays those records, which is safe:
@@ -181,6 +199,10 @@ impl Consumers {
             return Ok(false);
         };
         let profile = stored.profile_id.as_str();
+        if !profile.is_empty() {
+            // Scores and lifecycle follow from orders: Decide re-reads them.
+            self.service.read_model().profile_changed(profile);
+        }
         let relevant = matches!(
             event.payload,
             Some(pb::event::Payload::OrderCompleted(_) | pb::event::Payload::OrderRefunded(_))
@@ -479,6 +501,9 @@ impl Consumers {
                 match msg.kind {
                     Some(pb::watch_membership_changes_response::Kind::Change(c)) => {
                         n += 1;
+                        self.service
+                            .read_model()
+                            .membership_changed(&c.profile_id, &c.run_id);
                         if c.r#type == pb::MembershipChangeType::Entered as i32 {
                             self.fire_segment_triggers(&c).await?;
                         }
@@ -557,6 +582,10 @@ impl Consumers {
             let Some(change) = next? else { break };
             n += 1;
             last = change.sequence;
+            // Decide's cached facts of the profile (and of the ids merged into it) are stale.
+            self.service
+                .read_model()
+                .profiles_merged(&change.profile_id, &change.merged_profile_ids);
             if change.kind == pb::ProfileChangeKind::Erased as i32 && !change.profile_id.is_empty()
             {
                 let seq = change.sequence.to_string();

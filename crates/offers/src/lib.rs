@@ -22,6 +22,8 @@
 //! * [`service`] — the tonic `clientele.v1.OfferService`.
 //! * [`consumers`] — order accrual / refund reversal from the ingest feed (exactly once per
 //!   order) and segment-entry / event triggers.
+//! * [`read_model`] — Decide's per-profile caches of upstream facts and ledger views, kept
+//!   current by the feeds and this process's writes.
 //! * [`upstream`] — the other services the decision path reads, each behind a small trait.
 //! * [`setup`] — builds the service from settings.
 //!
@@ -39,6 +41,7 @@ pub mod tiers;
 pub mod consumers;
 pub mod convert;
 pub mod program;
+pub mod read_model;
 pub mod service;
 pub mod setup;
 pub mod store;

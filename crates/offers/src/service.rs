@@ -9,6 +9,11 @@
 //! 5. The global holdout, computed locally with the shared [`HoldoutConfig`].
 //! 6. ExperimentService ([`ExperimentSource`]): the arm for each experiment-gated offer.
 //! 7. The pure [`decide`], then the checks it does not know (extra consents, store ids).
+//!
+//! Decide reads 1–3 from the per-profile [`ReadModel`] (filled on a miss by the same reads,
+//! kept current by the feeds and this process's writes; see its staleness contract), so a
+//! Decide of a recently seen profile makes no network round trip unless an offer is under an
+//! experiment. IssueOffer reads them fresh.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -29,6 +34,7 @@ use crate::decision::{CustomerContext, Decision, RequestContext, decide};
 use crate::eligibility_rule::{self, CompiledRules, RuleCache, RuleFacts};
 use crate::ledger::{LedgerCommand, LedgerError};
 use crate::program::Program;
+use crate::read_model::{LedgerView, ReadModel, ReadModelConfig};
 use crate::store::{
     EntryMeta, IssueRefusal, NewIssue, OfferRecord, OfferStore, RedeemCode, StoreError,
 };
@@ -94,34 +100,119 @@ pub struct OfferServiceImpl {
     frequency_cap: Option<FrequencyCap>,
     rules: Arc<RuleCache>,
     active: Arc<ActiveOffers>,
+    model: Arc<ReadModel>,
 }
 
 /// The ACTIVE catalogue as Decide reads it, kept for [`ActiveOffers::TTL`] so a decision does
 /// not read and decode every offer from the database. Every catalogue or usage write of this
-/// process clears it at once; another replica's writes show within the TTL. Decide is
-/// advisory: IssueOffer re-checks status, caps and budget atomically in the store.
+/// process clears it at once; another replica's writes show within the TTL (plus one reload,
+/// which one background task does while requests keep using the expired snapshot, so that
+/// expiry does not stall every request in flight). Decide is advisory: IssueOffer re-checks
+/// status, caps and budget atomically in the store.
 #[derive(Debug, Default)]
 struct ActiveOffers {
-    cached: std::sync::Mutex<Option<(std::time::Instant, Arc<Vec<OfferRecord>>)>>,
+    cached: std::sync::Mutex<Option<(std::time::Instant, Arc<OfferSnapshot>)>>,
+    /// Bumped by every clear: a load that started before a clear is not kept.
+    generation: std::sync::atomic::AtomicU64,
+    /// A background reload is running.
+    reloading: std::sync::atomic::AtomicBool,
+}
+
+/// What [`ActiveOffers::lookup`] found.
+enum Lookup {
+    /// A snapshot younger than the TTL.
+    Fresh(Arc<OfferSnapshot>),
+    /// An expired snapshot; the caller should start the (single) reload.
+    Expired(Arc<OfferSnapshot>),
+    /// An expired snapshot, already being reloaded.
+    Reloading(Arc<OfferSnapshot>),
+    /// Nothing (cleared or never loaded): the caller loads.
+    Missing,
+}
+
+/// Offers as a decision reads them, with what can be derived once rather than per request.
+#[derive(Debug)]
+struct OfferSnapshot {
+    offers: Vec<OfferRecord>,
+    /// All the offers as the pure decision's catalogue, used as is when no offer needs a
+    /// per-request rejection or arm rewrite (the common case); `None` if it does not validate
+    /// (each request then builds and reports its own).
+    catalogue: Option<Catalogue>,
+    /// Budget usage per offer at the snapshot.
+    usage: HashMap<catalogue::OfferId, BudgetUsage>,
+}
+
+impl OfferSnapshot {
+    fn new(offers: Vec<OfferRecord>, frequency_cap: Option<FrequencyCap>) -> Self {
+        let catalogue = Catalogue::new(
+            offers.iter().map(convert::domain_offer).collect(),
+            frequency_cap,
+        )
+        .ok();
+        let usage = offers
+            .iter()
+            .map(|r| {
+                (
+                    catalogue::OfferId::new(&r.offer.offer_id),
+                    BudgetUsage {
+                        issued: u64::try_from(r.issued).unwrap_or(0),
+                        spent_minor: r.cost_booked,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            offers,
+            catalogue,
+            usage,
+        }
+    }
 }
 
 impl ActiveOffers {
     const TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
-    fn get(&self) -> Option<Arc<Vec<OfferRecord>>> {
-        let guard = self.cached.lock().ok()?;
-        let (at, offers) = guard.as_ref()?;
-        (at.elapsed() < Self::TTL).then(|| offers.clone())
+    fn lookup(&self) -> Lookup {
+        use std::sync::atomic::Ordering;
+        let Ok(guard) = self.cached.lock() else {
+            return Lookup::Missing;
+        };
+        match guard.as_ref() {
+            None => Lookup::Missing,
+            Some((at, s)) if at.elapsed() < Self::TTL => Lookup::Fresh(s.clone()),
+            Some((_, s)) => {
+                if self.reloading.swap(true, Ordering::AcqRel) {
+                    Lookup::Reloading(s.clone())
+                } else {
+                    Lookup::Expired(s.clone())
+                }
+            }
+        }
     }
 
-    fn put(&self, offers: Arc<Vec<OfferRecord>>) {
-        if let Ok(mut g) = self.cached.lock() {
+    /// The generation to pass to [`Self::put`] for a load starting now.
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Keeps `offers` unless a clear happened since `generation` was read.
+    fn put(&self, offers: Arc<OfferSnapshot>, generation: u64) {
+        if let Ok(mut g) = self.cached.lock()
+            && self.generation() == generation
+        {
             *g = Some((std::time::Instant::now(), offers));
         }
     }
 
+    fn reload_done(&self) {
+        self.reloading
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
     fn clear(&self) {
         if let Ok(mut g) = self.cached.lock() {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             *g = None;
         }
     }
@@ -390,19 +481,28 @@ struct Facts {
     rule_facts: RuleFacts,
     variant_keys: HashMap<String, String>,
     not_in_experiment: HashMap<String, String>,
+    /// In the global holdout (the customer context says false: exemptions apply per offer).
+    in_holdout: bool,
 }
 
 impl OfferServiceImpl {
-    /// A service over `store` running `program`, reading `up`.
+    /// A service over `store` running `program`, reading `up`, with Decide's read models
+    /// sized by `read_model` (the store is wrapped so that its writes invalidate them).
     pub fn new(
         store: Arc<dyn OfferStore>,
         program: Program,
         up: Upstreams,
         holdout: HoldoutConfig,
         frequency_cap: Option<FrequencyCap>,
+        read_model: ReadModelConfig,
     ) -> Self {
+        let model = Arc::new(ReadModel::new(read_model));
         Self {
-            store,
+            store: Arc::new(crate::read_model::InvalidatingStore::new(
+                store,
+                model.clone(),
+            )),
+            model,
             program: Arc::new(program),
             up,
             holdout,
@@ -410,6 +510,11 @@ impl OfferServiceImpl {
             rules: Arc::default(),
             active: Arc::default(),
         }
+    }
+
+    /// Decide's read models (the consumers invalidate them from the feeds).
+    pub fn read_model(&self) -> &Arc<ReadModel> {
+        &self.model
     }
 
     /// The store (for consumers and tests).
@@ -521,7 +626,44 @@ impl OfferServiceImpl {
         Ok((entry, out.available))
     }
 
-    /// Everything the decision needs about the profile, for `offers`.
+    /// Loads the ACTIVE offers into [`ActiveOffers`].
+    async fn load_active(&self) -> Result<Arc<OfferSnapshot>, Status> {
+        let generation = self.active.generation();
+        let o = Arc::new(OfferSnapshot::new(
+            self.store
+                .list_offers(&[pb::OfferStatus::Active as i32], "", i64::MAX)
+                .await?,
+            self.frequency_cap,
+        ));
+        self.active.put(o.clone(), generation);
+        Ok(o)
+    }
+
+    /// The profile's ledger view, read from the store.
+    async fn load_ledger_view(&self, profile_id: &str) -> Result<LedgerView, Status> {
+        let (ledger, usage, activity) = tokio::join!(
+            self.store.ledger(profile_id),
+            self.store.profile_usage(profile_id),
+            async {
+                if self.program.tiers_need_activity() {
+                    self.store.activity(profile_id).await
+                } else {
+                    Ok(Vec::new())
+                }
+            },
+        );
+        let (ledger, _) = ledger?;
+        let (per_offer, issue_times) = usage?;
+        Ok(LedgerView {
+            ledger,
+            activity: activity?,
+            per_offer,
+            issue_times,
+        })
+    }
+
+    /// Everything the decision needs about the profile, for `offers`: from the read models
+    /// when `cached` (Decide), else read fresh (IssueOffer and triggers).
     async fn facts(
         &self,
         profile_id: &str,
@@ -529,20 +671,33 @@ impl OfferServiceImpl {
         now: DateTime<Utc>,
         log_exposure: bool,
         attributes: &HashMap<String, pb::Value>,
+        cached: bool,
     ) -> Result<Facts, Status> {
         // Independent reads, concurrently; the profile's existence is reported first.
-        let (profile, segments, ledger, usage) = tokio::join!(
-            self.require_profile(profile_id),
-            self.up.segments.segments(profile_id),
-            self.store.ledger(profile_id),
-            self.store.profile_usage(profile_id),
-        );
-        let profile = profile?;
+        let (profile, segments, view) = if cached {
+            let m = &self.model;
+            tokio::join!(
+                m.profile(profile_id, || self.up.profiles.profile(profile_id)),
+                m.segments(profile_id, || self.up.segments.segments(profile_id)),
+                m.ledger(profile_id, || self.load_ledger_view(profile_id)),
+            )
+        } else {
+            let (p, s, v) = tokio::join!(
+                self.up.profiles.profile(profile_id),
+                self.up.segments.segments(profile_id),
+                self.load_ledger_view(profile_id),
+            );
+            (p.map(|p| p.map(Arc::new)), s.map(Arc::new), v.map(Arc::new))
+        };
+        let profile = profile?.ok_or_else(|| not_found("profile", profile_id))?;
         let segments = segments?;
-        let (ledger, _) = ledger?;
-        let (per_offer, times) = usage?;
-        let tier = self.tier_of(profile_id, &ledger, now, None).await?;
-        let rule_facts = rule_facts(&profile, &segments, &ledger, &tier, now, attributes);
+        let view = view?;
+        let ledger = &view.ledger;
+        let tier = self
+            .program
+            .tier_standing_with(ledger, &view.activity, now, None)
+            .map_err(|e| Status::internal(format!("tier configuration: {e}")))?;
+        let rule_facts = rule_facts(&profile, &segments, ledger, &tier, now, attributes);
         let mut arms = BTreeMap::new();
         let mut variant_keys = HashMap::new();
         let mut not_in = HashMap::new();
@@ -581,7 +736,7 @@ impl OfferServiceImpl {
             .filter_map(|p| convert::purpose(*p))
             .collect();
         Ok(Facts {
-            granted: profile.granted,
+            granted: profile.granted.clone(),
             customer: CustomerContext {
                 segments: segments
                     .segments
@@ -591,22 +746,27 @@ impl OfferServiceImpl {
                 tier: Some(tier.tier),
                 lifecycle: segments.lifecycle.map(convert::lifecycle),
                 consents,
-                in_global_holdout: self.holdout.enabled && self.holdout.contains(profile_id),
-                issued_per_offer: per_offer
-                    .into_iter()
-                    .map(|(k, v)| (catalogue::OfferId::new(k), v))
+                // The holdout is applied by `run_decision`, with exemptions.
+                in_global_holdout: false,
+                issued_per_offer: view
+                    .per_offer
+                    .iter()
+                    .map(|(k, v)| (catalogue::OfferId::new(k), *v))
                     .collect(),
-                recent_issuances: times.into_iter().map(utc).collect(),
+                recent_issuances: view.issue_times.iter().copied().map(utc).collect(),
                 experiment_arms: arms,
             },
             rule_facts,
             variant_keys,
             not_in_experiment: not_in,
+            in_holdout: self.holdout.enabled && self.holdout.contains(profile_id),
         })
     }
 
     /// Runs the decision over `offers` for `facts`, honouring holdout exemptions, extra
-    /// consents and store ids. Returns the domain decision plus extra rejections.
+    /// consents and store ids. Returns the domain decision plus extra rejections. `budget`
+    /// (Decide): the offers' prebuilt catalogue, used when no offer is rejected here or has its
+    /// arms rewritten, and their budget usage; `None` (issuing) leaves budgets to the store.
     #[allow(clippy::too_many_arguments)]
     fn run_decision(
         &self,
@@ -617,12 +777,17 @@ impl OfferServiceImpl {
         store_id: &str,
         max_offers: usize,
         explain: bool,
-        check_budget: bool,
+        budget: Option<(
+            Option<&Catalogue>,
+            &HashMap<catalogue::OfferId, BudgetUsage>,
+        )>,
     ) -> Result<(Decision, BTreeMap<String, Vec<pb::OfferRejection>>), Status> {
         let mut extra: BTreeMap<String, Vec<pb::OfferRejection>> = BTreeMap::new();
         let domain_channel = channel_field("channel", channel)?;
-        let mut candidates = Vec::new();
-        for rec in offers {
+        let no_eligibility = pb::Eligibility::default();
+        // Offers the pure decision sees: `None` while every offer passes unchanged.
+        let mut candidates: Option<Vec<catalogue::Offer>> = None;
+        for (i, rec) in offers.iter().enumerate() {
             let mut rejections = Vec::new();
             let id = &rec.offer.offer_id;
             if rec.status == pb::OfferStatus::Paused as i32 {
@@ -633,7 +798,7 @@ impl OfferServiceImpl {
                     "the offer is archived",
                 ));
             }
-            let e = rec.offer.eligibility.clone().unwrap_or_default();
+            let e = rec.offer.eligibility.as_ref().unwrap_or(&no_eligibility);
             for req in e.consents.iter().filter(|r| r.channel == channel) {
                 if !facts.granted.contains(&req.purpose) {
                     rejections.push(pb::OfferRejection {
@@ -657,7 +822,7 @@ impl OfferServiceImpl {
                     detail: "the store is not eligible".into(),
                 });
             }
-            if facts.customer.in_global_holdout && !rec.offer.holdout_exempt {
+            if facts.in_holdout && !rec.offer.holdout_exempt {
                 rejections.push(rej(
                     pb::RejectionCode::GlobalHoldout,
                     "in the global holdout",
@@ -668,61 +833,66 @@ impl OfferServiceImpl {
             {
                 rejections.push(rej(pb::RejectionCode::NotInExperiment, reason));
             }
+            let control_key = rec.offer.experiment.as_ref().and_then(|x| {
+                let arm = facts
+                    .customer
+                    .experiment_arms
+                    .get(&catalogue::ExperimentId::new(&x.experiment_key))?;
+                let k = facts.variant_keys.get(&x.experiment_key)?;
+                (matches!(arm, catalogue::ExperimentArm::Control) && x.variant_keys.contains(k))
+                    .then_some(k)
+            });
+            if rejections.is_empty() && control_key.is_none() {
+                if let Some(c) = candidates.as_mut() {
+                    c.push(convert::domain_offer(rec));
+                }
+                continue;
+            }
+            // From here on the catalogue differs from the prebuilt one: build it.
+            let c = candidates
+                .get_or_insert_with(|| offers[..i].iter().map(convert::domain_offer).collect());
             if rejections.is_empty() {
                 let mut d = convert::domain_offer(rec);
-                if let Some(x) = &rec.offer.experiment
-                    && let Some(catalogue::ExperimentArm::Control) = facts
-                        .customer
-                        .experiment_arms
-                        .get(&catalogue::ExperimentId::new(&x.experiment_key))
-                    && let Some(k) = facts.variant_keys.get(&x.experiment_key)
-                    && x.variant_keys.contains(k)
-                {
+                if let (Some(k), Some(dx)) = (control_key, d.experiment.as_mut()) {
                     // The control's own key names the control arm.
-                    if let Some(dx) = d.experiment.as_mut() {
-                        dx.arms
-                            .remove(&catalogue::ExperimentArm::Variant(k.clone()));
-                        dx.arms.insert(catalogue::ExperimentArm::Control);
-                    }
+                    dx.arms
+                        .remove(&catalogue::ExperimentArm::Variant(k.clone()));
+                    dx.arms.insert(catalogue::ExperimentArm::Control);
                 }
-                candidates.push(d);
+                c.push(d);
             } else {
                 extra.insert(id.clone(), rejections);
             }
         }
-        let catalogue = Catalogue::new(candidates, self.frequency_cap)
-            .map_err(|e| Status::internal(format!("catalogue: {e}")))?;
-        let usage: HashMap<catalogue::OfferId, BudgetUsage> = if check_budget {
-            offers
-                .iter()
-                .map(|r| {
-                    (
-                        catalogue::OfferId::new(&r.offer.offer_id),
-                        BudgetUsage {
-                            issued: u64::try_from(r.issued).unwrap_or(0),
-                            spent_minor: r.cost_booked,
-                        },
-                    )
-                })
-                .collect()
-        } else {
-            HashMap::new()
+        let no_usage = HashMap::new();
+        let (prebuilt, usage) = match budget {
+            Some((prebuilt, usage)) => (prebuilt, usage),
+            None => (None, &no_usage),
+        };
+        let built;
+        let catalogue = match (candidates, prebuilt) {
+            (None, Some(c)) => c,
+            (candidates, _) => {
+                let candidates = candidates
+                    .unwrap_or_else(|| offers.iter().map(convert::domain_offer).collect());
+                built = Catalogue::new(candidates, self.frequency_cap)
+                    .map_err(|e| Status::internal(format!("catalogue: {e}")))?;
+                &built
+            }
         };
         let rules = CompiledRules {
             cache: &self.rules,
             facts: &facts.rule_facts,
         };
-        let mut customer = facts.customer.clone();
-        customer.in_global_holdout = false; // handled above, with exemptions
         let decision = decide(
-            &catalogue,
-            &customer,
+            catalogue,
+            &facts.customer,
             &RequestContext {
                 now,
                 channel: domain_channel,
                 max_offers,
                 explain_rejections: explain,
-                budget_usage: &usage,
+                budget_usage: usage,
                 rules: &rules,
             },
         );
@@ -1411,18 +1581,20 @@ impl OfferService for OfferServiceImpl {
         } else {
             req.max_offers
         };
-        let offers: Arc<Vec<OfferRecord>> = if req.offer_ids.is_empty() {
-            match self.active.get() {
-                Some(o) => o,
-                None => {
-                    let o = Arc::new(
-                        self.store
-                            .list_offers(&[pb::OfferStatus::Active as i32], "", i64::MAX)
-                            .await?,
-                    );
-                    self.active.put(o.clone());
+        let snapshot: Arc<OfferSnapshot> = if req.offer_ids.is_empty() {
+            match self.active.lookup() {
+                Lookup::Fresh(o) | Lookup::Reloading(o) => o,
+                Lookup::Expired(o) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.load_active().await {
+                            tracing::warn!(error = %e.message(), "reloading the catalogue failed");
+                        }
+                        me.active.reload_done();
+                    });
                     o
                 }
+                Lookup::Missing => self.load_active().await?,
             }
         } else {
             let mut v = Vec::new();
@@ -1435,30 +1607,34 @@ impl OfferService for OfferServiceImpl {
                     Err(e) => return Err(e.into()),
                 }
             }
-            Arc::new(v)
+            Arc::new(OfferSnapshot::new(v, self.frequency_cap))
         };
+        let offers = &snapshot.offers;
         let facts = self
-            .facts(&req.profile_id, &offers, now, !req.dry_run, &req.attributes)
+            .facts(
+                &req.profile_id,
+                offers,
+                now,
+                !req.dry_run,
+                &req.attributes,
+                true,
+            )
             .await?;
         let (decision, extra) = self.run_decision(
-            &offers,
+            offers,
             &facts,
             now,
             req.channel,
             &req.store_id,
             usize::try_from(max_offers).unwrap_or(10),
             req.explain,
-            true,
+            Some((snapshot.catalogue.as_ref(), &snapshot.usage)),
         )?;
-        let by_id: HashMap<&str, &OfferRecord> = offers
-            .iter()
-            .map(|r| (r.offer.offer_id.as_str(), r))
-            .collect();
         let ranked = decision
             .offers
             .iter()
             .filter_map(|e| {
-                let rec = by_id.get(e.offer_id.0.as_str())?;
+                let rec = offers.iter().find(|r| r.offer.offer_id == e.offer_id.0)?;
                 let arm = rec.offer.experiment.as_ref().and_then(|x| {
                     let key = facts.variant_keys.get(&x.experiment_key)?;
                     let arm = facts
@@ -1486,7 +1662,7 @@ impl OfferService for OfferServiceImpl {
                     .iter()
                     .map(|q| convert::pb_qualification(q, &vk))
                     .collect();
-                if facts.customer.in_global_holdout {
+                if facts.in_holdout {
                     reasons.push(pb::EligibilityReason {
                         code: pb::EligibilityReasonCode::HoldoutExempt as i32,
                         subject: None,
@@ -1523,7 +1699,7 @@ impl OfferService for OfferServiceImpl {
         Ok(Response::new(pb::DecideResponse {
             decision_id: uuid::Uuid::now_v7().to_string(),
             evaluated_at: Some(utc_ts(now)),
-            in_holdout: facts.customer.in_global_holdout,
+            in_holdout: facts.in_holdout,
             offers: ranked,
             rejected: rejected
                 .into_iter()
@@ -1872,7 +2048,7 @@ impl OfferServiceImpl {
         };
         let offers = vec![offer.clone()];
         let facts = self
-            .facts(&req.profile_id, &offers, now, true, &HashMap::new())
+            .facts(&req.profile_id, &offers, now, true, &HashMap::new(), false)
             .await?;
         // Budget, caps and frequency are re-checked atomically by the store; the pure
         // decision checks everything else.
@@ -1892,7 +2068,7 @@ impl OfferServiceImpl {
             &req.store_id,
             1,
             true,
-            false,
+            None,
         )?;
         if decision.offers.is_empty() {
             let mut rs: Vec<pb::OfferRejection> = extra.into_values().flatten().collect();

@@ -42,6 +42,16 @@ pub fn holdout(settings: &Settings) -> HoldoutConfig {
     }
 }
 
+/// Decide's read models from `offers.decision_cache_*`.
+pub fn read_model_config(settings: &Settings) -> crate::read_model::ReadModelConfig {
+    let o = &settings.offers;
+    crate::read_model::ReadModelConfig {
+        max_profiles: o.decision_cache_profiles,
+        upstream_ttl: std::time::Duration::from_secs(o.decision_cache_ttl_secs.max(1)),
+        ledger_ttl: std::time::Duration::from_secs(o.decision_cache_ledger_ttl_secs.max(1)),
+    }
+}
+
 /// Upstream clients at the configured endpoints (default: this process).
 ///
 /// # Errors
@@ -116,6 +126,7 @@ pub async fn build_without_background(
         up,
         holdout,
         frequency_cap,
+        read_model_config(settings),
     );
     let consumers = Consumers::new(
         service.clone(),

@@ -345,6 +345,9 @@ async fn marketing_offers_need_channel_consent_and_codes_redeem_once(engine: Eng
         err.message()
     );
     s.grant(&pid, pb::ConsentPurpose::Email).await;
+    // Decide reads consent from its read model, which the profile change feed refreshes
+    // (IssueOffer reads it fresh).
+    s.sync().await;
     let d = c
         .decide(decide_req(&pid, pb::Channel::Email))
         .await
@@ -897,6 +900,135 @@ async fn events_to_segments_to_the_offer_each_customer_receives(engine: Engine) 
     );
 }
 
+fn offer_ids(d: &pb::DecideResponse) -> Vec<String> {
+    d.offers
+        .iter()
+        .map(|o| o.offer.as_ref().unwrap().offer_id.clone())
+        .collect()
+}
+
+async fn a_segment_change_on_the_feed_changes_the_next_decide(engine: Engine) {
+    let s = serve(engine).await;
+    s.ingest(vec![
+        order("sam", 1, 3.0, 2_000),
+        order("sam", 2, 1.0, 2_000),
+    ])
+    .await;
+    s.sync().await;
+    let pid = s.profile_id("sam").await;
+    s.grant(&pid, pb::ConsentPurpose::Personalisation).await;
+    s.sync().await;
+    create(
+        &s,
+        targeted(
+            "regulars-perk",
+            "regulars",
+            pb::offer::Benefit::FreeShipping(pb::FreeShipping { min_basket: None }),
+            10,
+        ),
+    )
+    .await;
+    let mut c = s.client();
+    let before = c
+        .decide(decide_req(&pid, pb::Channel::Web))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(offer_ids(&before).is_empty(), "{before:?}");
+    s.seg()
+        .define_segment(pb::DefineSegmentRequest {
+            segment: Some(pb::Segment {
+                segment_id: "regulars".into(),
+                display_name: "Regulars".into(),
+                definition: Some(pb::segment::Definition::Rule(pb::RuleDefinition {
+                    expression: "orders >= 2".into(),
+                })),
+                ..Default::default()
+            }),
+            expected_version: 0,
+        })
+        .await
+        .unwrap();
+    s.recompute("regulars-run").await;
+    // Until the membership change is applied, Decide answers from its read model.
+    let stale = c
+        .decide(decide_req(&pid, pb::Channel::Web))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(offer_ids(&stale).is_empty(), "{stale:?}");
+    s.sync().await;
+    let after = c
+        .decide(decide_req(&pid, pb::Channel::Web))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(offer_ids(&after), ["regulars-perk"], "{after:?}");
+}
+
+async fn this_process_writes_show_in_the_next_decide_at_once(engine: Engine) {
+    let s = serve(engine).await;
+    s.ingest(vec![order("rob", 1, 1.0, 12_345)]).await;
+    s.sync().await;
+    let pid = s.profile_id("rob").await;
+    s.grant(&pid, pb::ConsentPurpose::Personalisation).await;
+    s.sync().await;
+    let mut rich = offer("points-club");
+    rich.transactional = false;
+    rich.eligibility = Some(pb::Eligibility {
+        rule_expression: "points_available >= 100".into(),
+        ..Default::default()
+    });
+    create(&s, rich).await;
+    let mut once = offer("once");
+    once.transactional = false;
+    once.per_profile_cap = Some(1);
+    create(&s, once).await;
+    let mut c = s.client();
+    let d = c
+        .decide(decide_req(&pid, pb::Channel::Web))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = offer_ids(&d);
+    ids.sort();
+    assert_eq!(ids, ["once", "points-club"], "{d:?}");
+    // A points redemption by this process: the balance drops below the rule at once.
+    c.redeem_points(pb::RedeemPointsRequest {
+        profile_id: pid.clone(),
+        points: 50,
+        idempotency_key: "r1".into(),
+        reference: "till-1".into(),
+        channel: pb::Channel::Web as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let d = c
+        .decide(decide_req(&pid, pb::Channel::Web))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(offer_ids(&d), ["once"], "{d:?}");
+    // An issued code uses up the per-profile cap at once.
+    c.issue_offer(issue_req(&pid, "once", "i1", pb::Channel::Web))
+        .await
+        .unwrap();
+    let d = c
+        .decide(decide_req(&pid, pb::Channel::Web))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(offer_ids(&d).is_empty(), "{d:?}");
+    assert!(
+        d.rejected.iter().any(|r| r.offer_id == "once"
+            && r.rejections
+                .iter()
+                .any(|x| x.code == pb::RejectionCode::ProfileCapReached as i32)),
+        "{d:?}"
+    );
+}
+
 macro_rules! service_tests {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -926,4 +1058,6 @@ service_tests!(
     experiment_variants_get_their_offer_and_control_its_default,
     the_global_holdout_gets_only_exempt_offers_and_agrees_with_experiments,
     events_to_segments_to_the_offer_each_customer_receives,
+    a_segment_change_on_the_feed_changes_the_next_decide,
+    this_process_writes_show_in_the_next_decide_at_once,
 );

@@ -95,6 +95,15 @@ pub struct OfferSettings {
     pub program_file: Option<PathBuf>,
     /// Run the background consumers (order accrual, segment-entry and event triggers).
     pub consumers: bool,
+    /// Profiles Decide keeps in each of its in-process read models (profile facts, segment
+    /// facts, ledger views); 0 turns them off and every Decide reads through.
+    pub decision_cache_profiles: u64,
+    /// Longest life of cached profile and segment facts, seconds: the staleness bound for a
+    /// replica that does not apply the feeds (the feed leader invalidates at once).
+    pub decision_cache_ttl_secs: u64,
+    /// Longest life of a cached ledger view, seconds: the staleness bound for another
+    /// replica's ledger and code writes (this process's own writes invalidate at once).
+    pub decision_cache_ledger_ttl_secs: u64,
 }
 
 impl Default for OfferSettings {
@@ -104,6 +113,9 @@ impl Default for OfferSettings {
             frequency_window_hours: 24 * 7,
             program_file: None,
             consumers: true,
+            decision_cache_profiles: 100_000,
+            decision_cache_ttl_secs: 60,
+            decision_cache_ledger_ttl_secs: 10,
         }
     }
 }

@@ -1,0 +1,651 @@
+//! Decide's in-process read models: what a decision needs about a profile, kept in bounded
+//! per-profile caches so that a Decide in the common case makes no network round trip.
+//!
+//! Three caches, each keyed by profile id, bounded to [`ReadModelConfig::max_profiles`]
+//! entries (moka: TinyLFU admission, so a scan of one-off profiles does not evict the hot
+//! ones) and filled on a miss by the read Decide made before:
+//!
+//! * **profile facts** (ProfileService.GetProfile: GRANTED consents, traits) — invalidated by
+//!   every ProfileService change of the profile (`WatchChanges`: created, updated, merged —
+//!   survivor and merged ids —, erased) and by every order or refund of the profile on the ingest feed;
+//! * **segment facts** (SegmentationService.GetProfileSegments: memberships, lifecycle, the
+//!   rule features) — invalidated by the profile's membership changes
+//!   (`WatchMembershipChanges`), all at once by the first change of a new batch run (a run
+//!   rescores everyone), and by every order or refund of the profile on the ingest feed;
+//! * **ledger view** (the points ledger, order activity, codes per offer and issue times) —
+//!   invalidated by every write of this process to the profile (ledger, activity, issue,
+//!   redeem, cancel, erasure; an archive with cancellation clears them all), through
+//!   [`InvalidatingStore`], which wraps the service's store.
+//!
+//! The feeds are applied by the replica holding the `offers.feeds` leader lock, so their
+//! invalidations are prompt (within a consumer pass, ≲ 1 s) in that replica only. The
+//! staleness bound everywhere else is the time to live: `upstream_ttl` for profile and segment
+//! facts (and for score changes segmentation publishes without a membership change),
+//! `ledger_ttl` for another replica's ledger and code writes. Decide is advisory: IssueOffer
+//! reads consent, segments and tier fresh, and the store enforces caps, frequency and budgets
+//! atomically, so staleness can show a customer an offer that issuing then refuses, never
+//! over-issue.
+//!
+//! Each entry lives a random 50–100 % of its time to live, so entries filled together do not
+//! all expire (and reload from the database) together.
+//!
+//! A fill that raced an invalidation is not kept: each key has a generation (striped), read
+//! before the load and checked after the insert; if it moved, the entry is dropped again.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use clientele_proto::v1 as pb;
+
+use crate::ledger::{LedgerCommand, PointsLedger};
+use crate::program::EarnActivity;
+use crate::store::{
+    CodeOwner, EntryMeta, ErasureOutcome, LedgerOutcome, NewIssue, OfferRecord, OfferStore,
+    RedeemCode, StoreResult, StoredEntry,
+};
+use crate::upstream::{ProfileFacts, SegmentFacts};
+
+/// Sizes and lifetimes of the read models (`offers.decision_cache_*` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadModelConfig {
+    /// Profiles kept per cache; 0 turns the read models off (every Decide reads through).
+    pub max_profiles: u64,
+    /// Longest life of cached profile and segment facts.
+    pub upstream_ttl: Duration,
+    /// Longest life of a cached ledger view (bounds other replicas' writes).
+    pub ledger_ttl: Duration,
+}
+
+impl Default for ReadModelConfig {
+    fn default() -> Self {
+        Self {
+            max_profiles: 100_000,
+            upstream_ttl: Duration::from_secs(60),
+            ledger_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A profile's ledger as decisions read it.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerView {
+    /// The points ledger.
+    pub ledger: PointsLedger,
+    /// Order activity (only loaded when tiers qualify by spend).
+    pub activity: Vec<EarnActivity>,
+    /// Non-cancelled codes per offer.
+    pub per_offer: HashMap<String, u32>,
+    /// Issue times of all the profile's codes (micros).
+    pub issue_times: Vec<i64>,
+}
+
+const STRIPES: usize = 256;
+
+/// Each entry lives a random 50–100 % of the time to live: entries filled together (a cold
+/// start, a burst of traffic) then expire spread out instead of all at once, which would send
+/// every profile's reload to the database in the same instant.
+struct JitteredTtl(Duration);
+
+impl<V> moka::Expiry<String, V> for JitteredTtl {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        _value: &V,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(self.0.mul_f64(rand::random::<f64>().mul_add(0.5, 0.5)))
+    }
+}
+
+/// One bounded cache with per-key (striped) generations.
+struct Guarded<V: Clone + Send + Sync + 'static> {
+    cache: moka::sync::Cache<String, V>,
+    generations: Box<[AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl<V: Clone + Send + Sync + 'static> Guarded<V> {
+    fn new(max: u64, ttl: Duration) -> Self {
+        Self {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(max)
+                .expire_after(JitteredTtl(ttl))
+                .build(),
+            generations: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    fn generation(&self, key: &str) -> &AtomicU64 {
+        #[allow(clippy::cast_possible_truncation)]
+        &self.generations[(self.hasher.hash_one(key) as usize) % STRIPES]
+    }
+
+    async fn get_or_load<E, F, Fut>(&self, key: &str, load: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<V, E>>,
+    {
+        if let Some(v) = self.cache.get(key) {
+            return Ok(v);
+        }
+        let generation = self.generation(key);
+        let before = generation.load(Ordering::Acquire);
+        let v = load().await?;
+        if generation.load(Ordering::Acquire) == before {
+            self.cache.insert(key.to_string(), v.clone());
+            if generation.load(Ordering::Acquire) != before {
+                self.cache.invalidate(key);
+            }
+        }
+        Ok(v)
+    }
+
+    fn invalidate(&self, key: &str) {
+        self.generation(key).fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate(key);
+    }
+
+    fn invalidate_all(&self) {
+        for g in &*self.generations {
+            g.fetch_add(1, Ordering::AcqRel);
+        }
+        self.cache.invalidate_all();
+    }
+}
+
+/// The three per-profile read models of Decide (see the module docs).
+pub struct ReadModel {
+    config: ReadModelConfig,
+    profiles: Guarded<Arc<ProfileFacts>>,
+    segments: Guarded<Arc<SegmentFacts>>,
+    ledgers: Guarded<Arc<LedgerView>>,
+    last_run: std::sync::Mutex<String>,
+}
+
+impl std::fmt::Debug for ReadModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadModel")
+            .field("config", &self.config)
+            .field("profiles", &self.profiles.cache.entry_count())
+            .field("segments", &self.segments.cache.entry_count())
+            .field("ledgers", &self.ledgers.cache.entry_count())
+            .finish()
+    }
+}
+
+impl Default for ReadModel {
+    fn default() -> Self {
+        Self::new(ReadModelConfig::default())
+    }
+}
+
+impl ReadModel {
+    /// Read models sized and timed by `config`.
+    pub fn new(config: ReadModelConfig) -> Self {
+        Self {
+            config,
+            profiles: Guarded::new(config.max_profiles, config.upstream_ttl),
+            segments: Guarded::new(config.max_profiles, config.upstream_ttl),
+            ledgers: Guarded::new(config.max_profiles, config.ledger_ttl),
+            last_run: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Whether the read models are on.
+    pub fn enabled(&self) -> bool {
+        self.config.max_profiles > 0
+    }
+
+    /// The profile's facts, loaded by `load` on a miss. `Ok(None)` (unknown profile) is not
+    /// cached: the profile may be created at any time.
+    pub async fn profile<E, F, Fut>(
+        &self,
+        id: &str,
+        load: F,
+    ) -> Result<Option<Arc<ProfileFacts>>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<ProfileFacts>, E>>,
+    {
+        if !self.enabled() {
+            return Ok(load().await?.map(Arc::new));
+        }
+        #[derive(Debug)]
+        enum Miss<E> {
+            Unknown,
+            Err(E),
+        }
+        let r = self
+            .profiles
+            .get_or_load(id, || async {
+                match load().await {
+                    Ok(Some(p)) => Ok(Arc::new(p)),
+                    Ok(None) => Err(Miss::Unknown),
+                    Err(e) => Err(Miss::Err(e)),
+                }
+            })
+            .await;
+        match r {
+            Ok(p) => Ok(Some(p)),
+            Err(Miss::Unknown) => Ok(None),
+            Err(Miss::Err(e)) => Err(e),
+        }
+    }
+
+    /// The profile's segment facts, loaded by `load` on a miss.
+    pub async fn segments<E, F, Fut>(&self, id: &str, load: F) -> Result<Arc<SegmentFacts>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<SegmentFacts, E>>,
+    {
+        if !self.enabled() {
+            return Ok(Arc::new(load().await?));
+        }
+        self.segments
+            .get_or_load(id, || async { load().await.map(Arc::new) })
+            .await
+    }
+
+    /// The profile's ledger view, loaded by `load` on a miss.
+    pub async fn ledger<E, F, Fut>(&self, id: &str, load: F) -> Result<Arc<LedgerView>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<LedgerView, E>>,
+    {
+        if !self.enabled() {
+            return Ok(Arc::new(load().await?));
+        }
+        self.ledgers
+            .get_or_load(id, || async { load().await.map(Arc::new) })
+            .await
+    }
+
+    /// ProfileService reported a change of `id` (or an order or refund of it was read).
+    pub fn profile_changed(&self, id: &str) {
+        self.profiles.invalidate(id);
+        self.segments.invalidate(id);
+    }
+
+    /// ProfileService merged `merged` into `survivor`: every view of all of them is dropped.
+    pub fn profiles_merged(&self, survivor: &str, merged: &[String]) {
+        for id in std::iter::once(survivor).chain(merged.iter().map(String::as_str)) {
+            self.profile_changed(id);
+            self.ledgers.invalidate(id);
+        }
+    }
+
+    /// SegmentationService reported a membership change of `id`, caused by batch run `run_id`
+    /// (empty for real-time changes). The first change of a new run drops every profile's
+    /// segment facts: the run rescored everyone, not only those whose memberships moved.
+    pub fn membership_changed(&self, id: &str, run_id: &str) {
+        if !run_id.is_empty()
+            && let Ok(mut last) = self.last_run.lock()
+            && *last != run_id
+        {
+            *last = run_id.to_string();
+            self.segments.invalidate_all();
+        }
+        self.segments.invalidate(id);
+    }
+
+    /// This process wrote to the profile's ledger, activity or codes.
+    pub fn ledger_changed(&self, id: &str) {
+        self.ledgers.invalidate(id);
+    }
+
+    /// This process changed codes of many profiles (an archive that cancelled codes).
+    pub fn all_ledgers_changed(&self) {
+        self.ledgers.invalidate_all();
+    }
+}
+
+/// The service's store with the ledger read model invalidated after every write of a
+/// profile's ledger, activity or codes (including failed writes: an error after commit, such
+/// as a lost connection, must not leave a stale view).
+#[derive(Debug)]
+pub struct InvalidatingStore {
+    inner: Arc<dyn OfferStore>,
+    model: Arc<ReadModel>,
+}
+
+impl InvalidatingStore {
+    /// `inner`, invalidating `model`.
+    pub fn new(inner: Arc<dyn OfferStore>, model: Arc<ReadModel>) -> Self {
+        Self { inner, model }
+    }
+}
+
+#[async_trait]
+impl OfferStore for InvalidatingStore {
+    async fn apply_ledger(
+        &self,
+        profile_id: &str,
+        key: &str,
+        command: LedgerCommand,
+        now: DateTime<Utc>,
+        meta: EntryMeta,
+        cursor: Option<(&str, &str)>,
+    ) -> StoreResult<LedgerOutcome> {
+        let r = self
+            .inner
+            .apply_ledger(profile_id, key, command, now, meta, cursor)
+            .await;
+        self.model.ledger_changed(profile_id);
+        r
+    }
+    async fn ledger(&self, profile_id: &str) -> StoreResult<(PointsLedger, Vec<StoredEntry>)> {
+        self.inner.ledger(profile_id).await
+    }
+    async fn cursor(&self, consumer: &str) -> StoreResult<Option<String>> {
+        self.inner.cursor(consumer).await
+    }
+    async fn set_cursor(&self, consumer: &str, cursor: &str) -> StoreResult<()> {
+        self.inner.set_cursor(consumer, cursor).await
+    }
+    async fn create_offer(&self, record: &OfferRecord) -> StoreResult<(OfferRecord, bool)> {
+        self.inner.create_offer(record).await
+    }
+    async fn get_offer(&self, offer_id: &str) -> StoreResult<OfferRecord> {
+        self.inner.get_offer(offer_id).await
+    }
+    async fn list_offers(
+        &self,
+        statuses: &[i32],
+        after: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<OfferRecord>> {
+        self.inner.list_offers(statuses, after, limit).await
+    }
+    async fn update_offer(
+        &self,
+        offer: &pb::Offer,
+        status: i32,
+        based_on: i64,
+        now: i64,
+    ) -> StoreResult<OfferRecord> {
+        self.inner.update_offer(offer, status, based_on, now).await
+    }
+    async fn archive_offer(
+        &self,
+        offer_id: &str,
+        cancel_outstanding: bool,
+        now: i64,
+    ) -> StoreResult<(OfferRecord, i64)> {
+        let r = self
+            .inner
+            .archive_offer(offer_id, cancel_outstanding, now)
+            .await;
+        if cancel_outstanding {
+            self.model.all_ledgers_changed();
+        }
+        r
+    }
+    async fn issue(&self, issue: &NewIssue) -> StoreResult<(pb::IssuedOffer, bool)> {
+        let r = self.inner.issue(issue).await;
+        self.model.ledger_changed(&issue.issued.profile_id);
+        r
+    }
+    async fn redeem(&self, redeem: &RedeemCode) -> StoreResult<(pb::IssuedOffer, bool)> {
+        let r = self.inner.redeem(redeem).await;
+        match &r {
+            Ok((issued, _)) => self.model.ledger_changed(&issued.profile_id),
+            Err(_) => match self.inner.peek_code(&redeem.code).await {
+                Ok(Some(o)) => self.model.ledger_changed(&o.profile_id),
+                _ => self.model.all_ledgers_changed(),
+            },
+        }
+        r
+    }
+    async fn cancel(
+        &self,
+        issue_id: Option<&str>,
+        code: Option<&str>,
+        reason: &str,
+        now: i64,
+    ) -> StoreResult<pb::IssuedOffer> {
+        let r = self.inner.cancel(issue_id, code, reason, now).await;
+        match &r {
+            Ok(issued) => self.model.ledger_changed(&issued.profile_id),
+            Err(_) => self.model.all_ledgers_changed(),
+        }
+        r
+    }
+    async fn peek_code(&self, code: &str) -> StoreResult<Option<CodeOwner>> {
+        self.inner.peek_code(code).await
+    }
+    async fn find_issue(&self, idem_key: &str) -> StoreResult<Option<(pb::IssuedOffer, String)>> {
+        self.inner.find_issue(idem_key).await
+    }
+    async fn list_issued(
+        &self,
+        profile_id: &str,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<pb::IssuedOffer>> {
+        self.inner.list_issued(profile_id, offset, limit).await
+    }
+    async fn profile_usage(
+        &self,
+        profile_id: &str,
+    ) -> StoreResult<(HashMap<String, u32>, Vec<i64>)> {
+        self.inner.profile_usage(profile_id).await
+    }
+    async fn create_trigger(&self, trigger: &pb::Trigger) -> StoreResult<(pb::Trigger, bool)> {
+        self.inner.create_trigger(trigger).await
+    }
+    async fn list_triggers(
+        &self,
+        offer_id: &str,
+        after: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<pb::Trigger>> {
+        self.inner.list_triggers(offer_id, after, limit).await
+    }
+    async fn delete_trigger(&self, trigger_id: &str) -> StoreResult<()> {
+        self.inner.delete_trigger(trigger_id).await
+    }
+    async fn claim_firing(
+        &self,
+        trigger_id: &str,
+        source_key: &str,
+        profile_id: &str,
+        now: i64,
+    ) -> StoreResult<bool> {
+        self.inner
+            .claim_firing(trigger_id, source_key, profile_id, now)
+            .await
+    }
+    async fn finish_firing(
+        &self,
+        trigger_id: &str,
+        source_key: &str,
+        issue_id: Option<&str>,
+    ) -> StoreResult<()> {
+        self.inner
+            .finish_firing(trigger_id, source_key, issue_id)
+            .await
+    }
+    async fn activity(&self, profile_id: &str) -> StoreResult<Vec<EarnActivity>> {
+        self.inner.activity(profile_id).await
+    }
+    async fn record_activity(
+        &self,
+        profile_id: &str,
+        activity: &EarnActivity,
+    ) -> StoreResult<bool> {
+        let r = self.inner.record_activity(profile_id, activity).await;
+        self.model.ledger_changed(profile_id);
+        r
+    }
+    async fn erase_profile(
+        &self,
+        profile_id: &str,
+        cursor: Option<(&str, &str)>,
+    ) -> StoreResult<ErasureOutcome> {
+        let r = self.inner.erase_profile(profile_id, cursor).await;
+        self.model.ledger_changed(profile_id);
+        self.model.profile_changed(profile_id);
+        r
+    }
+    async fn is_erased(&self, profile_id: &str) -> StoreResult<bool> {
+        self.inner.is_erased(profile_id).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn facts(trait_value: i64) -> ProfileFacts {
+        ProfileFacts {
+            granted: std::collections::BTreeSet::new(),
+            traits: [(
+                "k".to_string(),
+                pb::Value {
+                    kind: Some(pb::value::Kind::IntValue(trait_value)),
+                },
+            )]
+            .into(),
+        }
+    }
+
+    async fn load(model: &ReadModel, id: &str, v: i64) -> Arc<ProfileFacts> {
+        model
+            .profile(id, || async move { Ok::<_, ()>(Some(facts(v))) })
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_cached_profile_is_served_until_its_change_arrives() {
+        let model = ReadModel::default();
+        assert_eq!(*load(&model, "p", 1).await, facts(1));
+        assert_eq!(
+            *load(&model, "p", 2).await,
+            facts(1),
+            "served from the cache"
+        );
+        model.profile_changed("p");
+        assert_eq!(*load(&model, "p", 2).await, facts(2));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_profile_is_not_cached() {
+        let model = ReadModel::default();
+        let none = model
+            .profile("p", || async { Ok::<_, ()>(None) })
+            .await
+            .unwrap();
+        assert!(none.is_none());
+        assert_eq!(*load(&model, "p", 3).await, facts(3));
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_raced_an_invalidation_is_not_kept() {
+        let model = ReadModel::default();
+        let stale = model
+            .profile("p", || async {
+                model.profile_changed("p"); // the change lands while the old value loads
+                Ok::<_, ()>(Some(facts(1)))
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*stale, facts(1), "the caller still gets what it read");
+        assert_eq!(
+            *load(&model, "p", 2).await,
+            facts(2),
+            "but it was not cached"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_batch_run_drops_every_profiles_segments() {
+        let model = ReadModel::default();
+        let seg = |n: usize| SegmentFacts {
+            segments: (0..n).map(|i| format!("s{i}")).collect(),
+            ..SegmentFacts::default()
+        };
+        for id in ["a", "b"] {
+            model
+                .segments(id, || async { Ok::<_, ()>(seg(1)) })
+                .await
+                .unwrap();
+        }
+        model.membership_changed("a", "run-1");
+        let b = model
+            .segments("b", || async { Ok::<_, ()>(seg(2)) })
+            .await
+            .unwrap();
+        assert_eq!(*b, seg(2));
+        model.membership_changed("a", "run-1"); // same run: only `a`
+        let b = model
+            .segments("b", || async { Ok::<_, ()>(seg(3)) })
+            .await
+            .unwrap();
+        assert_eq!(*b, seg(2));
+    }
+
+    async fn ledger(model: &ReadModel, id: &str, points_to: u32) -> Arc<LedgerView> {
+        model
+            .ledger(id, || async move {
+                Ok::<_, ()>(LedgerView {
+                    per_offer: [("o".to_string(), points_to)].into(),
+                    ..LedgerView::default()
+                })
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_merge_drops_every_view_of_the_survivor_and_the_merged_ids() {
+        let model = ReadModel::default();
+        for id in ["survivor", "merged", "other"] {
+            load(&model, id, 1).await;
+            ledger(&model, id, 1).await;
+        }
+        model.profiles_merged("survivor", &["merged".to_string()]);
+        for id in ["survivor", "merged"] {
+            assert_eq!(*load(&model, id, 2).await, facts(2), "{id} reloaded");
+            assert_eq!(
+                ledger(&model, id, 2).await.per_offer["o"],
+                2,
+                "{id} reloaded"
+            );
+        }
+        assert_eq!(*load(&model, "other", 2).await, facts(1), "others kept");
+        assert_eq!(ledger(&model, "other", 2).await.per_offer["o"], 1);
+    }
+
+    #[tokio::test]
+    async fn own_writes_drop_one_ledger_view_and_an_archive_all() {
+        let model = ReadModel::default();
+        for id in ["a", "b"] {
+            ledger(&model, id, 1).await;
+        }
+        model.ledger_changed("a");
+        assert_eq!(ledger(&model, "a", 2).await.per_offer["o"], 2);
+        assert_eq!(ledger(&model, "b", 2).await.per_offer["o"], 1);
+        model.all_ledgers_changed();
+        assert_eq!(ledger(&model, "b", 3).await.per_offer["o"], 3);
+    }
+
+    #[tokio::test]
+    async fn turned_off_every_read_goes_through() {
+        let model = ReadModel::new(ReadModelConfig {
+            max_profiles: 0,
+            ..ReadModelConfig::default()
+        });
+        assert_eq!(*load(&model, "p", 1).await, facts(1));
+        assert_eq!(*load(&model, "p", 2).await, facts(2));
+    }
+}
