@@ -275,6 +275,9 @@ offers_start() { # name port log extra-env...
 seg_port=$(free_port 50753)
 offers_port=$(free_port 50754)
 offers_start segmentation "$seg_port" "$target_dir/bench/clienteled-segmentation.log"
+# The bench catalogue has no experiment-gated offers, so no ExperimentService runs here and
+# the experiments endpoint below is only a placeholder (an experiment offer added to the bench
+# would need `clienteled --target experiments` started and this pointed at it).
 offers_start offers "$offers_port" "$target_dir/bench/clienteled-offers.log" \
   CLIENTELE_ENDPOINTS__SEGMENTATION="http://127.0.0.1:$seg_port" \
   CLIENTELE_ENDPOINTS__EXPERIMENTS="http://127.0.0.1:$offers_port"

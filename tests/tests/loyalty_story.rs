@@ -426,7 +426,13 @@ async fn the_loyalty_story_from_events_to_offers_experiments_and_erasure() {
     for (segment, _, offer_id) in &strategies {
         let members = members(&p, segment).await;
         assert!(!members.is_empty(), "segment {segment} has members");
-        for pid in members.iter().take(6) {
+        // Six members each; the win-back segment goes on until one lands in the experiment's
+        // treatment (assignment hashes random profile ids: six in control happen 1 time in 64).
+        let sample = if *offer_id == "win-back-30" { 40 } else { 6 };
+        for (n, pid) in members.iter().take(sample).enumerate() {
+            if n >= 6 && shown.contains(offer_id) {
+                break;
+            }
             grant(&p, pid, pb::ConsentPurpose::Personalisation).await;
             let d = decide(&p, pid, true).await;
             let top = d
