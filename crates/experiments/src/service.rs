@@ -318,7 +318,8 @@ impl ExperimentServiceImpl {
         let started = Instant::now();
         let mut found = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
-        for key in keys {
+        let mut seen = std::collections::HashSet::with_capacity(keys.len());
+        for key in keys.iter().filter(|k| seen.insert(k.as_str())) {
             match cache.lookup(key, started) {
                 Some(r) => found.push(ExperimentRecord::clone(&r)),
                 None => missing.push(key.clone()),
