@@ -369,7 +369,7 @@ pub async fn run(args: AssignArgs) -> anyhow::Result<()> {
             args.concurrency, args.channels, args.duration_secs, args.warmup_secs
         ),
         format!(
-            "units drawn uniformly from {} ids; every Assign reads the experiment and the unit's sticky exposure",
+            "units drawn uniformly from {} ids; every Assign reads the unit's sticky exposure from PostgreSQL, the experiment from the server's definition cache (experiments.definition_cache_ms)",
             args.units
         ),
         format!(

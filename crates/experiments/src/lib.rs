@@ -16,11 +16,13 @@
 //! * [`store`]: the [`store::ExperimentStore`] trait and its SQL implementation for
 //!   PostgreSQL and SQLite (sticky first exposures, exactly-once conversions).
 //! * [`service`]: the tonic service.
+//! * [`cache`]: the bounded-staleness cache of definitions that assignment reads.
 //! * [`consumer`]: follows IngestService.WatchEvents (event-derived conversions) and
 //!   ProfileService.WatchChanges (merges, erasure) with durable cursors.
 //! * [`setup`]: builds the service from settings.
 
 pub mod assignment;
+pub mod cache;
 pub mod consumer;
 pub mod definition;
 pub mod events;

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clientele_proto::v1 as pb;
 use clientele_proto::v1::experiment_service_server::{ExperimentService, ExperimentServiceServer};
@@ -15,6 +16,7 @@ use clientele_runtime::time::{micros, now_micros, timestamp};
 use tonic::{Request, Response, Status};
 
 use crate::assignment::{Assignment, Exclusion, assign_variant, in_namespace};
+use crate::cache::DefinitionCache;
 use crate::definition::{self, FieldError, TargetingFacts};
 use crate::holdout::HoldoutConfig;
 use crate::model::{AggregateQuery, ConversionRecord, ExperimentRecord, ExposureRecord, Lifecycle};
@@ -73,6 +75,8 @@ impl From<FieldError> for Status {
 pub struct ExperimentServiceImpl {
     store: Arc<dyn ExperimentStore>,
     holdout: HoldoutConfig,
+    /// Definitions Assign and BatchAssign read; `None` reads the database every time.
+    definitions: Option<Arc<DefinitionCache>>,
 }
 
 fn required_key(field: &str, key: &str) -> Result<(), Status> {
@@ -267,7 +271,68 @@ const UPDATABLE: &[(&str, bool)] = &[
 impl ExperimentServiceImpl {
     /// A service over `store` with the global `holdout`.
     pub fn new(store: Arc<dyn ExperimentStore>, holdout: HoldoutConfig) -> Self {
-        Self { store, holdout }
+        Self {
+            store,
+            holdout,
+            definitions: None,
+        }
+    }
+
+    /// Serves Assign and BatchAssign from an in-process cache of definitions that is at most
+    /// `ttl` stale for changes made by other processes and never stale for this process's own
+    /// writes (see [`crate::cache`]). A zero `ttl` turns the cache off.
+    #[must_use]
+    pub fn with_definition_cache(mut self, ttl: Duration) -> Self {
+        self.definitions = (!ttl.is_zero()).then(|| Arc::new(DefinitionCache::new(ttl)));
+        self
+    }
+
+    /// Drops `key` from the definition cache after a write of this process.
+    fn invalidate(&self, key: &str) {
+        if let Some(cache) = &self.definitions {
+            cache.invalidate(key);
+        }
+    }
+
+    /// The definition of `key` for assignment, from the cache when within its bound.
+    async fn definition(&self, key: &str) -> Result<Arc<ExperimentRecord>, StoreError> {
+        let Some(cache) = &self.definitions else {
+            return self.store.get(key).await.map(Arc::new);
+        };
+        let started = Instant::now();
+        if let Some(record) = cache.lookup(key, started) {
+            return Ok(record);
+        }
+        let epoch = cache.epoch();
+        let record = Arc::new(self.store.get(key).await?);
+        cache.insert(record.clone(), started, epoch);
+        Ok(record)
+    }
+
+    /// The definitions among `keys` that exist, for assignment, from the cache when within
+    /// their bound.
+    async fn definitions(&self, keys: &[String]) -> Result<Vec<ExperimentRecord>, StoreError> {
+        let Some(cache) = &self.definitions else {
+            return self.store.get_many(keys).await;
+        };
+        let started = Instant::now();
+        let mut found = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        let mut seen = std::collections::HashSet::with_capacity(keys.len());
+        for key in keys.iter().filter(|k| seen.insert(k.as_str())) {
+            match cache.lookup(key, started) {
+                Some(r) => found.push(ExperimentRecord::clone(&r)),
+                None => missing.push(key.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            let epoch = cache.epoch();
+            for r in self.store.get_many(&missing).await? {
+                cache.insert(Arc::new(r.clone()), started, epoch);
+                found.push(r);
+            }
+        }
+        Ok(found)
     }
 
     /// The store (shared with the feed consumer).
@@ -369,7 +434,8 @@ impl ExperimentServiceImpl {
     }
 
     /// Runs `op` on a fresh read of `key` until its compare-and-swap wins. `op` returns the
-    /// changed record, or `None` when nothing needs to change.
+    /// changed record, or `None` when nothing needs to change. Each attempt drops `key` from
+    /// the definition cache, so the next Assign sees the change.
     async fn with_cas<F, Fut>(&self, key: &str, mut op: F) -> Result<ExperimentRecord, Status>
     where
         F: FnMut(ExperimentRecord) -> Fut,
@@ -377,7 +443,10 @@ impl ExperimentServiceImpl {
     {
         for _ in 0..CAS_RETRIES {
             let current = self.store.get(key).await?;
-            match op(current.clone()).await {
+            let outcome = op(current.clone()).await;
+            // Whatever the outcome, the next Assign of this process reads the database.
+            self.invalidate(key);
+            match outcome {
                 Ok(Some(r)) => return Ok(r),
                 Ok(None) => return Ok(current),
                 Err(CasError::Retry) => {}
@@ -444,6 +513,7 @@ impl ExperimentService for ExperimentServiceImpl {
             stop_reason: String::new(),
         };
         let (stored, _created) = self.store.create(&record, &metrics).await?;
+        self.invalidate(&stored.key);
         Ok(Response::new(pb::CreateExperimentResponse {
             experiment: Some(to_proto(&stored, now)),
         }))
@@ -722,7 +792,7 @@ impl ExperimentService for ExperimentServiceImpl {
         check_unit_id("unit_id", &req.unit_id)?;
         let profile_id = check_profile_id("profile_id", &req.profile_id)?;
         let facts = targeting_facts(&req.attributes, req.context.as_ref())?;
-        let record = self.store.get(&req.experiment_key).await?;
+        let record = self.definition(&req.experiment_key).await?;
         let profile_id = if profile_id.is_empty()
             && record.definition.hash_attribute == definition::DEFAULT_HASH_ATTRIBUTE
         {
@@ -797,7 +867,7 @@ impl ExperimentService for ExperimentServiceImpl {
                 }
             }
         } else {
-            self.store.get_many(&req.experiment_keys).await?
+            self.definitions(&req.experiment_keys).await?
         };
         let by_key: HashMap<&str, &ExperimentRecord> =
             records.iter().map(|r| (r.key.as_str(), r)).collect();

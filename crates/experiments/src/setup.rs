@@ -98,5 +98,8 @@ pub async fn build_without_background(
         FEED_IDLE,
     )
     .map_err(|s| SetupError::Endpoint(s.message().to_owned()))?;
-    Ok((ExperimentServiceImpl::new(store, holdout), consumer))
+    let service = ExperimentServiceImpl::new(store, holdout).with_definition_cache(
+        Duration::from_millis(settings.experiments.definition_cache_ms),
+    );
+    Ok((service, consumer))
 }

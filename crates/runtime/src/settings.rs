@@ -128,11 +128,19 @@ pub struct ExperimentSettings {
     /// IngestService.WatchEvents (at `endpoints.ingest`) and merges and erasures from
     /// ProfileService.WatchChanges (at `endpoints.profiles`).
     pub consumers: bool,
+    /// Staleness bound, ms, of the in-process cache of experiment definitions that Assign and
+    /// BatchAssign read: a change made by another process is seen by every Assign that starts
+    /// this long after it committed (a stopped experiment stops assigning within it); this
+    /// process's own writes are seen at once. 0 reads the database on every Assign.
+    pub definition_cache_ms: u64,
 }
 
 impl Default for ExperimentSettings {
     fn default() -> Self {
-        Self { consumers: true }
+        Self {
+            consumers: true,
+            definition_cache_ms: 1000,
+        }
     }
 }
 

@@ -25,7 +25,30 @@ pub enum Engine {
 pub struct Fixture {
     pub store: Arc<SqlExperimentStore>,
     pub service: ExperimentServiceImpl,
+    pub target: DatabaseTarget,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// Opens the migrated database at `target` (a pool of its own).
+async fn open(target: &DatabaseTarget) -> Arc<SqlExperimentStore> {
+    let database = db::open(
+        target,
+        25,
+        &POSTGRES_MIGRATIONS,
+        &SQLITE_MIGRATIONS,
+        "experiments",
+    )
+    .await
+    .expect("test database (is PostgreSQL running? see README)");
+    Arc::new(SqlExperimentStore::new(database))
+}
+
+/// A fixture on PostgreSQL whose service caches definitions for `ttl`.
+pub async fn cached_fixture(ttl: std::time::Duration) -> Fixture {
+    let mut f = fixture(Engine::Postgres).await;
+    f.service = ExperimentServiceImpl::new(f.store.clone(), HoldoutConfig::default())
+        .with_definition_cache(ttl);
+    f
 }
 
 pub async fn fixture(engine: Engine) -> Fixture {
@@ -51,19 +74,11 @@ pub async fn fixture_with(engine: Engine, holdout: HoldoutConfig) -> Fixture {
             )
         }
     };
-    let database = db::open(
-        &target,
-        25,
-        &POSTGRES_MIGRATIONS,
-        &SQLITE_MIGRATIONS,
-        "experiments",
-    )
-    .await
-    .expect("test database (is PostgreSQL running? see README)");
-    let store = Arc::new(SqlExperimentStore::new(database));
+    let store = open(&target).await;
     Fixture {
         service: ExperimentServiceImpl::new(store.clone(), holdout),
         store,
+        target,
         _dir: dir,
     }
 }
@@ -136,6 +151,11 @@ pub fn unit_ids(attribute: &str, id: &str) -> HashMap<String, String> {
 }
 
 impl Fixture {
+    /// Another process on the same database: its own pool, no definition cache.
+    pub async fn peer(&self) -> ExperimentServiceImpl {
+        ExperimentServiceImpl::new(open(&self.target).await, HoldoutConfig::default())
+    }
+
     pub async fn create(&self, e: pb::Experiment) -> pb::Experiment {
         self.service
             .create_experiment(Request::new(pb::CreateExperimentRequest {
