@@ -198,7 +198,14 @@ impl Consumers {
         let Some(event) = stored.event.as_ref() else {
             return Ok(false);
         };
-        let profile = stored.profile_id.as_str();
+        let survivor = if stored.profile_id.is_empty() {
+            None
+        } else {
+            store.survivor_of(&stored.profile_id).await?
+        };
+        // An event still naming a merged-away profile belongs to the survivor, which now
+        // holds that profile's ledger, orders and activity.
+        let profile = survivor.as_deref().unwrap_or(stored.profile_id.as_str());
         if !profile.is_empty() {
             // Scores and lifecycle follow from orders: Decide re-reads them.
             self.service.read_model().profile_changed(profile);
@@ -306,7 +313,7 @@ impl Consumers {
         let program = self.service.program();
         let store = self.service.store();
         let (ledger, _) = store.ledger(profile).await?;
-        if ledger.entries().iter().any(|e| e.key.0 == key) {
+        if ledger.entries().iter().any(|e| e.key.0 == key) || ledger.has_order(&o.order_id) {
             return Ok(None); // accrued before; the cursor still advances
         }
         let activity = store.activity(profile).await?;
@@ -596,6 +603,25 @@ impl Consumers {
                     issued_offers = out.issued_offers,
                     ledger_entries = out.ledger_entries,
                     "erased profile's offers, points and tier activity"
+                );
+            } else if change.kind == pb::ProfileChangeKind::Merged as i32
+                && !change.profile_id.is_empty()
+                && !change.merged_profile_ids.is_empty()
+            {
+                let seq = change.sequence.to_string();
+                let out = store
+                    .merge_profiles(
+                        &change.profile_id,
+                        &change.merged_profile_ids,
+                        Some((PROFILES_FEED, &seq)),
+                    )
+                    .await?;
+                tracing::info!(
+                    merged = out.merged,
+                    batches = out.batches,
+                    points = out.points,
+                    issued_offers = out.issued_offers,
+                    "moved merged profiles' points, activity and offers to the survivor"
                 );
             }
         }

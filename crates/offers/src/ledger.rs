@@ -253,6 +253,49 @@ pub enum EntryChange {
         /// Batches debited (negative adjustments only).
         draws: Vec<BatchDraw>,
     },
+    /// This profile was merged into `into`: every batch's remaining points left with its
+    /// batch (see [`MergedIn`](Self::MergedIn)). The ledger accepts no new commands after it.
+    MergedOut {
+        /// The survivor's profile id.
+        into: String,
+        /// Remaining points taken from each batch (batches with points only).
+        draws: Vec<BatchDraw>,
+    },
+    /// A batch of a profile merged into this one, moved with its history (earned time,
+    /// expiry, refund state, order), so FIFO spending, expiry and refunds treat it as if it
+    /// had been earned here.
+    MergedIn {
+        /// The loser's profile id.
+        from: String,
+        /// The batch as it stood in the loser's ledger.
+        batch: MovedBatch,
+    },
+}
+
+/// A batch as moved by a profile merge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedBatch {
+    /// The batch id in the loser's ledger.
+    pub from_batch: EntrySeq,
+    /// When it was originally earned (orders FIFO spending in the survivor's ledger).
+    pub earned_at: DateTime<Utc>,
+    /// Its original expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Points originally credited.
+    pub earned: Points,
+    /// Points still in it, now credited to the survivor.
+    pub remaining: Points,
+    /// Points already reversed by refunds.
+    pub reversed: Points,
+    /// Refund clawback still outstanding.
+    pub owed: Points,
+    /// The order it was earned on, with the order's amount.
+    pub order: Option<OrderRef>,
+    /// The order's refunds so far (minor units), so later refunds stay proportional.
+    pub order_refunded_minor: i64,
+    /// Whether it was earned (an accrual) rather than a manual adjustment: tiers that qualify
+    /// by points earned count it.
+    pub accrued: bool,
 }
 
 impl EntryChange {
@@ -274,6 +317,8 @@ impl EntryChange {
                     -sum(draws)
                 }
             }
+            EntryChange::MergedOut { draws, .. } => -sum(draws),
+            EntryChange::MergedIn { batch, .. } => batch.remaining,
         }
     }
 }
@@ -302,6 +347,13 @@ pub enum LedgerError {
     IdempotencyConflict {
         /// The reused key.
         key: IdempotencyKey,
+    },
+    /// The profile was merged into another; its points and history moved there, so commands
+    /// must name the survivor.
+    #[error("the profile was merged into {into}")]
+    MergedAway {
+        /// The survivor.
+        into: String,
     },
     /// No redemption with that key.
     #[error("no redemption with idempotency key {key:?}")]
@@ -512,6 +564,8 @@ struct Batch {
     /// Reversal shortfall still outstanding.
     owed: Points,
     order_id: Option<String>,
+    /// Created by an accrual (directly or moved by a merge), not a manual adjustment.
+    accrued: bool,
 }
 
 impl Batch {
@@ -552,6 +606,8 @@ pub struct PointsLedger {
     keys: HashMap<IdempotencyKey, KeyRecord>,
     redemptions: BTreeMap<EntrySeq, RedemptionRecord>,
     orders: HashMap<String, OrderRecord>,
+    /// Set by a `MergedOut` entry: the survivor this ledger was merged into.
+    merged_into: Option<String>,
 }
 
 impl PointsLedger {
@@ -601,8 +657,8 @@ impl PointsLedger {
 
     /// The batches with their state, oldest first, marking which are expired at `at`.
     pub fn batches(&self, at: DateTime<Utc>) -> Vec<BatchView> {
-        self.batches
-            .iter()
+        self.oldest_first()
+            .into_iter()
             .map(|(seq, b)| BatchView {
                 batch: *seq,
                 earned_at: b.earned_at,
@@ -650,6 +706,9 @@ impl PointsLedger {
             }
             return Ok(self.entries[rec.first..rec.first + rec.count].to_vec());
         }
+        if let Some(into) = &self.merged_into {
+            return Err(LedgerError::MergedAway { into: into.clone() });
+        }
         if let Some(last) = self.entries.last()
             && request.at < last.at
         {
@@ -686,8 +745,8 @@ impl PointsLedger {
                 expires_at,
             } => vec![self.adjust(at, *points, reason, *expires_at)?],
             LedgerCommand::ExpireDue => self
-                .batches
-                .iter()
+                .oldest_first()
+                .into_iter()
                 .filter(|(_, b)| b.expired_at(at) && b.remaining > 0)
                 .map(|(seq, b)| EntryChange::Expired {
                     batch: *seq,
@@ -767,6 +826,7 @@ impl PointsLedger {
                         reversed: 0,
                         owed: 0,
                         order_id: order.as_ref().map(|o| o.order_id.clone()),
+                        accrued: true,
                     },
                 );
                 if let Some(order) = order {
@@ -877,10 +937,48 @@ impl PointsLedger {
                             reversed: 0,
                             owed: 0,
                             order_id: None,
+                            accrued: false,
                         },
                     );
                 } else {
                     self.take(draws, seq)?;
+                }
+            }
+            EntryChange::MergedOut { into, draws } => {
+                if self.merged_into.is_some() {
+                    return Err(corrupt("merged away twice"));
+                }
+                self.take(draws, seq)?;
+                self.merged_into = Some(into.clone());
+            }
+            EntryChange::MergedIn { batch, .. } => {
+                if batch.remaining < 0 || batch.owed < 0 || batch.reversed < 0 {
+                    return Err(corrupt("moved batch with negative points"));
+                }
+                self.batches.insert(
+                    seq,
+                    Batch {
+                        earned_at: batch.earned_at,
+                        expires_at: batch.expires_at,
+                        earned: batch.earned,
+                        remaining: batch.remaining,
+                        reversed: batch.reversed,
+                        owed: batch.owed,
+                        order_id: batch.order.as_ref().map(|o| o.order_id.clone()),
+                        accrued: batch.accrued,
+                    },
+                );
+                if let Some(order) = &batch.order {
+                    let rec = self
+                        .orders
+                        .entry(order.order_id.clone())
+                        .or_insert_with(|| OrderRecord {
+                            amount: order.amount,
+                            batches: Vec::new(),
+                            refunded_minor: 0,
+                        });
+                    rec.batches.push(seq);
+                    rec.refunded_minor = rec.refunded_minor.max(batch.order_refunded_minor);
                 }
             }
         }
@@ -900,6 +998,148 @@ impl PointsLedger {
         }
         self.entries.push(entry);
         Ok(())
+    }
+
+    /// Batches by earning time, then batch id. Without merges that is batch-id order (entries
+    /// are in time order); a merge brings in batches earned earlier, which must still be
+    /// spent and expired first.
+    fn oldest_first(&self) -> Vec<(&EntrySeq, &Batch)> {
+        let mut v: Vec<(&EntrySeq, &Batch)> = self.batches.iter().collect();
+        v.sort_by_key(|(seq, b)| (b.earned_at, **seq));
+        v
+    }
+
+    /// The survivor this ledger was merged into, if it was.
+    pub fn merged_into(&self) -> Option<&str> {
+        self.merged_into.as_deref()
+    }
+
+    /// Whether an accrual on `order_id` is in this ledger (earned here or moved by a merge).
+    pub fn has_order(&self, order_id: &str) -> bool {
+        self.orders.contains_key(order_id)
+    }
+
+    /// Points earned (accrued batches, net of refund reversals) per batch with their earning
+    /// time, for tiers that qualify by points earned: merged-in batches count at the time
+    /// they were originally earned. Entries are read by the caller for the rest.
+    pub fn moved_in_earnings(&self) -> Vec<(DateTime<Utc>, Points)> {
+        self.entries
+            .iter()
+            .filter_map(|e| match &e.change {
+                EntryChange::MergedIn { batch, .. } if batch.accrued => {
+                    Some((batch.earned_at, batch.earned - batch.reversed))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The entries that merge this (the loser's) ledger into `into` under `key` at `at`: one
+    /// `MergedOut` entry taking every batch's remaining points (expired ones too, so the book
+    /// balance ends at 0), and the batches to move, oldest first. Every batch is moved, spent
+    /// ones included, so refunds of their orders and tier qualification follow them.
+    ///
+    /// A key applied before returns no entries (a replay moves nothing).
+    ///
+    /// # Errors
+    /// [`LedgerError::MergedAway`] if the ledger was merged under another key;
+    /// [`LedgerError::OutOfOrder`] if `at` is before the last entry.
+    pub fn merge_out(
+        &self,
+        key: &IdempotencyKey,
+        at: DateTime<Utc>,
+        into: &str,
+    ) -> Result<(Vec<LedgerEntry>, Vec<MovedBatch>), LedgerError> {
+        let fingerprint = merge_fingerprint(9, into);
+        if let Some(rec) = self.keys.get(key) {
+            if rec.fingerprint != fingerprint {
+                return Err(LedgerError::IdempotencyConflict { key: key.clone() });
+            }
+            return Ok((Vec::new(), Vec::new()));
+        }
+        if let Some(into) = &self.merged_into {
+            return Err(LedgerError::MergedAway { into: into.clone() });
+        }
+        if let Some(last) = self.entries.last()
+            && at < last.at
+        {
+            return Err(LedgerError::OutOfOrder { last: last.at, at });
+        }
+        let mut draws = Vec::new();
+        let mut moved = Vec::new();
+        for (seq, b) in self.oldest_first() {
+            if b.remaining > 0 {
+                draws.push(BatchDraw {
+                    batch: *seq,
+                    points: b.remaining,
+                });
+            }
+            let order = b.order_id.as_ref().and_then(|id| {
+                self.orders.get(id).map(|o| {
+                    (
+                        OrderRef {
+                            order_id: id.clone(),
+                            amount: o.amount,
+                        },
+                        o.refunded_minor,
+                    )
+                })
+            });
+            moved.push(MovedBatch {
+                from_batch: *seq,
+                earned_at: b.earned_at,
+                expires_at: b.expires_at,
+                earned: b.earned,
+                remaining: b.remaining,
+                reversed: b.reversed,
+                owed: b.owed,
+                order_refunded_minor: order.as_ref().map_or(0, |o| o.1),
+                order: order.map(|o| o.0),
+                accrued: b.accrued,
+            });
+        }
+        let entry = LedgerEntry {
+            seq: self.next_seq(),
+            key: key.clone(),
+            fingerprint,
+            at,
+            change: EntryChange::MergedOut {
+                into: into.to_owned(),
+                draws,
+            },
+        };
+        Ok((vec![entry], moved))
+    }
+
+    /// The entries that credit `moved` (from [`merge_out`](Self::merge_out) of `from`) to
+    /// this (the survivor's) ledger under `key` at `at`, one `MergedIn` entry per batch. A key
+    /// applied before returns no entries. `at` is raised to the last entry's time if earlier.
+    pub fn merge_in(
+        &self,
+        key: &IdempotencyKey,
+        at: DateTime<Utc>,
+        from: &str,
+        moved: &[MovedBatch],
+    ) -> Vec<LedgerEntry> {
+        if self.keys.contains_key(key) {
+            return Vec::new();
+        }
+        let at = self.entries.last().map_or(at, |l| l.at.max(at));
+        let first = self.entries.len() as u64;
+        moved
+            .iter()
+            .enumerate()
+            .map(|(i, b)| LedgerEntry {
+                seq: EntrySeq(first + i as u64),
+                key: key.clone(),
+                fingerprint: merge_fingerprint(10, from),
+                at,
+                change: EntryChange::MergedIn {
+                    from: from.to_owned(),
+                    batch: b.clone(),
+                },
+            })
+            .collect()
     }
 
     fn take(&mut self, draws: &[BatchDraw], seq: EntrySeq) -> Result<(), LedgerError> {
@@ -964,7 +1204,7 @@ impl PointsLedger {
         }
         let mut left = points;
         let mut draws = Vec::new();
-        for (seq, b) in &self.batches {
+        for (seq, b) in self.oldest_first() {
             if left == 0 {
                 break;
             }
@@ -1111,6 +1351,13 @@ impl PointsLedger {
     }
 }
 
+fn merge_fingerprint(tag: u8, profile: &str) -> u64 {
+    let mut f = Fnv::new();
+    f.u8(tag);
+    f.str(profile);
+    f.0
+}
+
 fn require_positive(points: Points) -> Result<(), LedgerError> {
     if points <= 0 {
         return Err(LedgerError::InvalidPoints {
@@ -1150,6 +1397,13 @@ pub fn anonymise_entry(entry: &LedgerEntry) -> LedgerEntry {
         EntryChange::Redeemed { reference, .. } => reference.clear(),
         EntryChange::Reversed { order_id, .. } => order_id.clear(),
         EntryChange::Adjusted { reason, .. } => reason.clear(),
+        EntryChange::MergedOut { into, .. } => into.clear(),
+        EntryChange::MergedIn { from, batch } => {
+            from.clear();
+            if let Some(o) = &mut batch.order {
+                o.order_id.clear();
+            }
+        }
         EntryChange::RedemptionCancelled { .. } | EntryChange::Expired { .. } => {}
     }
     e
