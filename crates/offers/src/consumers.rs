@@ -1,13 +1,15 @@
 //! Feed consumers: points accrual and reversal from IngestService.WatchEvents, triggers
 //! from both feeds (segment entries from SegmentationService.WatchMembershipChanges, events
-//! such as CART_ABANDONED from IngestService.WatchEvents), and erasure from
-//! ProfileService.WatchChanges (PROFILE_CHANGE_KIND_ERASED).
+//! such as CART_ABANDONED from IngestService.WatchEvents), and merges and erasure from
+//! ProfileService.WatchChanges (PROFILE_CHANGE_KIND_MERGED / _ERASED).
 //!
 //! Exactly once per order: an ORDER_COMPLETED is accrued under the ledger key
 //! `order:<order_id>` and the feed cursor is stored **in the same transaction** as the ledger
-//! entry ([`OfferStore::apply_ledger`]), so a crash between the two cannot double-accrue, and a
+//! entry ([`crate::store::OfferStore::apply_ledger`]), so a crash between the two cannot double-accrue, and a
 //! redelivered event (at-least-once feed) replays the key and writes nothing. Refunds reverse
-//! under `refund:<source>/<event_id>`.
+//! under `refund:<source>/<event_id>`. Events naming a profile merged into another are applied
+//! to the survivor ([`crate::store::OfferStore::survivor_of`]), which holds the merged profile's orders; an
+//! order already in the survivor's ledger (moved by the merge) is not accrued again.
 //!
 //! Every change read from the three feeds also invalidates Decide's read models of the
 //! profile ([`crate::read_model`]): profile changes and the orders, refunds and triggering
@@ -560,7 +562,10 @@ impl Consumers {
     /// Reads up to a batch of ProfileService changes after the stored sequence and erases
     /// every profile whose change is PROFILE_CHANGE_KIND_ERASED
     /// ([`crate::OfferStore::erase_profile`], with the sequence stored in the same
-    /// transaction, so an erasure is applied once and a redelivery finds nothing left). Other
+    /// transaction, so an erasure is applied once and a redelivery finds nothing left), and
+    /// moves the points, orders, activity and codes of the `merged_profile_ids` of a
+    /// PROFILE_CHANGE_KIND_MERGED change to its profile ([`crate::OfferStore::merge_profiles`],
+    /// likewise with the sequence, keyed `merge:<loser>` so a redelivery moves nothing). Other
     /// kinds only advance the cursor. Returns the number of changes read.
     ///
     /// # Errors

@@ -8,8 +8,8 @@
 //! adjustment) creates one batch, identified by the sequence number of the
 //! entry that created it, with its own optional expiry time.
 //!
-//! * **Redemption** spends batches oldest first (by earning order, i.e. by
-//!   batch sequence number), skipping batches that have expired at the time of
+//! * **Redemption** spends batches oldest first (by the time they were earned,
+//!   then batch sequence number), skipping batches that have expired at the time of
 //!   the redemption, and records the exact draws so a cancellation can put the
 //!   points back where they came from.
 //! * **Expiry** is per batch: a batch is unavailable from its `expires_at`
@@ -23,6 +23,11 @@
 //! * **Refunds** reverse the order's points in proportion to the refunded
 //!   amount; see [`LedgerCommand::ReverseOrder`] for the rounding and the
 //!   shortfall policy.
+//! * **Profile merges** ([`PointsLedger::merge_out`] / [`PointsLedger::merge_in`]):
+//!   the loser's ledger ends with a `MergedOut` entry (every batch emptied, no
+//!   further commands); the survivor's gets one `MergedIn` entry per batch,
+//!   re-creating it with its original earned time, expiry, refund state and
+//!   order, so FIFO, expiry and refunds treat it as if earned there.
 //!
 //! # Idempotency
 //!
@@ -1490,6 +1495,69 @@ mod tests {
         }
     }
 
+    /// Merges `l` into `s` at `day` the way the store does.
+    fn merge(l: &mut PointsLedger, s: &mut PointsLedger, day: i64) -> usize {
+        let key = IdempotencyKey::new("merge:l");
+        let (out, moved) = l.merge_out(&key, t(day), "s").unwrap();
+        let into = s.merge_in(&key, t(day), "l", &moved);
+        let n = into.len();
+        l.record(out).unwrap();
+        s.record(into).unwrap();
+        n
+    }
+
+    #[test]
+    fn merged_batches_keep_earning_and_expiry_times_and_are_spent_oldest_first() {
+        let (mut l, mut s) = (PointsLedger::new(), PointsLedger::new());
+        l.execute(&req("l1", 0, accrue(30, Some(20), Some(("o1", 3_000)))))
+            .unwrap();
+        s.execute(&req("s1", 1, accrue(50, None, None))).unwrap();
+        l.execute(&req("l2", 2, accrue(10, None, None))).unwrap();
+        assert_eq!(merge(&mut l, &mut s, 5), 2);
+        assert_eq!(l.balance(t(5)), 0);
+        assert_eq!(l.book_balance(), 0);
+        assert_eq!(s.balance(t(5)), 90);
+        let earned: Vec<_> = s.batches(t(5)).iter().map(|b| b.earned_at).collect();
+        assert_eq!(earned, vec![t(0), t(1), t(2)]);
+        assert_eq!(s.batches(t(5))[0].expires_at, Some(t(20)));
+        // Oldest of either profile first: the loser's day-0 batch, then the survivor's.
+        let e = s.execute(&req("r", 6, redeem(40))).unwrap();
+        match &e[0].change {
+            EntryChange::Redeemed { draws, .. } => {
+                let got: Vec<_> = draws.iter().map(|d| d.points).collect();
+                assert_eq!(got, vec![30, 10]);
+            }
+            other => panic!("expected a redemption, got {other:?}"),
+        }
+        // Replays move nothing; the loser takes no new commands.
+        assert_eq!(merge_again(&l, &s), (0, 0));
+        assert!(matches!(
+            l.execute(&req("l3", 7, accrue(1, None, None))),
+            Err(LedgerError::MergedAway { .. })
+        ));
+        // The survivor refunds the loser's order from the moved batch (already spent:
+        // recorded as unrecovered, never negative).
+        let e = s
+            .execute(&req(
+                "refund",
+                8,
+                LedgerCommand::ReverseOrder {
+                    order_id: "o1".into(),
+                    refund: eur(1_500),
+                },
+            ))
+            .unwrap();
+        assert_eq!(e[0].change.book_delta(), 0);
+        let rebuilt = PointsLedger::from_entries(s.entries().to_vec()).unwrap();
+        assert_eq!(rebuilt.balance(t(9)), s.balance(t(9)));
+    }
+
+    fn merge_again(l: &PointsLedger, s: &PointsLedger) -> (usize, usize) {
+        let key = IdempotencyKey::new("merge:l");
+        let (out, moved) = l.merge_out(&key, t(9), "s").unwrap();
+        (out.len(), s.merge_in(&key, t(9), "l", &moved).len())
+    }
+
     #[test]
     fn accrual_creates_a_batch_and_raises_the_balance() {
         let mut l = PointsLedger::new();
@@ -1858,6 +1926,41 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn merging_two_random_ledgers_adds_balances_and_keeps_every_invariant(
+            ops in proptest::collection::vec((any::<bool>(), 1..100i64, 0..3i64, any::<bool>()), 1..40)
+        ) {
+            let (mut l, mut s) = (PointsLedger::new(), PointsLedger::new());
+            let mut day = 0;
+            for (i, (to_loser, p, step, spend)) in ops.into_iter().enumerate() {
+                day += step;
+                let ledger = if to_loser { &mut l } else { &mut s };
+                let command = if spend { redeem(p) } else { accrue(p, Some(day + 1 + p % 30), Some(("o", 10_000))) };
+                let _ = ledger.execute(&req(&format!("k{i}"), day, command));
+            }
+            day += 1;
+            let (lb, sb) = (l.balance(t(day)), s.balance(t(day)));
+            let book = l.book_balance() + s.book_balance();
+            merge(&mut l, &mut s, day);
+            prop_assert_eq!(l.balance(t(day)), 0);
+            prop_assert_eq!(l.book_balance(), 0);
+            prop_assert_eq!(s.balance(t(day)), lb + sb);
+            prop_assert_eq!(s.book_balance(), book);
+            let sum: Points = s.entries().iter().map(|e| e.change.book_delta()).sum();
+            prop_assert_eq!(sum, s.book_balance());
+            // Everything available can be spent, and not a point more.
+            if lb + sb > 0 {
+                prop_assert!(s.execute(&req("all", day, redeem(lb + sb))).is_ok());
+            }
+            prop_assert_eq!(s.balance(t(day)), 0);
+            prop_assert!(s.execute(&req("more", day, redeem(1))).is_err());
+            // A refund of the whole order never drives anything negative.
+            let _ = s.execute(&req("refund", day, LedgerCommand::ReverseOrder { order_id: "o".into(), refund: eur(10_000) }));
+            prop_assert!(s.batches(t(day)).iter().all(|b| b.remaining >= 0));
+            let rebuilt = PointsLedger::from_entries(s.entries().to_vec()).unwrap();
+            prop_assert_eq!(rebuilt.book_balance(), s.book_balance());
+        }
+
         #[test]
         fn random_command_sequences_never_drive_the_balance_negative(
             ops in proptest::collection::vec((op(), 0..5i64), 1..60)

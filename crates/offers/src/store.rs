@@ -326,7 +326,8 @@ pub trait OfferStore: Send + Sync + std::fmt::Debug {
     /// ledger lock, storing `cursor` with it: deletes its issued offers, trigger firings and
     /// order activity, and anonymises its ledger entries (moved to a fresh random pseudonym,
     /// identifying text blanked; points stay for the accounts). Offer usage counters and
-    /// budgets are left as they are: budget already spent stays spent. Idempotent: a second
+    /// budgets are left as they are: budget already spent stays spent. Profiles merged into
+    /// it ([`Self::merge_profiles`], transitively) are erased with it. Idempotent: a second
     /// call finds nothing left.
     async fn erase_profile(
         &self,
