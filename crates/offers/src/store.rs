@@ -1544,8 +1544,21 @@ impl OfferStore for SqlOfferStore {
                 continue; // replay: moved before
             }
             let points = ledger.balance(at);
-            let meta = EntryMeta::default();
-            insert_entries(conn, loser, out_entries, 0, &meta).await?;
+            // Statements show the move as an adjustment naming the other profile.
+            let meta = |note: String| EntryMeta {
+                adjustment_reason: pb::AdjustmentReason::Other as i32,
+                note,
+                actor: "profile-merge".into(),
+                ..EntryMeta::default()
+            };
+            insert_entries(
+                conn,
+                loser,
+                out_entries,
+                0,
+                &meta(format!("merged into profile {survivor}")),
+            )
+            .await?;
             let s_stored = load_entries(conn, survivor).await?;
             let mut s_ledger =
                 PointsLedger::from_entries(s_stored.iter().map(|s| s.entry.clone()))?;
@@ -1554,7 +1567,14 @@ impl OfferStore for SqlOfferStore {
             s_ledger.record(in_entries.iter().cloned())?;
             let available = s_ledger.balance(s_at);
             out.batches += in_entries.len() as u64;
-            insert_entries(conn, survivor, in_entries, available, &meta).await?;
+            insert_entries(
+                conn,
+                survivor,
+                in_entries,
+                available,
+                &meta(format!("merged from profile {loser}")),
+            )
+            .await?;
             out.points += points;
             out.merged += 1;
             out.activity += sqlx::query(

@@ -473,8 +473,15 @@ async fn merging_two_profiles_moves_points_to_the_survivor(engine: Engine) {
         Some("7")
     );
 
-    let (l, _) = f.store.ledger(&loser).await.unwrap();
+    let (l, l_entries) = f.store.ledger(&loser).await.unwrap();
     assert_eq!(l.balance(Utc::now()), 0);
+    let last = l_entries.last().unwrap();
+    assert_eq!((last.points, last.balance_after), (-30, 0));
+    assert_eq!(last.meta.note, format!("merged into profile {survivor}"));
+    let (_, s_entries) = f.store.ledger(&survivor).await.unwrap();
+    let moved = s_entries.last().unwrap();
+    assert_eq!((moved.points, moved.balance_after), (30, 80));
+    assert_eq!(moved.kind, pb::LedgerEntryKind::Adjustment as i32);
     assert_eq!(l.book_balance(), 0);
     let (s, _) = f.store.ledger(&survivor).await.unwrap();
     assert_eq!(s.balance(Utc::now()), 80);
@@ -712,6 +719,44 @@ conformance!(
 /// Contention on real PostgreSQL: writers run in parallel on separate connections.
 mod concurrency {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_merge_racing_redemptions_of_both_profiles_loses_and_doubles_no_point() {
+        let _serial = CONTENTION.lock().await;
+        let f = store_with_pool(Engine::Postgres, 10).await;
+        let (loser, survivor) = (profile_id(), profile_id());
+        apply(&*f.store, &loser, "l", accrue(200)).await.unwrap();
+        apply(&*f.store, &survivor, "s", accrue(100)).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..30 {
+            let s = f.store.clone();
+            let p = if i % 2 == 0 {
+                loser.clone()
+            } else {
+                survivor.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                apply(&*s, &p, &format!("r{i}"), redeem(10)).await.is_ok()
+            }));
+        }
+        let merger = {
+            let s = f.store.clone();
+            let (l, sv) = (loser.clone(), survivor.clone());
+            tokio::spawn(async move { s.merge_profiles(&sv, &[l], None).await.unwrap() })
+        };
+        let mut spent = 0;
+        for t in tasks {
+            if t.await.unwrap() {
+                spent += 10;
+            }
+        }
+        let out = merger.await.unwrap();
+        assert_eq!(out.merged, 1);
+        let (l, _) = f.store.ledger(&loser).await.unwrap();
+        let (s, _) = f.store.ledger(&survivor).await.unwrap();
+        assert_eq!(l.balance(Utc::now()), 0);
+        assert_eq!(s.balance(Utc::now()) + spent, 300);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn fifty_concurrent_redemptions_never_overdraw_the_balance() {
