@@ -200,17 +200,11 @@ impl Consumers {
         let Some(event) = stored.event.as_ref() else {
             return Ok(false);
         };
-        let survivor = if stored.profile_id.is_empty() {
-            None
-        } else {
-            store.survivor_of(&stored.profile_id).await?
-        };
-        // An event still naming a merged-away profile belongs to the survivor, which now
-        // holds that profile's ledger, orders and activity.
-        let profile = survivor.as_deref().unwrap_or(stored.profile_id.as_str());
-        if !profile.is_empty() {
+        if !stored.profile_id.is_empty() {
             // Scores and lifecycle follow from orders: Decide re-reads them.
-            self.service.read_model().profile_changed(profile);
+            self.service
+                .read_model()
+                .profile_changed(&stored.profile_id);
         }
         let relevant = matches!(
             event.payload,
@@ -218,8 +212,15 @@ impl Consumers {
         ) || triggers
             .iter()
             .any(|t| matches!(&t.on, Some(pb::trigger::On::Event(e)) if e.kind == stored.kind));
-        if profile.is_empty() || !relevant {
+        if stored.profile_id.is_empty() || !relevant {
             return Ok(false);
+        }
+        // An event still naming a merged-away profile belongs to the survivor, which now
+        // holds that profile's ledger, orders and activity.
+        let survivor = store.survivor_of(&stored.profile_id).await?;
+        let profile = survivor.as_deref().unwrap_or(stored.profile_id.as_str());
+        if survivor.is_some() {
+            self.service.read_model().profile_changed(profile);
         }
         if store.is_erased(profile).await? {
             return Ok(false); // erased: nothing is recreated for the person

@@ -1520,6 +1520,8 @@ mod tests {
         let earned: Vec<_> = s.batches(t(5)).iter().map(|b| b.earned_at).collect();
         assert_eq!(earned, vec![t(0), t(1), t(2)]);
         assert_eq!(s.batches(t(5))[0].expires_at, Some(t(20)));
+        // Tiers by points earned count the loser's accruals at their earning times.
+        assert_eq!(s.moved_in_earnings(), vec![(t(0), 30), (t(2), 10)]);
         // Oldest of either profile first: the loser's day-0 batch, then the survivor's.
         let e = s.execute(&req("r", 6, redeem(40))).unwrap();
         match &e[0].change {
