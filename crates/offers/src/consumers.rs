@@ -1,13 +1,15 @@
 //! Feed consumers: points accrual and reversal from IngestService.WatchEvents, triggers
 //! from both feeds (segment entries from SegmentationService.WatchMembershipChanges, events
-//! such as CART_ABANDONED from IngestService.WatchEvents), and erasure from
-//! ProfileService.WatchChanges (PROFILE_CHANGE_KIND_ERASED).
+//! such as CART_ABANDONED from IngestService.WatchEvents), and merges and erasure from
+//! ProfileService.WatchChanges (PROFILE_CHANGE_KIND_MERGED / _ERASED).
 //!
 //! Exactly once per order: an ORDER_COMPLETED is accrued under the ledger key
 //! `order:<order_id>` and the feed cursor is stored **in the same transaction** as the ledger
-//! entry ([`OfferStore::apply_ledger`]), so a crash between the two cannot double-accrue, and a
+//! entry ([`crate::store::OfferStore::apply_ledger`]), so a crash between the two cannot double-accrue, and a
 //! redelivered event (at-least-once feed) replays the key and writes nothing. Refunds reverse
-//! under `refund:<source>/<event_id>`.
+//! under `refund:<source>/<event_id>`. Events naming a profile merged into another are applied
+//! to the survivor ([`crate::store::OfferStore::survivor_of`]), which holds the merged profile's orders; an
+//! order already in the survivor's ledger (moved by the merge) is not accrued again.
 //!
 //! Every change read from the three feeds also invalidates Decide's read models of the
 //! profile ([`crate::read_model`]): profile changes and the orders, refunds and triggering
@@ -198,10 +200,11 @@ impl Consumers {
         let Some(event) = stored.event.as_ref() else {
             return Ok(false);
         };
-        let profile = stored.profile_id.as_str();
-        if !profile.is_empty() {
+        if !stored.profile_id.is_empty() {
             // Scores and lifecycle follow from orders: Decide re-reads them.
-            self.service.read_model().profile_changed(profile);
+            self.service
+                .read_model()
+                .profile_changed(&stored.profile_id);
         }
         let relevant = matches!(
             event.payload,
@@ -209,8 +212,15 @@ impl Consumers {
         ) || triggers
             .iter()
             .any(|t| matches!(&t.on, Some(pb::trigger::On::Event(e)) if e.kind == stored.kind));
-        if profile.is_empty() || !relevant {
+        if stored.profile_id.is_empty() || !relevant {
             return Ok(false);
+        }
+        // An event still naming a merged-away profile belongs to the survivor, which now
+        // holds that profile's ledger, orders and activity.
+        let survivor = store.survivor_of(&stored.profile_id).await?;
+        let profile = survivor.as_deref().unwrap_or(stored.profile_id.as_str());
+        if survivor.is_some() {
+            self.service.read_model().profile_changed(profile);
         }
         if store.is_erased(profile).await? {
             return Ok(false); // erased: nothing is recreated for the person
@@ -306,7 +316,7 @@ impl Consumers {
         let program = self.service.program();
         let store = self.service.store();
         let (ledger, _) = store.ledger(profile).await?;
-        if ledger.entries().iter().any(|e| e.key.0 == key) {
+        if ledger.entries().iter().any(|e| e.key.0 == key) || ledger.has_order(&o.order_id) {
             return Ok(None); // accrued before; the cursor still advances
         }
         let activity = store.activity(profile).await?;
@@ -553,7 +563,10 @@ impl Consumers {
     /// Reads up to a batch of ProfileService changes after the stored sequence and erases
     /// every profile whose change is PROFILE_CHANGE_KIND_ERASED
     /// ([`crate::OfferStore::erase_profile`], with the sequence stored in the same
-    /// transaction, so an erasure is applied once and a redelivery finds nothing left). Other
+    /// transaction, so an erasure is applied once and a redelivery finds nothing left), and
+    /// moves the points, orders, activity and codes of the `merged_profile_ids` of a
+    /// PROFILE_CHANGE_KIND_MERGED change to its profile ([`crate::OfferStore::merge_profiles`],
+    /// likewise with the sequence, keyed `merge:<loser>` so a redelivery moves nothing). Other
     /// kinds only advance the cursor. Returns the number of changes read.
     ///
     /// # Errors
@@ -596,6 +609,25 @@ impl Consumers {
                     issued_offers = out.issued_offers,
                     ledger_entries = out.ledger_entries,
                     "erased profile's offers, points and tier activity"
+                );
+            } else if change.kind == pb::ProfileChangeKind::Merged as i32
+                && !change.profile_id.is_empty()
+                && !change.merged_profile_ids.is_empty()
+            {
+                let seq = change.sequence.to_string();
+                let out = store
+                    .merge_profiles(
+                        &change.profile_id,
+                        &change.merged_profile_ids,
+                        Some((PROFILES_FEED, &seq)),
+                    )
+                    .await?;
+                tracing::info!(
+                    merged = out.merged,
+                    batches = out.batches,
+                    points = out.points,
+                    issued_offers = out.issued_offers,
+                    "moved merged profiles' points, activity and offers to the survivor"
                 );
             }
         }

@@ -264,6 +264,12 @@ fn qualifying_activity_except(ledger: &PointsLedger, skip: &[u64]) -> Vec<Qualif
             };
             Some(QualifyingActivity { at: e.at, value })
         })
+        .chain(
+            ledger
+                .moved_in_earnings()
+                .into_iter()
+                .map(|(at, value)| QualifyingActivity { at, value }),
+        )
         .collect()
 }
 

@@ -496,6 +496,24 @@ impl OfferStore for InvalidatingStore {
     async fn is_erased(&self, profile_id: &str) -> StoreResult<bool> {
         self.inner.is_erased(profile_id).await
     }
+    async fn merge_profiles(
+        &self,
+        survivor: &str,
+        losers: &[String],
+        cursor: Option<(&str, &str)>,
+    ) -> StoreResult<crate::store::MergeOutcome> {
+        let r = self.inner.merge_profiles(survivor, losers, cursor).await;
+        self.model.ledger_changed(survivor);
+        self.model.profile_changed(survivor);
+        for l in losers {
+            self.model.ledger_changed(l);
+            self.model.profile_changed(l);
+        }
+        r
+    }
+    async fn survivor_of(&self, profile_id: &str) -> StoreResult<Option<String>> {
+        self.inner.survivor_of(profile_id).await
+    }
 }
 
 #[cfg(test)]

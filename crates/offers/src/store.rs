@@ -326,7 +326,8 @@ pub trait OfferStore: Send + Sync + std::fmt::Debug {
     /// ledger lock, storing `cursor` with it: deletes its issued offers, trigger firings and
     /// order activity, and anonymises its ledger entries (moved to a fresh random pseudonym,
     /// identifying text blanked; points stay for the accounts). Offer usage counters and
-    /// budgets are left as they are: budget already spent stays spent. Idempotent: a second
+    /// budgets are left as they are: budget already spent stays spent. Profiles merged into
+    /// it ([`Self::merge_profiles`], transitively) are erased with it. Idempotent: a second
     /// call finds nothing left.
     async fn erase_profile(
         &self,
@@ -335,6 +336,37 @@ pub trait OfferStore: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<ErasureOutcome>;
     /// Whether [`Self::erase_profile`] ran for the profile.
     async fn is_erased(&self, profile_id: &str) -> StoreResult<bool>;
+    /// Merges each of `losers` into `survivor` in one transaction under the ledger locks of
+    /// all of them, storing `cursor` with it. Per loser: its ledger gets one `MergedOut`
+    /// entry (balance 0, no further commands) and the survivor one `MergedIn` entry per
+    /// batch, keeping earned and expiry times, refund state and order (key `merge:<loser>`
+    /// in both ledgers); its order activity (keys the survivor already has are dropped),
+    /// issued offers and trigger firings are re-owned by the survivor; the pair is recorded
+    /// for [`Self::survivor_of`]. Exactly once: a replay finds the key and moves nothing.
+    async fn merge_profiles(
+        &self,
+        survivor: &str,
+        losers: &[String],
+        cursor: Option<(&str, &str)>,
+    ) -> StoreResult<MergeOutcome>;
+    /// The profile a merged-away profile now lives in (following chains of merges), or
+    /// `None` if it was not merged.
+    async fn survivor_of(&self, profile_id: &str) -> StoreResult<Option<String>>;
+}
+
+/// What a merge moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeOutcome {
+    /// Losers merged now (not before).
+    pub merged: u64,
+    /// Batches moved to the survivor.
+    pub batches: u64,
+    /// Available points moved (at the merge time).
+    pub points: i64,
+    /// Issued offers re-owned.
+    pub issued_offers: u64,
+    /// Order activity rows re-owned.
+    pub activity: u64,
 }
 
 /// What an erasure removed.
@@ -397,7 +429,10 @@ pub fn entry_kind_points(change: &EntryChange) -> (pb::LedgerEntryKind, i64) {
     let kind = match change {
         EntryChange::Accrued { .. } => K::Earn,
         EntryChange::Redeemed { .. } => K::Redemption,
-        EntryChange::RedemptionCancelled { .. } | EntryChange::Adjusted { .. } => K::Adjustment,
+        EntryChange::RedemptionCancelled { .. }
+        | EntryChange::Adjusted { .. }
+        | EntryChange::MergedOut { .. }
+        | EntryChange::MergedIn { .. } => K::Adjustment,
         EntryChange::Expired { .. } => K::Expiry,
         EntryChange::Reversed { .. } => K::EarnReversal,
     };
@@ -439,6 +474,140 @@ async fn load_entries(conn: &mut AnyConnection, profile_id: &str) -> StoreResult
         .fetch_all(&mut *conn)
         .await?;
     rows.iter().map(entry_row).collect()
+}
+
+/// Inserts already-computed entries of `profile_id` (key from the entries), each with
+/// `balance_after` = `available`.
+async fn insert_entries(
+    conn: &mut AnyConnection,
+    profile_id: &str,
+    entries: Vec<LedgerEntry>,
+    available: i64,
+    meta: &EntryMeta,
+) -> StoreResult<Vec<StoredEntry>> {
+    let mut written = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let (kind, points) = entry_kind_points(&entry.change);
+        let s = StoredEntry {
+            entry_id: uuid::Uuid::now_v7().to_string(),
+            profile_id: profile_id.to_string(),
+            order_id: order_of(&entry.change),
+            kind: kind as i32,
+            points,
+            balance_after: available,
+            created_at: entry.at.timestamp_micros(),
+            meta: meta.clone(),
+            entry,
+        };
+        sqlx::query(
+            "INSERT INTO ledger_entries (profile_id, seq, entry_id, idem_key, kind, points, \
+             balance_after, created_at, order_id, meta, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(profile_id)
+        .bind(i64::try_from(s.entry.seq.0).map_err(corrupt)?)
+        .bind(&s.entry_id)
+        .bind(&s.entry.key.0)
+        .bind(i64::from(s.kind))
+        .bind(s.points)
+        .bind(s.balance_after)
+        .bind(s.created_at)
+        .bind(&s.order_id)
+        .bind(serde_json::to_string(&s.meta).map_err(corrupt)?)
+        .bind(serde_json::to_string(&s.entry).map_err(corrupt)?)
+        .execute(&mut *conn)
+        .await?;
+        written.push(s);
+    }
+    Ok(written)
+}
+
+/// Follows `merged_profiles` from `profile_id` to the profile that now holds its data.
+async fn survivor_in(conn: &mut AnyConnection, profile_id: &str) -> StoreResult<Option<String>> {
+    let mut current = profile_id.to_string();
+    let mut found = None;
+    // Bounded: a merge cycle (which ProfileService never produces) cannot loop forever.
+    for _ in 0..16 {
+        let row = sqlx::query("SELECT survivor_id FROM merged_profiles WHERE loser_id = $1")
+            .bind(&current)
+            .fetch_optional(&mut *conn)
+            .await?;
+        let Some(row) = row else { break };
+        current = row.try_get("survivor_id")?;
+        found = Some(current.clone());
+    }
+    Ok(found)
+}
+
+/// The profiles merged into `profile_id`, transitively (not including it).
+async fn merged_into(conn: &mut AnyConnection, profile_id: &str) -> StoreResult<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    let mut frontier = vec![profile_id.to_string()];
+    while let Some(p) = frontier.pop() {
+        let rows = sqlx::query("SELECT loser_id FROM merged_profiles WHERE survivor_id = $1")
+            .bind(&p)
+            .fetch_all(&mut *conn)
+            .await?;
+        for r in &rows {
+            let l: String = r.try_get("loser_id")?;
+            if l != profile_id && !out.contains(&l) && out.len() < 10_000 {
+                out.push(l.clone());
+                frontier.push(l);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The erasure of one profile id inside [`OfferStore::erase_profile`]'s transaction.
+async fn erase_one(
+    conn: &mut AnyConnection,
+    profile_id: &str,
+    out: &mut ErasureOutcome,
+) -> StoreResult<()> {
+    let mut deleted = [0_u64; 3];
+    for (i, table) in ["issued_offers", "trigger_firings", "earn_activity"]
+        .iter()
+        .enumerate()
+    {
+        deleted[i] = sqlx::query(&format!("DELETE FROM {table} WHERE profile_id = $1"))
+            .bind(profile_id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    out.issued_offers += deleted[0];
+    out.trigger_firings += deleted[1];
+    out.activity += deleted[2];
+    let stored = load_entries(conn, profile_id).await?;
+    if !stored.is_empty() {
+        let pseudonym = format!("erased:{}", uuid::Uuid::new_v4());
+        let meta = serde_json::to_string(&EntryMeta::default()).map_err(corrupt)?;
+        for s in &stored {
+            let body = serde_json::to_string(&anonymise_entry(&s.entry)).map_err(corrupt)?;
+            sqlx::query(
+                "UPDATE ledger_entries SET profile_id = $1, idem_key = '', order_id = '', \
+                 meta = $2, body = $3 WHERE profile_id = $4 AND seq = $5",
+            )
+            .bind(&pseudonym)
+            .bind(&meta)
+            .bind(&body)
+            .bind(profile_id)
+            .bind(i64::try_from(s.entry.seq.0).map_err(corrupt)?)
+            .execute(&mut *conn)
+            .await?;
+            out.ledger_entries += 1;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO erased_profiles (profile_id, erased_at) VALUES ($1, $2) \
+         ON CONFLICT (profile_id) DO NOTHING",
+    )
+    .bind(profile_id)
+    .bind(clientele_runtime::time::now_micros())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 async fn store_cursor(conn: &mut AnyConnection, consumer: &str, cursor: &str) -> StoreResult<()> {
@@ -1306,59 +1475,154 @@ impl OfferStore for SqlOfferStore {
     ) -> StoreResult<ErasureOutcome> {
         let mut w = self.begin_write().await?;
         let conn: &mut AnyConnection = &mut w.tx;
+        // Profiles merged into this one left their history (their ledger up to the merge)
+        // under their own ids: the person's erasure covers them too.
+        let mut ids = vec![profile_id.to_string()];
+        ids.extend(merged_into(conn, profile_id).await?);
         self.db
-            .lock_keys(&mut *conn, [format!("offers:ledger:{profile_id}")])
+            .lock_keys(&mut *conn, ids.iter().map(|p| format!("offers:ledger:{p}")))
             .await?;
-        let mut deleted = [0_u64; 3];
-        for (i, table) in ["issued_offers", "trigger_firings", "earn_activity"]
-            .iter()
-            .enumerate()
-        {
-            deleted[i] = sqlx::query(&format!("DELETE FROM {table} WHERE profile_id = $1"))
-                .bind(profile_id)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
+        let mut out = ErasureOutcome::default();
+        for id in &ids {
+            erase_one(conn, id, &mut out).await?;
         }
-        let mut out = ErasureOutcome {
-            issued_offers: deleted[0],
-            trigger_firings: deleted[1],
-            activity: deleted[2],
-            ledger_entries: 0,
-        };
-        let stored = load_entries(conn, profile_id).await?;
-        if !stored.is_empty() {
-            let pseudonym = format!("erased:{}", uuid::Uuid::new_v4());
-            let meta = serde_json::to_string(&EntryMeta::default()).map_err(corrupt)?;
-            for s in &stored {
-                let body = serde_json::to_string(&anonymise_entry(&s.entry)).map_err(corrupt)?;
-                sqlx::query(
-                    "UPDATE ledger_entries SET profile_id = $1, idem_key = '', order_id = '', \
-                     meta = $2, body = $3 WHERE profile_id = $4 AND seq = $5",
-                )
-                .bind(&pseudonym)
-                .bind(&meta)
-                .bind(&body)
-                .bind(profile_id)
-                .bind(i64::try_from(s.entry.seq.0).map_err(corrupt)?)
+        sqlx::query("DELETE FROM merged_profiles WHERE survivor_id = $1 OR loser_id = $2")
+            .bind(profile_id)
+            .bind(profile_id)
+            .execute(&mut *conn)
+            .await?;
+        for id in &ids[1..] {
+            sqlx::query("DELETE FROM merged_profiles WHERE loser_id = $1")
+                .bind(id)
                 .execute(&mut *conn)
                 .await?;
-                out.ledger_entries += 1;
-            }
         }
-        sqlx::query(
-            "INSERT INTO erased_profiles (profile_id, erased_at) VALUES ($1, $2) \
-             ON CONFLICT (profile_id) DO NOTHING",
-        )
-        .bind(profile_id)
-        .bind(clientele_runtime::time::now_micros())
-        .execute(&mut *conn)
-        .await?;
         if let Some((consumer, value)) = cursor {
             store_cursor(conn, consumer, value).await?;
         }
         w.tx.commit().await?;
         Ok(out)
+    }
+
+    async fn merge_profiles(
+        &self,
+        survivor: &str,
+        losers: &[String],
+        cursor: Option<(&str, &str)>,
+    ) -> StoreResult<MergeOutcome> {
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        let losers: Vec<&String> = losers
+            .iter()
+            .filter(|l| !l.is_empty() && l.as_str() != survivor)
+            .collect();
+        self.db
+            .lock_keys(
+                &mut *conn,
+                std::iter::once(survivor)
+                    .chain(losers.iter().map(|l| l.as_str()))
+                    .map(|p| format!("offers:ledger:{p}")),
+            )
+            .await?;
+        let mut out = MergeOutcome::default();
+        let now = Utc::now();
+        for loser in losers {
+            let key = IdempotencyKey::new(format!("merge:{loser}"));
+            let stored = load_entries(conn, loser).await?;
+            let ledger = PointsLedger::from_entries(stored.iter().map(|s| s.entry.clone()))?;
+            let at = stored.last().map_or(now, |s| s.entry.at.max(now));
+            let (out_entries, moved) = match ledger.merge_out(&key, at, survivor) {
+                Ok(r) => r,
+                // Merged into another survivor before: that merge stands.
+                Err(LedgerError::MergedAway { into }) => {
+                    tracing::warn!(loser = %loser, into = %into, "profile was merged before");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if out_entries.is_empty() {
+                continue; // replay: moved before
+            }
+            let points = ledger.balance(at);
+            // Statements show the move as an adjustment naming the other profile.
+            let meta = |note: String| EntryMeta {
+                adjustment_reason: pb::AdjustmentReason::Other as i32,
+                note,
+                actor: "profile-merge".into(),
+                ..EntryMeta::default()
+            };
+            insert_entries(
+                conn,
+                loser,
+                out_entries,
+                0,
+                &meta(format!("merged into profile {survivor}")),
+            )
+            .await?;
+            let s_stored = load_entries(conn, survivor).await?;
+            let mut s_ledger =
+                PointsLedger::from_entries(s_stored.iter().map(|s| s.entry.clone()))?;
+            let in_entries = s_ledger.merge_in(&key, now, loser, &moved);
+            let s_at = in_entries.first().map_or(now, |e| e.at);
+            s_ledger.record(in_entries.iter().cloned())?;
+            let available = s_ledger.balance(s_at);
+            out.batches += in_entries.len() as u64;
+            insert_entries(
+                conn,
+                survivor,
+                in_entries,
+                available,
+                &meta(format!("merged from profile {loser}")),
+            )
+            .await?;
+            out.points += points;
+            out.merged += 1;
+            out.activity += sqlx::query(
+                "UPDATE earn_activity SET profile_id = $1 WHERE profile_id = $2 AND activity_key \
+                 NOT IN (SELECT activity_key FROM earn_activity WHERE profile_id = $3)",
+            )
+            .bind(survivor)
+            .bind(loser)
+            .bind(survivor)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            sqlx::query("DELETE FROM earn_activity WHERE profile_id = $1")
+                .bind(loser)
+                .execute(&mut *conn)
+                .await?;
+            out.issued_offers +=
+                sqlx::query("UPDATE issued_offers SET profile_id = $1 WHERE profile_id = $2")
+                    .bind(survivor)
+                    .bind(loser)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+            sqlx::query("UPDATE trigger_firings SET profile_id = $1 WHERE profile_id = $2")
+                .bind(survivor)
+                .bind(loser)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(
+                "INSERT INTO merged_profiles (loser_id, survivor_id, merged_at) \
+                 VALUES ($1, $2, $3) ON CONFLICT (loser_id) DO NOTHING",
+            )
+            .bind(loser.as_str())
+            .bind(survivor)
+            .bind(now.timestamp_micros())
+            .execute(&mut *conn)
+            .await?;
+        }
+        if let Some((consumer, value)) = cursor {
+            store_cursor(conn, consumer, value).await?;
+        }
+        w.tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn survivor_of(&self, profile_id: &str) -> StoreResult<Option<String>> {
+        let mut conn = self.db.pool.acquire().await?;
+        survivor_in(&mut conn, profile_id).await
     }
 
     async fn is_erased(&self, profile_id: &str) -> StoreResult<bool> {

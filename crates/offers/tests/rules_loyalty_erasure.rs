@@ -416,6 +416,72 @@ async fn update_mask_sets_one_eligibility_field_and_refuses_other_nested_paths(e
     );
 }
 
+fn email(address: &str) -> pb::IdentifierSet {
+    pb::IdentifierSet {
+        identifiers: vec![pb::Identifier {
+            r#type: pb::IdentifierType::Email as i32,
+            value: address.into(),
+            namespace: String::new(),
+        }],
+    }
+}
+
+async fn resolve(s: &Served, identifiers: pb::IdentifierSet) -> String {
+    s.profiles()
+        .resolve(pb::ResolveRequest {
+            identifiers: Some(identifiers),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile_id
+}
+
+async fn a_merge_from_the_profile_feed_moves_points_once_and_refunds_follow(engine: Engine) {
+    let s = serve(engine).await;
+    s.ingest(vec![order("m-old", 1, 2.0, 10_000)]).await;
+    let mut second = order("m-new", 1, 1.0, 5_000);
+    second.identifiers = Some(email("m-new@example.com"));
+    s.ingest(vec![second]).await;
+    s.sync().await;
+    let old = s.profile_id("m-old").await;
+    let new = resolve(&s, email("m-new@example.com")).await;
+    assert_ne!(old, new);
+    assert_eq!(balance(&s, &old).await.available_points, 100);
+    assert_eq!(balance(&s, &new).await.available_points, 50);
+
+    // One request naming both links them: the older profile survives.
+    let mut both = support::ids("m-old");
+    both.identifiers
+        .extend(email("m-new@example.com").identifiers);
+    assert_eq!(resolve(&s, both).await, old);
+    s.sync().await;
+    assert_eq!(balance(&s, &old).await.available_points, 150);
+    assert_eq!(balance(&s, &new).await.available_points, 0);
+    // The change read again (a redelivery) moves nothing.
+    let store = s.offers.store().clone();
+    store
+        .set_cursor(clientele_offers::consumers::PROFILES_FEED, "0")
+        .await
+        .unwrap();
+    s.consumers.catch_up().await.unwrap();
+    assert_eq!(balance(&s, &old).await.available_points, 150);
+
+    // A refund of the loser's order reverses its points from the survivor.
+    let mut r = support::refund("m-new", "m-new-r1", "m-new-1", 2_500);
+    r.identifiers = Some(email("m-new@example.com"));
+    s.ingest(vec![r]).await;
+    s.sync().await;
+    assert_eq!(balance(&s, &old).await.available_points, 125);
+    // The loser's order redelivered is not accrued again.
+    let mut again = order("m-new", 1, 1.0, 5_000);
+    again.identifiers = Some(email("m-new@example.com"));
+    again.event_id = "m-new-o1-redelivered".into();
+    s.ingest(vec![again]).await;
+    s.sync().await;
+    assert_eq!(balance(&s, &old).await.available_points, 125);
+}
+
 macro_rules! service_tests {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -442,4 +508,5 @@ service_tests!(
     spend_tiers_segment_multipliers_and_day_caps_apply_at_accrual,
     erasure_removes_offers_points_and_tier_activity_once,
     update_mask_sets_one_eligibility_field_and_refuses_other_nested_paths,
+    a_merge_from_the_profile_feed_moves_points_once_and_refunds_follow,
 );

@@ -417,6 +417,262 @@ async fn trigger_fires_once_per_source(engine: Engine) {
     ));
 }
 
+fn eur_money(minor: i64) -> clientele_offers::money::Money {
+    clientele_offers::money::Money::new(
+        minor,
+        clientele_offers::money::CurrencyCode::new("EUR").unwrap(),
+    )
+}
+
+fn accrue_order(points: i64, order_id: &str, amount: i64) -> LedgerCommand {
+    LedgerCommand::Accrue {
+        points,
+        expires_at: None,
+        order: Some(clientele_offers::ledger::OrderRef {
+            order_id: order_id.into(),
+            amount: eur_money(amount),
+        }),
+    }
+}
+
+async fn merging_two_profiles_moves_points_to_the_survivor(engine: Engine) {
+    let f = store(engine).await;
+    let (loser, survivor) = (profile_id(), profile_id());
+    let now = Utc::now();
+    let expiry = now + Duration::days(30);
+    // The loser's batch is the older one and expires; the survivor's is newer.
+    f.store
+        .apply_ledger(
+            &loser,
+            "l1",
+            LedgerCommand::Accrue {
+                points: 30,
+                expires_at: Some(expiry),
+                order: None,
+            },
+            now,
+            EntryMeta::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    apply(&*f.store, &survivor, "s1", accrue(50)).await.unwrap();
+    let out = f
+        .store
+        .merge_profiles(
+            &survivor,
+            std::slice::from_ref(&loser),
+            Some(("profiles", "7")),
+        )
+        .await
+        .unwrap();
+    assert_eq!((out.merged, out.batches, out.points), (1, 1, 30));
+    assert_eq!(
+        f.store.cursor("profiles").await.unwrap().as_deref(),
+        Some("7")
+    );
+
+    let (l, l_entries) = f.store.ledger(&loser).await.unwrap();
+    assert_eq!(l.balance(Utc::now()), 0);
+    let last = l_entries.last().unwrap();
+    assert_eq!((last.points, last.balance_after), (-30, 0));
+    assert_eq!(last.meta.note, format!("merged into profile {survivor}"));
+    let (_, s_entries) = f.store.ledger(&survivor).await.unwrap();
+    let moved = s_entries.last().unwrap();
+    assert_eq!((moved.points, moved.balance_after), (30, 80));
+    assert_eq!(moved.kind, pb::LedgerEntryKind::Adjustment as i32);
+    assert_eq!(l.book_balance(), 0);
+    let (s, _) = f.store.ledger(&survivor).await.unwrap();
+    assert_eq!(s.balance(Utc::now()), 80);
+    let batches = s.batches(Utc::now());
+    assert_eq!(
+        batches[0].earned_at.timestamp_micros(),
+        now.timestamp_micros()
+    );
+    assert_eq!(batches[0].expires_at, Some(expiry));
+    // The loser's batch is older: a redemption spends it first.
+    let r = apply(&*f.store, &survivor, "r1", redeem(40)).await.unwrap();
+    assert_eq!(r.available, 40);
+    let (s, _) = f.store.ledger(&survivor).await.unwrap();
+    let remaining: Vec<i64> = s.batches(Utc::now()).iter().map(|b| b.remaining).collect();
+    assert_eq!(remaining, vec![0, 40]);
+    // The loser's ledger takes no new commands.
+    let err = apply(&*f.store, &loser, "l2", accrue(5)).await.unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::Ledger(LedgerError::MergedAway { .. })
+    ));
+    assert_eq!(
+        f.store.survivor_of(&loser).await.unwrap().as_deref(),
+        Some(survivor.as_str())
+    );
+}
+
+async fn replayed_merge_moves_nothing_twice(engine: Engine) {
+    let f = store(engine).await;
+    let (loser, survivor) = (profile_id(), profile_id());
+    apply(&*f.store, &loser, "l1", accrue(30)).await.unwrap();
+    apply(&*f.store, &survivor, "s1", accrue(50)).await.unwrap();
+    f.store.create_offer(&record(offer("o1"))).await.unwrap();
+    f.store
+        .issue(&new_issue(&loser, "o1", "a", Some(2)))
+        .await
+        .unwrap();
+    f.store
+        .merge_profiles(
+            &survivor,
+            std::slice::from_ref(&loser),
+            Some(("profiles", "7")),
+        )
+        .await
+        .unwrap();
+    let (_, before) = f.store.ledger(&survivor).await.unwrap();
+    let again = f
+        .store
+        .merge_profiles(
+            &survivor,
+            std::slice::from_ref(&loser),
+            Some(("profiles", "8")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, clientele_offers::store::MergeOutcome::default());
+    let (s, after) = f.store.ledger(&survivor).await.unwrap();
+    assert_eq!(before.len(), after.len());
+    assert_eq!(s.balance(Utc::now()), 80);
+    assert_eq!(f.store.ledger(&loser).await.unwrap().1.len(), 2);
+    assert_eq!(
+        f.store.cursor("profiles").await.unwrap().as_deref(),
+        Some("8")
+    );
+    // The loser's code counts against the survivor's per-profile cap.
+    let (per_offer, _) = f.store.profile_usage(&survivor).await.unwrap();
+    assert_eq!(per_offer.get("o1"), Some(&1));
+    f.store
+        .issue(&new_issue(&survivor, "o1", "b", Some(2)))
+        .await
+        .unwrap();
+    let refused = f
+        .store
+        .issue(&new_issue(&survivor, "o1", "c", Some(2)))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        StoreError::Refused(IssueRefusal::ProfileCap)
+    ));
+}
+
+async fn refund_of_the_losers_order_after_the_merge_reverses_its_points_from_the_survivor(
+    engine: Engine,
+) {
+    let f = store(engine).await;
+    let (loser, survivor) = (profile_id(), profile_id());
+    apply(
+        &*f.store,
+        &loser,
+        "order:o1",
+        accrue_order(100, "o1", 10_000),
+    )
+    .await
+    .unwrap();
+    apply(
+        &*f.store,
+        &loser,
+        "refund:a",
+        LedgerCommand::ReverseOrder {
+            order_id: "o1".into(),
+            refund: eur_money(2_000),
+        },
+    )
+    .await
+    .unwrap();
+    apply(&*f.store, &survivor, "s1", accrue(50)).await.unwrap();
+    let activity = clientele_offers::program::EarnActivity {
+        key: "order:o1".into(),
+        at: Utc::now(),
+        spend_minor: 10_000,
+        points: 100,
+    };
+    f.store.record_activity(&loser, &activity).await.unwrap();
+    f.store
+        .merge_profiles(&survivor, std::slice::from_ref(&loser), None)
+        .await
+        .unwrap();
+    let (s, _) = f.store.ledger(&survivor).await.unwrap();
+    assert_eq!(s.balance(Utc::now()), 130);
+    // The order is known to the survivor: it is never accrued again.
+    assert!(s.has_order("o1"));
+    assert_eq!(f.store.activity(&survivor).await.unwrap().len(), 1);
+    assert!(!f.store.record_activity(&survivor, &activity).await.unwrap());
+    // A later refund under the survivor continues the order's running total: 20 % + 30 %.
+    let out = apply(
+        &*f.store,
+        &survivor,
+        "refund:b",
+        LedgerCommand::ReverseOrder {
+            order_id: "o1".into(),
+            refund: eur_money(3_000),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.entries[0].points, -30);
+    assert_eq!(out.available, 100);
+    // The rest of the order is refundable, no more.
+    let too_much = apply(
+        &*f.store,
+        &survivor,
+        "refund:c",
+        LedgerCommand::ReverseOrder {
+            order_id: "o1".into(),
+            refund: eur_money(5_001),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(
+        too_much,
+        StoreError::Ledger(LedgerError::RefundExceedsOrder { .. })
+    ));
+}
+
+async fn a_profile_merged_into_one_then_erased_is_erased_too(engine: Engine) {
+    let f = store(engine).await;
+    let (loser, survivor) = (profile_id(), profile_id());
+    apply(
+        &*f.store,
+        &loser,
+        "order:o1",
+        accrue_order(100, "o1", 10_000),
+    )
+    .await
+    .unwrap();
+    apply(&*f.store, &loser, "r1", redeem(10)).await.unwrap();
+    apply(&*f.store, &survivor, "s1", accrue(50)).await.unwrap();
+    f.store.create_offer(&record(offer("o1"))).await.unwrap();
+    f.store
+        .issue(&new_issue(&loser, "o1", "a", None))
+        .await
+        .unwrap();
+    f.store
+        .merge_profiles(&survivor, std::slice::from_ref(&loser), None)
+        .await
+        .unwrap();
+    let out = f.store.erase_profile(&survivor, None).await.unwrap();
+    assert_eq!(out.issued_offers, 1);
+    for p in [&loser, &survivor] {
+        assert!(f.store.is_erased(p).await.unwrap());
+        assert!(f.store.ledger(p).await.unwrap().1.is_empty());
+        assert!(f.store.list_issued(p, 0, 100).await.unwrap().is_empty());
+        assert!(f.store.activity(p).await.unwrap().is_empty());
+    }
+    assert_eq!(f.store.survivor_of(&loser).await.unwrap(), None);
+    let again = f.store.erase_profile(&survivor, None).await.unwrap();
+    assert_eq!(again, clientele_offers::store::ErasureOutcome::default());
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -454,11 +710,53 @@ conformance!(
     cancel_gives_back_budget_and_is_idempotent,
     archive_cancels_outstanding_codes_on_request,
     trigger_fires_once_per_source,
+    merging_two_profiles_moves_points_to_the_survivor,
+    replayed_merge_moves_nothing_twice,
+    refund_of_the_losers_order_after_the_merge_reverses_its_points_from_the_survivor,
+    a_profile_merged_into_one_then_erased_is_erased_too,
 );
 
 /// Contention on real PostgreSQL: writers run in parallel on separate connections.
 mod concurrency {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_merge_racing_redemptions_of_both_profiles_loses_and_doubles_no_point() {
+        let _serial = CONTENTION.lock().await;
+        let f = store_with_pool(Engine::Postgres, 10).await;
+        let (loser, survivor) = (profile_id(), profile_id());
+        apply(&*f.store, &loser, "l", accrue(200)).await.unwrap();
+        apply(&*f.store, &survivor, "s", accrue(100)).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..30 {
+            let s = f.store.clone();
+            let p = if i % 2 == 0 {
+                loser.clone()
+            } else {
+                survivor.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                apply(&*s, &p, &format!("r{i}"), redeem(10)).await.is_ok()
+            }));
+        }
+        let merger = {
+            let s = f.store.clone();
+            let (l, sv) = (loser.clone(), survivor.clone());
+            tokio::spawn(async move { s.merge_profiles(&sv, &[l], None).await.unwrap() })
+        };
+        let mut spent = 0;
+        for t in tasks {
+            if t.await.unwrap() {
+                spent += 10;
+            }
+        }
+        let out = merger.await.unwrap();
+        assert_eq!(out.merged, 1);
+        let (l, _) = f.store.ledger(&loser).await.unwrap();
+        let (s, _) = f.store.ledger(&survivor).await.unwrap();
+        assert_eq!(l.balance(Utc::now()), 0);
+        assert_eq!(s.balance(Utc::now()) + spent, 300);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn fifty_concurrent_redemptions_never_overdraw_the_balance() {
