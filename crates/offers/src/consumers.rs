@@ -697,14 +697,21 @@ fn ledger_outcome(
 ) -> Result<bool, ConsumerError> {
     match res {
         Ok(_) => Ok(true),
+        // Expected every day: an old order whose points would already have expired, a refund
+        // of an order that earned nothing. Logged per event only at debug level (a backfill of
+        // a year's history skips thousands).
         Err(StoreError::Ledger(
-            e @ (LedgerError::UnknownOrder { .. }
-            | LedgerError::RefundExceedsOrder { .. }
+            e @ (LedgerError::UnknownOrder { .. } | LedgerError::ExpiryNotAfterEarning { .. }),
+        )) => {
+            tracing::debug!(error = %e, "order event earns or reverses nothing");
+            Ok(false)
+        }
+        Err(StoreError::Ledger(
+            e @ (LedgerError::RefundExceedsOrder { .. }
             | LedgerError::CurrencyMismatch { .. }
             | LedgerError::OrderAmountMismatch { .. }
             | LedgerError::InvalidPoints { .. }
-            | LedgerError::NonPositiveAmount { .. }
-            | LedgerError::ExpiryNotAfterEarning { .. }),
+            | LedgerError::NonPositiveAmount { .. }),
         )) => {
             tracing::info!(error = %e, "order event skipped by the ledger");
             Ok(false)
