@@ -494,9 +494,7 @@ impl SqlProfileStore {
         }
 
         for chunk in new_profiles.chunks(LOOKUP_CHUNK) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| format!("(${}, ${}, ${}, 0)", i * 3 + 1, i * 3 + 2, i * 3 + 3))
-                .collect();
+            let rows = numbered_rows(chunk.len(), "(?, ?, ?, 0)");
             let sql = format!(
                 "INSERT INTO profiles (id, created_at, updated_at, version) VALUES {}",
                 rows.join(", ")
@@ -513,19 +511,7 @@ impl SqlProfileStore {
         // Attached before the link counts grow: a set may bridge through an identifier an
         // earlier set of this call attached.
         for chunk in attaches.chunks(LOOKUP_CHUNK) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let b = i * 5;
-                    format!(
-                        "(${}, ${}, ${}, ${}, ${}, 1)",
-                        b + 1,
-                        b + 2,
-                        b + 3,
-                        b + 4,
-                        b + 5
-                    )
-                })
-                .collect();
+            let rows = numbered_rows(chunk.len(), "(?, ?, ?, ?, ?, 1)");
             let sql = format!(
                 "INSERT INTO identifiers (id_type, namespace, stored_value, profile_id, first_seen_at, links) \
                  VALUES {} ON CONFLICT DO NOTHING",
@@ -547,18 +533,7 @@ impl SqlProfileStore {
         }
         let bumps: Vec<(IdentifierKey, i64)> = bumps.into_iter().collect();
         for chunk in bumps.chunks(LOOKUP_CHUNK) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let b = i * 4;
-                    format!(
-                        "(CAST(${} AS BIGINT), ${}, ${}, CAST(${} AS BIGINT))",
-                        b + 1,
-                        b + 2,
-                        b + 3,
-                        b + 4
-                    )
-                })
-                .collect();
+            let rows = numbered_rows(chunk.len(), "(CAST(? AS BIGINT), ?, ?, CAST(? AS BIGINT))");
             let sql = format!(
                 "WITH v (t, n, s, c) AS (VALUES {}) UPDATE identifiers SET links = links + v.c \
                  FROM v WHERE identifiers.id_type = v.t AND identifiers.namespace = v.n \
@@ -584,9 +559,7 @@ impl SqlProfileStore {
             let steps: Vec<(&str, i64)> = steps.into_iter().collect();
             let mut versions: HashMap<String, i64> = HashMap::new();
             for chunk in steps.chunks(LOOKUP_CHUNK) {
-                let rows: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("(${}, CAST(${} AS BIGINT))", i * 2 + 1, i * 2 + 2))
-                    .collect();
+                let rows = numbered_rows(chunk.len(), "(?, CAST(? AS BIGINT))");
                 let sql = format!(
                     "WITH v (id, c) AS (VALUES {}) UPDATE profiles SET version = version + v.c, \
                      updated_at = ${} FROM v WHERE profiles.id = v.id \
@@ -605,12 +578,7 @@ impl SqlProfileStore {
             }
             self.db.lock_id(conn, CHANGES_LOCK).await?;
             for chunk in written.chunks(LOOKUP_CHUNK) {
-                let rows: Vec<String> = (0..chunk.len())
-                    .map(|i| {
-                        let b = i * 4;
-                        format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4)
-                    })
-                    .collect();
+                let rows = numbered_rows(chunk.len(), "(?, ?, ?, ?)");
                 let sql = format!(
                     "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES {}",
                     rows.join(", ")
@@ -668,9 +636,7 @@ impl SqlProfileStore {
         if fresh.is_empty() {
             return Ok(out);
         }
-        let rows: Vec<String> = (0..fresh.len())
-            .map(|i| format!("(${}, ${}, ${}, 1)", i * 3 + 1, i * 3 + 2, i * 3 + 3))
-            .collect();
+        let rows = numbered_rows(fresh.len(), "(?, ?, ?, 1)");
         let sql = format!(
             "INSERT INTO profiles (id, created_at, updated_at, version) VALUES {}",
             rows.join(", ")
@@ -685,19 +651,7 @@ impl SqlProfileStore {
             .flat_map(|(set, id)| set.iter().map(move |k| (k, id.as_str())))
             .collect();
         for chunk in ids.chunks(LOOKUP_CHUNK) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let b = i * 5;
-                    format!(
-                        "(${}, ${}, ${}, ${}, ${}, 1)",
-                        b + 1,
-                        b + 2,
-                        b + 3,
-                        b + 4,
-                        b + 5
-                    )
-                })
-                .collect();
+            let rows = numbered_rows(chunk.len(), "(?, ?, ?, ?, ?, 1)");
             let sql = format!(
                 "INSERT INTO identifiers (id_type, namespace, stored_value, profile_id, first_seen_at, links) VALUES {}",
                 rows.join(", ")
@@ -714,16 +668,10 @@ impl SqlProfileStore {
             q.execute(&mut *conn).await?;
         }
         self.db.lock_id(conn, CHANGES_LOCK).await?;
-        let rows: Vec<String> = (0..fresh.len())
-            .map(|i| {
-                format!(
-                    "(${}, {}, '', ${})",
-                    i * 2 + 1,
-                    ChangeKind::Created as i64,
-                    i * 2 + 2
-                )
-            })
-            .collect();
+        let rows = numbered_rows(
+            fresh.len(),
+            &format!("(?, {}, '', ?)", ChangeKind::Created as i64),
+        );
         let sql = format!(
             "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES {}",
             rows.join(", ")
@@ -1564,9 +1512,7 @@ impl ProfileStore for SqlProfileStore {
                 .collect();
             let mut fresh: std::collections::HashSet<String> = std::collections::HashSet::new();
             for chunk in firsts.chunks(APPLY_CHUNK) {
-                let rows: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("(${}, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
-                    .collect();
+                let rows = numbered_rows(chunk.len(), "(?, ?, ?)");
                 let sql = format!(
                     "INSERT INTO applied_deltas (idempotency_key, profile_id, applied_at) VALUES {} \
                      ON CONFLICT DO NOTHING RETURNING idempotency_key",
@@ -1613,15 +1559,10 @@ impl ProfileStore for SqlProfileStore {
             let folds: Vec<(String, ProfileFold)> = folds.into_iter().collect();
             let mut versions: BTreeMap<String, i64> = BTreeMap::new();
             for chunk in folds.chunks(APPLY_CHUNK) {
-                let rows: Vec<String> = (0..chunk.len())
-                    .map(|i| {
-                        let b = i * 6;
-                        format!(
-                            "(${}, CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
-                            b + 1, b + 2, b + 3, b + 4, b + 5, b + 6
-                        )
-                    })
-                    .collect();
+                let rows = numbered_rows(
+                    chunk.len(),
+                    "(?, CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT))",
+                );
                 let sql = format!(
                     "WITH v (id, o, r, fo, lo, ls) AS (VALUES {}) \
                      UPDATE profiles SET order_count = order_count + v.o, refund_count = refund_count + v.r, \
@@ -1652,17 +1593,7 @@ impl ProfileStore for SqlProfileStore {
             }
             let spend: Vec<_> = spend.into_iter().collect();
             for chunk in spend.chunks(APPLY_CHUNK) {
-                let rows: Vec<String> = (0..chunk.len())
-                    .map(|i| {
-                        format!(
-                            "(${}, ${}, ${}, ${})",
-                            i * 4 + 1,
-                            i * 4 + 2,
-                            i * 4 + 3,
-                            i * 4 + 4
-                        )
-                    })
-                    .collect();
+                let rows = numbered_rows(chunk.len(), "(?, ?, ?, ?)");
                 let sql = format!(
                     "INSERT INTO spend (profile_id, currency, gross_minor, refunded_minor) VALUES {} \
                      ON CONFLICT (profile_id, currency) DO UPDATE SET \
@@ -1682,9 +1613,7 @@ impl ProfileStore for SqlProfileStore {
             }
             let engagement: Vec<_> = engagement.into_iter().collect();
             for chunk in engagement.chunks(APPLY_CHUNK) {
-                let rows: Vec<String> = (0..chunk.len())
-                    .map(|i| format!("(${}, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
-                    .collect();
+                let rows = numbered_rows(chunk.len(), "(?, ?, ?)");
                 let sql = format!(
                     "INSERT INTO engagement (profile_id, kind, count) VALUES {} \
                      ON CONFLICT (profile_id, kind) DO UPDATE SET count = engagement.count + excluded.count",
@@ -1700,16 +1629,10 @@ impl ProfileStore for SqlProfileStore {
                 self.db.lock_id(conn, CHANGES_LOCK).await?;
                 let touched: Vec<(&String, &i64)> = versions.iter().collect();
                 for chunk in touched.chunks(APPLY_CHUNK) {
-                    let rows: Vec<String> = (0..chunk.len())
-                        .map(|i| {
-                            format!(
-                                "(${}, {}, '', ${})",
-                                i * 2 + 1,
-                                ChangeKind::Updated as i64,
-                                i * 2 + 2
-                            )
-                        })
-                        .collect();
+                    let rows = numbered_rows(
+                        chunk.len(),
+                        &format!("(?, {}, '', ?)", ChangeKind::Updated as i64),
+                    );
                     let sql = format!(
                         "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES {}",
                         rows.join(", ")
@@ -1882,5 +1805,40 @@ impl ProfileStore for SqlProfileStore {
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(StoreError::from)
+    }
+}
+
+/// `rows` copies of `row` with each `?` replaced by the next numbered bind parameter (`$1`,
+/// `$2`, … across all rows), for the multi-row `VALUES` lists the batch writes build: both
+/// engines accept `$n` through `sqlx::Any`.
+fn numbered_rows(rows: usize, row: &str) -> Vec<String> {
+    let mut next = 0;
+    (0..rows)
+        .map(|_| {
+            row.chars()
+                .map(|c| {
+                    if c == '?' {
+                        next += 1;
+                        format!("${next}")
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbered_rows;
+
+    #[test]
+    fn numbered_rows_number_parameters_across_rows() {
+        assert_eq!(
+            numbered_rows(2, "(?, CAST(? AS BIGINT), 1)"),
+            vec!["($1, CAST($2 AS BIGINT), 1)", "($3, CAST($4 AS BIGINT), 1)"]
+        );
+        assert!(numbered_rows(0, "(?)").is_empty());
     }
 }
