@@ -1787,31 +1787,22 @@ impl SqlSegmentationStore {
         .bind(&versions)
         .execute(&mut *tx)
         .await?;
-        let entered = changes
-            .iter()
-            .filter(|c| c.change_type == pb::MembershipChangeType::Entered as i32)
-            .count();
-        let mut outputs = p.outputs.clone();
-        outputs.entered = i64::try_from(entered).unwrap_or(i64::MAX);
-        outputs.exited = i64::try_from(changes.len() - entered).unwrap_or(i64::MAX);
+        let outputs = outputs_with_changes(&p.outputs, &changes);
         let end: i64 =
             sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM seg_changes")
                 .fetch_one(&mut *tx)
                 .await?;
         let model = serde_json::to_string(&p.model).map_err(corrupt)?;
-        sqlx::query(
-            "UPDATE seg_runs SET state = $1, phase = $2, finish_time = $3, outputs = $4, \
-             changes_cursor = $5, model = $6 WHERE run_id = $7",
-        )
-        .bind(pb::RecomputeState::Succeeded as i64)
-        .bind(pb::RecomputePhase::Publishing as i64)
-        .bind(p.now)
-        .bind(hex::encode(outputs.encode_to_vec()))
-        .bind(crate::service::change_cursor(end))
-        .bind(model)
-        .bind(&p.run_id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(FINISH_RUN_SQL)
+            .bind(pb::RecomputeState::Succeeded as i64)
+            .bind(pb::RecomputePhase::Publishing as i64)
+            .bind(p.now)
+            .bind(hex::encode(outputs.encode_to_vec()))
+            .bind(crate::service::change_cursor(end))
+            .bind(model)
+            .bind(&p.run_id)
+            .execute(&mut *tx)
+            .await?;
         // Retention: drop snapshots of succeeded runs beyond the newest `retained_runs`,
         // recording it on the run (an empty run has no rows but is still retained).
         let keep = i64::from(p.retained_runs);
@@ -2560,31 +2551,22 @@ impl SegmentationStore for SqlSegmentationStore {
             .execute(&mut *conn)
             .await?;
         }
-        let entered = changes
-            .iter()
-            .filter(|c| c.change_type == pb::MembershipChangeType::Entered as i32)
-            .count();
-        let mut outputs = p.outputs.clone();
-        outputs.entered = i64::try_from(entered).unwrap_or(i64::MAX);
-        outputs.exited = i64::try_from(changes.len() - entered).unwrap_or(i64::MAX);
+        let outputs = outputs_with_changes(&p.outputs, &changes);
         let end: i64 =
             sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM seg_changes")
                 .fetch_one(&mut *conn)
                 .await?;
         let model = serde_json::to_string(&p.model).map_err(corrupt)?;
-        sqlx::query(
-            "UPDATE seg_runs SET state = $1, phase = $2, finish_time = $3, outputs = $4, \
-             changes_cursor = $5, model = $6 WHERE run_id = $7",
-        )
-        .bind(pb::RecomputeState::Succeeded as i64)
-        .bind(pb::RecomputePhase::Publishing as i64)
-        .bind(p.now)
-        .bind(hex::encode(outputs.encode_to_vec()))
-        .bind(crate::service::change_cursor(end))
-        .bind(model)
-        .bind(&p.run_id)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(FINISH_RUN_SQL)
+            .bind(pb::RecomputeState::Succeeded as i64)
+            .bind(pb::RecomputePhase::Publishing as i64)
+            .bind(p.now)
+            .bind(hex::encode(outputs.encode_to_vec()))
+            .bind(crate::service::change_cursor(end))
+            .bind(model)
+            .bind(&p.run_id)
+            .execute(&mut *conn)
+            .await?;
         // Retention: drop snapshots of succeeded runs beyond the newest `retained_runs`.
         let succeeded: Vec<String> = sqlx::query_scalar(
             "SELECT run_id FROM seg_runs WHERE state = $1 AND snapshot_dropped = 0 \
@@ -2976,6 +2958,26 @@ impl SegmentationStore for SqlSegmentationStore {
                 .await?,
         )
     }
+}
+
+/// Marks a published run succeeded with its outputs, change-log cursor and model; the same
+/// statement on both engines (the native PostgreSQL publish and the `sqlx::Any` one).
+const FINISH_RUN_SQL: &str = "UPDATE seg_runs SET state = $1, phase = $2, finish_time = $3, \
+     outputs = $4, changes_cursor = $5, model = $6 WHERE run_id = $7";
+
+/// The run's outputs with the entered / exited counts of the membership changes it published.
+fn outputs_with_changes(
+    outputs: &pb::RecomputeOutputs,
+    changes: &[ChangeRow],
+) -> pb::RecomputeOutputs {
+    let entered = changes
+        .iter()
+        .filter(|c| c.change_type == pb::MembershipChangeType::Entered as i32)
+        .count();
+    let mut outputs = outputs.clone();
+    outputs.entered = i64::try_from(entered).unwrap_or(i64::MAX);
+    outputs.exited = i64::try_from(changes.len() - entered).unwrap_or(i64::MAX);
+    outputs
 }
 
 #[cfg(test)]
