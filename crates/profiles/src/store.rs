@@ -999,55 +999,22 @@ impl ProfileFold {
 }
 
 /// The live (unmerged, unerased) survivor of each of `ids`, `None` when missing or erased;
-/// follows merge aliases a hop at a time for all ids at once.
+/// [`survivor_heads`] with erased heads and missing ids mapped to `None`.
 async fn survivors(
     conn: &mut AnyConnection,
     ids: &BTreeSet<&str>,
 ) -> StoreResult<HashMap<String, Option<String>>> {
-    // current[i] = where requested id i has got to.
-    let requested: Vec<String> = ids.iter().map(|s| (*s).to_string()).collect();
-    let mut current: Vec<Option<String>> = requested.iter().cloned().map(Some).collect();
-    let mut done: HashMap<String, Option<String>> = HashMap::new();
-    for _ in 0..MAX_ALIAS_HOPS {
-        let frontier: BTreeSet<&str> = current.iter().flatten().map(String::as_str).collect();
-        if frontier.is_empty() {
-            break;
-        }
-        // id -> (merged_into, erased)
-        let mut rows: HashMap<String, (Option<String>, bool)> = HashMap::new();
-        let frontier: Vec<&str> = frontier.into_iter().collect();
-        for chunk in frontier.chunks(LOOKUP_CHUNK) {
-            let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!(
-                "SELECT id, merged_into, erased_at FROM profiles WHERE id IN ({})",
-                params.join(", ")
-            );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            for r in q.fetch_all(&mut *conn).await? {
-                let erased: Option<i64> = r.try_get(2)?;
-                rows.insert(r.try_get(0)?, (r.try_get(1)?, erased.is_some()));
-            }
-        }
-        for (i, cur) in current.iter_mut().enumerate() {
-            let Some(id) = cur.take() else { continue };
-            match rows.get(&id) {
-                None | Some((None, true)) => {
-                    done.insert(requested[i].clone(), None);
-                }
-                Some((None, false)) => {
-                    done.insert(requested[i].clone(), Some(id));
-                }
-                Some((Some(next), _)) => *cur = Some(next.clone()),
-            }
-        }
-    }
-    if current.iter().any(Option::is_some) {
-        return Err(corrupt("alias chain too long"));
-    }
-    Ok(done)
+    let mut heads = survivor_heads(conn, ids).await?;
+    Ok(ids
+        .iter()
+        .map(|id| {
+            let live = heads
+                .remove(*id)
+                .filter(|h| h.erased_at.is_none())
+                .map(|h| h.id);
+            ((*id).to_string(), live)
+        })
+        .collect())
 }
 
 /// The stored owner and link count of each of `keys` that exists. On PostgreSQL the keys
