@@ -622,13 +622,22 @@ impl Consumers {
                         Some((PROFILES_FEED, &seq)),
                     )
                     .await?;
-                tracing::info!(
-                    merged = out.merged,
-                    batches = out.batches,
-                    points = out.points,
-                    issued_offers = out.issued_offers,
-                    "moved merged profiles' points, activity and offers to the survivor"
-                );
+                // Most merges join a profile that never earned or was issued anything; only
+                // the ones that moved something are worth an INFO line.
+                if out.batches > 0 || out.issued_offers > 0 {
+                    tracing::info!(
+                        merged = out.merged,
+                        batches = out.batches,
+                        points = out.points,
+                        issued_offers = out.issued_offers,
+                        "moved merged profiles' points, activity and offers to the survivor"
+                    );
+                } else {
+                    tracing::debug!(
+                        merged = out.merged,
+                        "merged profiles held no points or offers"
+                    );
+                }
             }
         }
         drop(stream);
