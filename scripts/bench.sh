@@ -13,6 +13,9 @@
 #   CARGO_TARGET_DIR             where binaries are built (default target/)
 #   BENCH_JSON_OUT               JSON lines appended here (default <target>/bench/run-<time>.jsonl;
 #                                BENCHMARKS.md's latest-run table is regenerated from it)
+#   BENCH_ONLY                   comma-separated subset of profiles,ingest,assign,decide,segmentation
+#                                to measure (servers still start); a partial run leaves
+#                                BENCHMARKS.md alone. Default: all.
 # Extra arguments go to `clientele-bench profiles`, e.g. `--duration-secs 30 --concurrency 100`;
 # BENCH_INGEST_ARGS to `clientele-bench ingest`, e.g. `--customers 10000`.
 #
@@ -31,6 +34,8 @@ redis_url=${CLIENTELE_TEST_REDIS_URL:-redis://127.0.0.1:6379}
 json_out=${BENCH_JSON_OUT:-$target_dir/bench/run-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
 
 say() { echo "bench: $*" >&2; }
+# Whether the named part is measured in this run (BENCH_ONLY unset: every part).
+want() { [ -z "${BENCH_ONLY:-}" ] || [[ ",$BENCH_ONLY," == *",$1,"* ]]; }
 rand_hex() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # The preferred port when nothing listens there, else one the kernel hands out.
@@ -133,7 +138,7 @@ if ! port_open "$grpc_port"; then
 fi
 
 # --- load ----------------------------------------------------------------------------------
-CLIENTELE_TOKEN="$token" "$bin/clientele-bench" profiles \
+want profiles && CLIENTELE_TOKEN="$token" "$bin/clientele-bench" profiles \
   --endpoint "http://127.0.0.1:$grpc_port" \
   --redis-url "$redis_url" \
   --server-key-prefix "$prefix" \
@@ -167,7 +172,7 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 
-CLIENTELE_TOKEN="$token" "$bin/clientele-bench" ingest \
+want ingest && CLIENTELE_TOKEN="$token" "$bin/clientele-bench" ingest \
   --endpoint "http://127.0.0.1:$ingest_port" \
   --database-url "$bench_url" \
   --server-pid "$ingest_pid" \
@@ -181,7 +186,7 @@ CLIENTELE_TOKEN="$token" "$bin/clientele-bench" ingest \
 # gRPC health Check on the same server. BENCH_ASSIGN_ARGS go to `clientele-bench assign`;
 # BENCH_SKIP_CRITERION=1 skips the criterion run.
 criterion_estimates=$target_dir/criterion/assign_variant/v2_ascii/new/estimates.json
-if [ "${BENCH_SKIP_CRITERION:-0}" != 1 ]; then
+if [ "${BENCH_SKIP_CRITERION:-0}" != 1 ] && want assign; then
   say "criterion: in-process assign_variant (v2, ASCII ids)"
   "$CARGO" bench -p clientele-experiments --bench assignment -- \
     --warm-up-time 1 --measurement-time 5 'assign_variant/v2_ascii$' >&2
@@ -215,7 +220,7 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 
-CLIENTELE_TOKEN="$token" "$bin/clientele-bench" assign \
+want assign && CLIENTELE_TOKEN="$token" "$bin/clientele-bench" assign \
   --endpoint "http://127.0.0.1:$exp_port" \
   --server-pid "$exp_pid" \
   --criterion-estimates "$criterion_estimates" \
@@ -283,7 +288,7 @@ offers_start offers "$offers_port" "$target_dir/bench/clienteled-offers.log" \
   CLIENTELE_ENDPOINTS__EXPERIMENTS="http://127.0.0.1:$offers_port"
 offers_pid=${offers_pids[-1]}
 
-CLIENTELE_TOKEN="$token" "$bin/clientele-bench" decide \
+want decide && CLIENTELE_TOKEN="$token" "$bin/clientele-bench" decide \
   --endpoint "http://127.0.0.1:$offers_port" \
   --segmentation-endpoint "http://127.0.0.1:$seg_port" \
   --profiles-endpoint "http://127.0.0.1:$grpc_port" \
@@ -304,7 +309,9 @@ CLIENTELE_TOKEN="$token" "$bin/clientele-bench" decide \
 # scikit-learn is installed quietly with pip when missing; if that fails the comparison is
 # skipped with a message. Example: BENCH_SEGMENTATION_ARGS="--profiles 200000 --kmeans-rows 0".
 python_bin=python3
-if ! command -v "$python_bin" >/dev/null 2>&1; then
+if ! want segmentation; then
+  python_bin=""
+elif ! command -v "$python_bin" >/dev/null 2>&1; then
   say "segmentation: python3 not found; the scikit-learn comparison is skipped"
   python_bin=""
 elif ! "$python_bin" -c "import sklearn" >/dev/null 2>&1; then
@@ -313,7 +320,7 @@ elif ! "$python_bin" -c "import sklearn" >/dev/null 2>&1; then
     || "$python_bin" -m pip install --quiet --user --disable-pip-version-check scikit-learn >/dev/null 2>&1 \
     || { say "segmentation: could not install scikit-learn; the comparison is skipped"; python_bin=""; }
 fi
-"$bin/clientele-bench" segmentation \
+want segmentation && "$bin/clientele-bench" segmentation \
   --database-url "$bench_url" \
   --python "$python_bin" \
   --sklearn-script scripts/bench_kmeans_sklearn.py \
@@ -321,4 +328,8 @@ fi
   ${BENCH_SEGMENTATION_ARGS:-}
 
 # --- the table -----------------------------------------------------------------------------
-python3 scripts/bench_table.py "$json_out" BENCHMARKS.md
+if [ -z "${BENCH_ONLY:-}" ]; then
+  python3 scripts/bench_table.py "$json_out" BENCHMARKS.md
+else
+  say "partial run (BENCH_ONLY=$BENCH_ONLY): figures in $json_out; BENCHMARKS.md left as it is"
+fi
