@@ -31,11 +31,19 @@
 //!
 //! A fill that raced an invalidation is not kept: each key has a generation (striped), read
 //! before the load and checked after the insert; if it moved, the entry is dropped again.
+//!
+//! Concurrent misses of one key share one load: at thousands of Decides a second a cold (or
+//! just invalidated) profile is asked for many times while its first read is still running,
+//! and without sharing every one of those requests would send its own upstream calls and
+//! database reads (after a restart: one set per request for seconds, which stalled Decide
+//! for up to 2.5 s in the bench). A caller only waits for a load that began at the key's
+//! current generation, so it never gets a value read before an invalidation it has seen
+//! (read-your-writes for this process's own ledger writes holds).
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -102,11 +110,49 @@ impl<V> moka::Expiry<String, V> for JitteredTtl {
     }
 }
 
-/// One bounded cache with per-key (striped) generations.
+/// One bounded cache with per-key (striped) generations and shared loads.
 struct Guarded<V: Clone + Send + Sync + 'static> {
     cache: moka::sync::Cache<String, V>,
     generations: Box<[AtomicU64]>,
     hasher: std::collections::hash_map::RandomState,
+    /// The load in flight per key (see the module docs).
+    flights: Mutex<HashMap<String, Flight>>,
+    next_flight: AtomicU64,
+}
+
+/// A load of one key in flight, begun at `generation`. Its sender is dropped when the load
+/// ends (done, failed or cancelled), which wakes the callers waiting on `done`.
+struct Flight {
+    id: u64,
+    generation: u64,
+    done: tokio::sync::watch::Receiver<()>,
+}
+
+/// Held by the caller that loads a key for others: removes the flight when the load ends,
+/// however it ends (a cancelled request included), then wakes the waiters.
+struct FlightGuard<'a> {
+    flights: &'a Mutex<HashMap<String, Flight>>,
+    key: &'a str,
+    id: u64,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+        if flights.get(self.key).is_some_and(|f| f.id == self.id) {
+            flights.remove(self.key);
+        }
+        // `_done` drops after this body: waiters wake once the flight is gone.
+    }
+}
+
+/// How a missing key is read.
+enum Join<'a> {
+    /// Another caller is loading it at the same generation: wait for that load.
+    Wait(tokio::sync::watch::Receiver<()>),
+    /// This caller loads it for everyone.
+    Lead(FlightGuard<'a>),
 }
 
 impl<V: Clone + Send + Sync + 'static> Guarded<V> {
@@ -118,6 +164,8 @@ impl<V: Clone + Send + Sync + 'static> Guarded<V> {
                 .build(),
             generations: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
+            flights: Mutex::default(),
+            next_flight: AtomicU64::new(0),
         }
     }
 
@@ -134,8 +182,62 @@ impl<V: Clone + Send + Sync + 'static> Guarded<V> {
         if let Some(v) = self.cache.get(key) {
             return Ok(v);
         }
+        let before = self.generation(key).load(Ordering::Acquire);
+        match self.join(key, before) {
+            Join::Lead(flight) => {
+                let r = self.load_and_keep(key, before, load).await;
+                drop(flight);
+                r
+            }
+            Join::Wait(mut done) => {
+                // Returns when the loader's sender drops: its load ended, however it ended.
+                let _ = done.changed().await;
+                if let Some(v) = self.cache.get(key) {
+                    return Ok(v);
+                }
+                // The shared load failed, was cancelled or was not kept (an invalidation
+                // landed meanwhile): read for this caller alone.
+                let before = self.generation(key).load(Ordering::Acquire);
+                self.load_and_keep(key, before, load).await
+            }
+        }
+    }
+
+    /// Joins the load of `key` in flight at generation `before`, or registers this caller's.
+    fn join<'a>(&'a self, key: &'a str, before: u64) -> Join<'a> {
+        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = flights.get(key)
+            && f.generation == before
+        {
+            return Join::Wait(f.done.clone());
+        }
+        // None in flight, or one that began before an invalidation this caller has seen
+        // (its value will not be kept): this caller's load replaces it.
+        let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::watch::channel(());
+        flights.insert(
+            key.to_string(),
+            Flight {
+                id,
+                generation: before,
+                done: rx,
+            },
+        );
+        Join::Lead(FlightGuard {
+            flights: &self.flights,
+            key,
+            id,
+            _done: tx,
+        })
+    }
+
+    /// Loads `key` and caches the value unless the key's generation moved from `before`.
+    async fn load_and_keep<E, F, Fut>(&self, key: &str, before: u64, load: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<V, E>>,
+    {
         let generation = self.generation(key);
-        let before = generation.load(Ordering::Acquire);
         let v = load().await?;
         if generation.load(Ordering::Acquire) == before {
             self.cache.insert(key.to_string(), v.clone());
@@ -583,6 +685,69 @@ mod tests {
             facts(2),
             "but it was not cached"
         );
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_of_one_profile_share_one_load() {
+        let model = ReadModel::default();
+        let loads = AtomicU64::new(0);
+        let got = futures::future::join_all((0..50).map(|_| {
+            model.profile("p", || async {
+                loads.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok::<_, ()>(Some(facts(1)))
+            })
+        }))
+        .await;
+        assert_eq!(loads.load(Ordering::SeqCst), 1, "one load for 50 misses");
+        for p in got {
+            assert_eq!(*p.unwrap().unwrap(), facts(1));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_caller_does_not_wait_for_a_load_begun_before_an_invalidation_it_saw() {
+        let model = ReadModel::default();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let mut first = Box::pin(model.profile("p", || async move {
+            let _ = released.await;
+            Ok::<_, ()>(Some(facts(1)))
+        }));
+        assert!(
+            futures::poll!(&mut first).is_pending(),
+            "the first load runs"
+        );
+        model.profile_changed("p"); // e.g. this process wrote the profile's ledger
+        let second = tokio::time::timeout(Duration::from_secs(5), load(&model, "p", 2))
+            .await
+            .expect("the second caller reads for itself instead of waiting");
+        assert_eq!(*second, facts(2));
+        release.send(()).unwrap();
+        assert_eq!(*first.await.unwrap().unwrap(), facts(1));
+        assert_eq!(
+            *load(&model, "p", 3).await,
+            facts(2),
+            "the newer read is the one cached"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_shared_load_does_not_strand_its_waiters() {
+        let model = ReadModel::default();
+        let mut first = Box::pin(model.profile("p", || {
+            std::future::pending::<Result<Option<ProfileFacts>, ()>>()
+        }));
+        assert!(futures::poll!(&mut first).is_pending());
+        let mut second = Box::pin(load(&model, "p", 2));
+        assert!(
+            futures::poll!(&mut second).is_pending(),
+            "waits for the load in flight"
+        );
+        drop(first); // the loading request was cancelled
+        let second = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the waiter loads for itself");
+        assert_eq!(*second, facts(2));
     }
 
     #[tokio::test]

@@ -107,7 +107,9 @@ pub struct OfferServiceImpl {
 /// not read and decode every offer from the database. Every catalogue or usage write of this
 /// process clears it at once; another replica's writes show within the TTL (plus one reload,
 /// which one background task does while requests keep using the expired snapshot, so that
-/// expiry does not stall every request in flight). Decide is advisory: IssueOffer re-checks
+/// expiry does not stall every request in flight). After a clear, one request reloads it and
+/// the others that find it missing meanwhile wait for that load instead of each reading the
+/// whole catalogue (every issuance clears it). Decide is advisory: IssueOffer re-checks
 /// status, caps and budget atomically in the store.
 #[derive(Debug, Default)]
 struct ActiveOffers {
@@ -116,6 +118,8 @@ struct ActiveOffers {
     generation: std::sync::atomic::AtomicU64,
     /// A background reload is running.
     reloading: std::sync::atomic::AtomicBool,
+    /// Held by the one request that loads a missing catalogue.
+    loading: tokio::sync::Mutex<()>,
 }
 
 /// What [`ActiveOffers::lookup`] found.
@@ -188,6 +192,13 @@ impl ActiveOffers {
                 }
             }
         }
+    }
+
+    /// The snapshot held, whatever its age. Any snapshot held was loaded after the last
+    /// clear: a clear empties the slot and [`Self::put`] refuses loads begun before it.
+    fn current(&self) -> Option<Arc<OfferSnapshot>> {
+        let guard = self.cached.lock().ok()?;
+        guard.as_ref().map(|(_, s)| s.clone())
     }
 
     /// The generation to pass to [`Self::put`] for a load starting now.
@@ -637,6 +648,16 @@ impl OfferServiceImpl {
         ));
         self.active.put(o.clone(), generation);
         Ok(o)
+    }
+
+    /// Loads the missing catalogue once for every request that finds it missing: the first
+    /// loads while the others wait, then take its snapshot (loaded after the clear they saw).
+    async fn load_missing_active(&self) -> Result<Arc<OfferSnapshot>, Status> {
+        let _loading = self.active.loading.lock().await;
+        if let Some(o) = self.active.current() {
+            return Ok(o);
+        }
+        self.load_active().await
     }
 
     /// The profile's ledger view, read from the store.
@@ -1594,7 +1615,7 @@ impl OfferService for OfferServiceImpl {
                     });
                     o
                 }
-                Lookup::Missing => self.load_active().await?,
+                Lookup::Missing => self.load_missing_active().await?,
             }
         } else {
             let mut v = Vec::new();
