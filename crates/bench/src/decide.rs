@@ -156,6 +156,9 @@ struct OpenResult {
     first_error: Option<String>,
     elapsed: Duration,
     latency: Histogram<u64>,
+    /// Time from each measured request's scheduled start to the moment its task began
+    /// sending: the load generator's own delay, included in `latency`.
+    lag: Histogram<u64>,
 }
 
 impl OpenResult {
@@ -164,6 +167,9 @@ impl OpenResult {
     }
     fn ms(&self, q: f64) -> f64 {
         self.latency.value_at_quantile(q) as f64 / 1e6
+    }
+    fn lag_ms(&self, q: f64) -> f64 {
+        self.lag.value_at_quantile(q) as f64 / 1e6
     }
 }
 
@@ -177,10 +183,15 @@ async fn open_loop<F, Fut>(
     call: F,
 ) -> anyhow::Result<OpenResult>
 where
-    F: Fn(u64) -> Fut,
+    F: Fn(u64) -> Fut + Send + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        60_000_000_000,
+        3,
+    )?));
+    let lag = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
         1,
         60_000_000_000,
         3,
@@ -189,63 +200,89 @@ where
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let permits = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
-    let mut shed = 0;
-    let start = tokio::time::Instant::now();
-    let measure_from = start + warmup;
-    let until = measure_from + duration;
+    let in_flight = u32::try_from(max_in_flight).context("max_in_flight too large")?;
+    let runtime = tokio::runtime::Handle::current();
     let interval = Duration::from_secs_f64(1.0 / rate);
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut i: u64 = 0;
-    loop {
-        let scheduled = start + interval.mul_f64(i as f64);
-        if scheduled >= until {
-            break;
-        }
-        tokio::time::sleep_until(scheduled).await;
-        let measured = scheduled >= measure_from;
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            if measured {
-                shed += 1;
+    let (hist2, lag2, ok2, errors2, first_error2, permits2) = (
+        hist.clone(),
+        lag.clone(),
+        ok.clone(),
+        errors.clone(),
+        first_error.clone(),
+        permits.clone(),
+    );
+    // The pacer runs on a thread of its own and sleeps with the OS timer: tokio's timer has a
+    // 1 ms resolution (every request would start up to 1 ms late, in bursts) and a pacer task
+    // would wait for the same two workers as the responses it causes, so the load
+    // generator's own delays would be counted as the server's.
+    let shed = tokio::task::spawn_blocking(move || {
+        let mut shed = 0_u64;
+        let start = Instant::now();
+        let measure_from = start + warmup;
+        let until = measure_from + duration;
+        for i in 0_u64.. {
+            let scheduled = start + interval.mul_f64(i as f64);
+            if scheduled >= until {
+                break;
             }
-            i += 1;
-            continue;
-        };
-        let fut = call(i);
-        let (hist, ok, errors, first_error) = (
-            hist.clone(),
-            ok.clone(),
-            errors.clone(),
-            first_error.clone(),
-        );
-        let scheduled_std: Instant = scheduled.into_std();
-        tasks.spawn(async move {
-            let result = fut.await;
-            drop(permit);
-            if !measured {
-                return;
+            let now = Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
             }
-            match result {
-                Ok(()) => {
-                    let ns = u64::try_from(scheduled_std.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    if let Ok(mut h) = hist.lock() {
+            let measured = scheduled >= measure_from;
+            let Ok(permit) = permits2.clone().try_acquire_owned() else {
+                if measured {
+                    shed += 1;
+                }
+                continue;
+            };
+            let fut = call(i);
+            let (hist, lag, ok, errors, first_error) = (
+                hist2.clone(),
+                lag2.clone(),
+                ok2.clone(),
+                errors2.clone(),
+                first_error2.clone(),
+            );
+            runtime.spawn(async move {
+                if measured {
+                    let ns = u64::try_from(scheduled.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    if let Ok(mut h) = lag.lock() {
                         h.saturating_record(ns.max(1));
                     }
-                    ok.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut f) = first_error.lock() {
-                        f.get_or_insert_with(|| format!("{e:#}"));
+                let result = fut.await;
+                drop(permit);
+                if !measured {
+                    return;
+                }
+                match result {
+                    Ok(()) => {
+                        let ns = u64::try_from(scheduled.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        if let Ok(mut h) = hist.lock() {
+                            h.saturating_record(ns.max(1));
+                        }
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut f) = first_error.lock() {
+                            f.get_or_insert_with(|| format!("{e:#}"));
+                        }
                     }
                 }
-            }
-        });
-        // Reap finished tasks now and then so the set stays small.
-        while tasks.try_join_next().is_some() {}
-        i += 1;
-    }
-    while tasks.join_next().await.is_some() {}
+            });
+        }
+        shed
+    })
+    .await?;
+    // Every request still in flight holds a permit: taking them all waits for the last one.
+    let _all = permits.acquire_many(in_flight).await?;
     let latency = hist
+        .lock()
+        .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?
+        .clone();
+    let lag = lag
         .lock()
         .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?
         .clone();
@@ -257,6 +294,7 @@ where
         first_error,
         elapsed: duration,
         latency,
+        lag,
     })
 }
 
@@ -501,6 +539,20 @@ pub async fn run(args: DecideArgs) -> anyhow::Result<()> {
                     .unwrap_or_default()
             ));
         }
+    }
+    for (name, r) in [
+        ("Decide", &decide),
+        ("health", &h1),
+        ("Redis GET", &raw),
+        ("health (after)", &h2),
+    ] {
+        notes.push(format!(
+            "{name}: load generator's own start lag p50 / p99 / p999 {:.3} / {:.3} / {:.3} ms \
+             (scheduled start to the request task running; part of the latency)",
+            r.lag_ms(0.5),
+            r.lag_ms(0.99),
+            r.lag_ms(0.999)
+        ));
     }
     notes.push(
         "open-loop rows: latency from each request's scheduled start; the x column is p99 \
