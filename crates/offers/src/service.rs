@@ -696,11 +696,22 @@ impl OfferServiceImpl {
     ) -> Result<Facts, Status> {
         // Independent reads, concurrently; the profile's existence is reported first.
         let (profile, segments, view) = if cached {
+            // The loaders own what they read with: a hot entry is reloaded in the background.
             let m = &self.model;
+            let id = || profile_id.to_string();
             tokio::join!(
-                m.profile(profile_id, || self.up.profiles.profile(profile_id)),
-                m.segments(profile_id, || self.up.segments.segments(profile_id)),
-                m.ledger(profile_id, || self.load_ledger_view(profile_id)),
+                m.profile(profile_id, || {
+                    let (up, id) = (self.up.profiles.clone(), id());
+                    async move { up.profile(&id).await }
+                }),
+                m.segments(profile_id, || {
+                    let (up, id) = (self.up.segments.clone(), id());
+                    async move { up.segments(&id).await }
+                }),
+                m.ledger(profile_id, || {
+                    let (me, id) = (self.clone(), id());
+                    async move { me.load_ledger_view(&id).await }
+                }),
             )
         } else {
             let (p, s, v) = tokio::join!(
