@@ -773,71 +773,107 @@ fn diff_memberships(
     run_id: &str,
     now: i64,
 ) -> (Vec<(String, String)>, Vec<MemberRow>, Vec<ChangeRow>) {
-    use pb::MembershipChangeType as T;
-    let mut deletes = Vec::new();
-    let mut inserts = Vec::new();
-    let mut changes = Vec::new();
-    let mut seen: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
-    for m in next {
-        seen.entry(m.segment_id.as_str())
-            .or_default()
-            .insert(m.profile_id.as_str());
-        let cur = current
-            .get(m.segment_id.as_str())
-            .and_then(|s| s.get(m.profile_id.as_str()));
-        match cur {
-            Some(c) if *c == m.cluster_index => continue,
-            Some(c) => {
-                deletes.push((m.segment_id.clone(), m.profile_id.clone()));
-                changes.push(change(
-                    &m.profile_id,
-                    &m.segment_id,
-                    *c,
-                    T::Exited,
-                    reason,
-                    run_id,
-                    now,
-                ));
-            }
-            None => {}
-        }
-        changes.push(change(
-            &m.profile_id,
-            &m.segment_id,
-            m.cluster_index,
-            T::Entered,
-            reason,
-            run_id,
-            now,
-        ));
-        inserts.push(MemberRow {
-            entered_at: now,
-            ..m.clone()
-        });
-    }
-    let mut gone: Vec<(&str, &str, i64)> = Vec::new();
+    let mut matcher = MemberMatcher::new(next);
     for (segment, profiles) in current {
-        let kept = seen.get(segment.as_str());
         for (profile, cluster) in profiles {
-            if !kept.is_some_and(|k| k.contains(profile.as_str())) {
-                gone.push((segment, profile, *cluster));
-            }
+            matcher.current(segment, profile, *cluster);
         }
     }
-    gone.sort_unstable();
-    for (segment, profile, cluster) in gone {
-        deletes.push((segment.to_owned(), profile.to_owned()));
-        changes.push(change(
-            profile,
-            segment,
-            cluster,
-            T::Exited,
-            reason,
-            run_id,
-            now,
-        ));
+    matcher.diff(reason, run_id, now)
+}
+
+/// [`diff_memberships`] fed one current membership at a time (as a COPY stream is parsed),
+/// holding only the run's memberships indexed by (segment, profile) and the current cluster
+/// of each: no copy of the current memberships is built.
+struct MemberMatcher<'a> {
+    next: &'a [MemberRow],
+    index: HashMap<(&'a str, &'a str), usize>,
+    /// The current cluster of `next[i]`, `None` when it is not a current membership.
+    old: Vec<Option<i64>>,
+    /// Current memberships absent from `next`.
+    gone: Vec<(String, String, i64)>,
+}
+
+impl<'a> MemberMatcher<'a> {
+    fn new(next: &'a [MemberRow]) -> Self {
+        let mut index = HashMap::with_capacity(next.len());
+        for (i, m) in next.iter().enumerate() {
+            index.insert((m.segment_id.as_str(), m.profile_id.as_str()), i);
+        }
+        Self {
+            next,
+            index,
+            old: vec![None; next.len()],
+            gone: Vec::new(),
+        }
     }
-    (deletes, inserts, changes)
+
+    /// One current membership.
+    fn current(&mut self, segment: &str, profile: &str, cluster: i64) {
+        match self.index.get(&(segment, profile)) {
+            Some(&i) => self.old[i] = Some(cluster),
+            None => self
+                .gone
+                .push((segment.to_owned(), profile.to_owned(), cluster)),
+        }
+    }
+
+    fn diff(
+        mut self,
+        reason: pb::MembershipChangeReason,
+        run_id: &str,
+        now: i64,
+    ) -> (Vec<(String, String)>, Vec<MemberRow>, Vec<ChangeRow>) {
+        use pb::MembershipChangeType as T;
+        let mut deletes = Vec::new();
+        let mut inserts = Vec::new();
+        let mut changes = Vec::new();
+        for (m, old) in self.next.iter().zip(&self.old) {
+            match old {
+                Some(c) if *c == m.cluster_index => continue,
+                Some(c) => {
+                    deletes.push((m.segment_id.clone(), m.profile_id.clone()));
+                    changes.push(change(
+                        &m.profile_id,
+                        &m.segment_id,
+                        *c,
+                        T::Exited,
+                        reason,
+                        run_id,
+                        now,
+                    ));
+                }
+                None => {}
+            }
+            changes.push(change(
+                &m.profile_id,
+                &m.segment_id,
+                m.cluster_index,
+                T::Entered,
+                reason,
+                run_id,
+                now,
+            ));
+            inserts.push(MemberRow {
+                entered_at: now,
+                ..m.clone()
+            });
+        }
+        self.gone.sort_unstable();
+        for (segment, profile, cluster) in self.gone {
+            changes.push(change(
+                &profile,
+                &segment,
+                cluster,
+                T::Exited,
+                reason,
+                run_id,
+                now,
+            ));
+            deletes.push((segment, profile));
+        }
+        (deletes, inserts, changes)
+    }
 }
 
 /// Appends `v` as a COPY text-format field (backslash, tab, newline and carriage return
@@ -1795,7 +1831,7 @@ impl SqlSegmentationStore {
         let ids: Vec<String> = p.segments.iter().map(|(s, _)| s.clone()).collect();
         // The current memberships of the evaluated segments, streamed with COPY (segment ids
         // are quoted as SQL literals: COPY takes no parameters).
-        let mut current = CurrentMembers::new();
+        let mut matcher = MemberMatcher::new(&p.members);
         if !ids.is_empty() {
             let list: Vec<String> = ids
                 .iter()
@@ -1812,10 +1848,9 @@ impl SqlSegmentationStore {
                     if f.len() != 3 {
                         return Err(corrupt("membership row of the wrong width"));
                     }
-                    add_current(
-                        &mut current,
-                        copy_text(f[0])?.into_owned(),
-                        copy_text(f[1])?.into_owned(),
+                    matcher.current(
+                        &copy_text(f[0])?,
+                        &copy_text(f[1])?,
                         copy_int(f[2])?.unwrap_or(-1),
                     );
                     Ok(())
@@ -1823,14 +1858,8 @@ impl SqlSegmentationStore {
             )
             .await?;
         }
-        let (deletes, inserts, changes) = diff_memberships(
-            &current,
-            &p.members,
-            pb::MembershipChangeReason::Recompute,
-            &p.run_id,
-            p.now,
-        );
-        drop(current);
+        let (deletes, inserts, changes) =
+            matcher.diff(pb::MembershipChangeReason::Recompute, &p.run_id, p.now);
         if !deletes.is_empty() {
             let (segs, profiles): (Vec<&str>, Vec<&str>) = deletes
                 .iter()
