@@ -468,7 +468,14 @@ impl Engine {
         self.progress(run_id, P::Features, 0, 0, Some(as_of))
             .await?;
         let previous = self.store.latest_run().await?;
-        let data = self.store.load_all_profiles(as_of).await?;
+        // The previous run's lifecycles (for `lifecycle_since`) stream on another connection
+        // while the facts load: the server works on both at once.
+        let (data, prev_life) = tokio::try_join!(self.store.load_all_profiles(as_of), async {
+            match &previous {
+                Some(r) => self.store.run_lifecycles(&r.run_id).await,
+                None => Ok(HashMap::new()),
+            }
+        })?;
         lap("load facts", &mut timings);
         let total = data.len();
         let config = self.config.clone();
@@ -486,10 +493,6 @@ impl Engine {
             .await?;
         self.progress(run_id, P::Lifecycle, total, total, None)
             .await?;
-        let prev_life = match &previous {
-            Some(r) => self.store.run_lifecycles(&r.run_id).await?,
-            None => HashMap::new(),
-        };
         let segments = self.live_segments().await?;
         // Clustering.
         self.progress(run_id, P::Clustering, 0, total, None).await?;

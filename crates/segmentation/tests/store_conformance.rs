@@ -597,6 +597,171 @@ macro_rules! conformance {
         }
 
         #[tokio::test]
+        async fn a_runs_members_stay_as_published_through_realtime_moves_merges_and_deletion() {
+            let f = fixture($engine).await;
+            let s = &f.store;
+            let kind = pb::SegmentKind::Rule as i32;
+            for id in ["vip", "big"] {
+                s.define_segment(&rule_segment(id, "orders > 1"), kind, 0, T0)
+                    .await
+                    .unwrap();
+            }
+            let members = |s: &'static str, ps: &[(&str, i64)]| -> Vec<MemberRow> {
+                ps.iter()
+                    .map(|(p, c)| MemberRow {
+                        cluster_index: *c,
+                        ..member(s, p)
+                    })
+                    .collect()
+            };
+            let list = |v: &[(&str, i64)]| -> Vec<(String, i64)> {
+                v.iter().map(|(p, c)| ((*p).to_owned(), *c)).collect()
+            };
+            let r1 = "00000000-0000-4000-8000-000000000001";
+            s.start_run(&run(r1, "k1")).await.unwrap();
+            let mut p1 = publication(r1, members("vip", &[("p1", 0), ("p2", 0), ("p3", 1)]), T0);
+            p1.members.extend(members("big", &[("p1", -1)]));
+            p1.segments = vec![("vip".into(), 1), ("big".into(), 1)];
+            s.publish_run(p1).await.unwrap();
+            // Between runs: p1 leaves vip, p2 moves cluster, p4 enters and leaves again.
+            let score = |p: &str| ScoreRow {
+                profile_id: p.into(),
+                ..Default::default()
+            };
+            let vip = vec!["vip".to_owned()];
+            s.apply_realtime("r", &[score("p1")], &vip, &[], T0 + 1)
+                .await
+                .unwrap();
+            s.apply_realtime(
+                "r",
+                &[score("p2")],
+                &vip,
+                &members("vip", &[("p2", 1)]),
+                T0 + 1,
+            )
+            .await
+            .unwrap();
+            s.apply_realtime(
+                "r",
+                &[score("p4")],
+                &vip,
+                &members("vip", &[("p4", 0)]),
+                T0 + 1,
+            )
+            .await
+            .unwrap();
+            s.apply_realtime(
+                "r",
+                &[score("p4")],
+                &vip,
+                &members("vip", &[("p4", 1)]),
+                T0 + 1,
+            )
+            .await
+            .unwrap();
+            s.apply_realtime("r", &[score("p4")], &vip, &[], T0 + 1)
+                .await
+                .unwrap();
+            // p3 is merged into p2.
+            s.apply_profile_events(
+                "profiles",
+                None,
+                "1",
+                &[ProfileEvent::Merged {
+                    survivor: "p2".into(),
+                    merged: vec!["p3".into()],
+                }],
+                T0 + 1,
+            )
+            .await
+            .unwrap();
+            let r1_vip = list(&[("p1", 0), ("p2", 0), ("p3", 1)]);
+            assert_eq!(
+                s.run_members(r1, "vip", None, "", 10).await.unwrap(),
+                r1_vip
+            );
+            assert_eq!(s.run_member_count(r1, "vip", Some(0)).await.unwrap(), 2);
+            let now = s
+                .memberships_of(&["p1".into(), "p2".into(), "p4".into()])
+                .await
+                .unwrap();
+            let now: Vec<(&str, &str, i64)> = now
+                .iter()
+                .map(|m| {
+                    (
+                        m.profile_id.as_str(),
+                        m.segment_id.as_str(),
+                        m.cluster_index,
+                    )
+                })
+                .collect();
+            assert_eq!(now, vec![("p1", "big", -1), ("p2", "vip", 1)]);
+
+            // The next run diffs against the current memberships: only p5 enters.
+            let r2 = "00000000-0000-4000-8000-000000000002";
+            s.start_run(&run(r2, "k2")).await.unwrap();
+            let mut p2 = publication(r2, members("vip", &[("p2", 1), ("p5", 0)]), T0 + 2);
+            p2.members.extend(members("big", &[("p1", -1)]));
+            p2.segments = vec![("vip".into(), 1), ("big".into(), 1)];
+            let done = s.publish_run(p2).await.unwrap();
+            let out = done.outputs.unwrap();
+            assert_eq!((out.entered, out.exited), (1, 0));
+            assert_eq!(
+                s.run_members(r1, "vip", None, "", 10).await.unwrap(),
+                r1_vip
+            );
+            assert_eq!(
+                s.run_members(r2, "vip", None, "", 10).await.unwrap(),
+                list(&[("p2", 1), ("p5", 0)])
+            );
+            let mut rows = s
+                .run_member_rows(r1, &["vip".into(), "big".into()])
+                .await
+                .unwrap();
+            rows.sort();
+            assert_eq!(rows.len(), 4);
+            assert_eq!(rows[0], ("p1".into(), "big".into(), -1));
+
+            // Deleting vip keeps it in both runs' snapshots.
+            s.delete_segment("vip", T0 + 3).await.unwrap();
+            assert_eq!(
+                s.segment_sizes(&["vip".into()]).await.unwrap().get("vip"),
+                None
+            );
+            assert_eq!(s.run_member_count(r1, "vip", None).await.unwrap(), 3);
+            assert_eq!(s.run_member_count(r2, "vip", None).await.unwrap(), 2);
+
+            // Erasure forgets the person in every retained snapshot.
+            s.apply_profile_events(
+                "profiles",
+                Some("1"),
+                "2",
+                &[ProfileEvent::Erased("p1".into())],
+                T0 + 3,
+            )
+            .await
+            .unwrap();
+            assert_eq!(s.run_member_count(r1, "vip", None).await.unwrap(), 2);
+            assert_eq!(s.run_member_count(r2, "big", None).await.unwrap(), 0);
+
+            // A run beyond retained_runs answers nothing any more.
+            let r3 = "00000000-0000-4000-8000-000000000003";
+            s.start_run(&run(r3, "k3")).await.unwrap();
+            let mut p3 = publication(r3, members("big", &[("p2", -1)]), T0 + 4);
+            p3.segments = vec![("big".into(), 1)];
+            p3.retained_runs = 1;
+            s.publish_run(p3).await.unwrap();
+            assert_eq!(s.run_member_count(r1, "vip", None).await.unwrap(), 0);
+            assert_eq!(s.run_member_count(r2, "vip", None).await.unwrap(), 0);
+            assert_eq!(
+                s.run_members(r3, "big", None, "", 10).await.unwrap(),
+                list(&[("p2", -1)])
+            );
+            // A segment the run did not evaluate has no members in it.
+            assert_eq!(s.run_member_count(r3, "vip", None).await.unwrap(), 0);
+        }
+
+        #[tokio::test]
         async fn a_run_that_scored_nobody_stays_retained_until_pruned() {
             let f = fixture($engine).await;
             let s = &f.store;
