@@ -32,7 +32,7 @@ echo "==> loading demo data through the gRPC API"
 
 cat <<MSG
 
-==> Clientele is running on $CLIENTELE_ENDPOINT (metrics: http://127.0.0.1:9464/metrics).
+==> Clientele is running on $CLIENTELE_ENDPOINT (metrics: http://${CLIENTELE_METRICS_ADDR:-127.0.0.1:9464}/metrics).
     Try:  $bin/clientele profiles get <profile-id>
           $bin/clientele profiles export <profile-id>
     The development token is in $CLIENTELE_DATA_DIR/dev-token. Press Ctrl-C to stop.

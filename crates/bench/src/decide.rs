@@ -323,9 +323,34 @@ where
     })
 }
 
+/// Waits until the OfferService's health is SERVING; returns how long that took.
+async fn until_ready(channel: &Channel, limit: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "clientele.v1.OfferService".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .ok();
+        if status == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32) {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "the OfferService was not SERVING within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs the whole offers benchmark.
 pub async fn run(args: DecideArgs) -> anyhow::Result<()> {
     let offers_ch = connect(&args.endpoint).await?;
+    // The offers process was started (and listens) just before.
+    let started = Instant::now();
     let seg_ch = connect(&args.segmentation_endpoint).await?;
     let prof_ch = connect(&args.profiles_endpoint).await?;
     let mut offers =
@@ -367,6 +392,16 @@ pub async fn run(args: DecideArgs) -> anyhow::Result<()> {
             args.accrual_timeout_secs
         ));
     }
+
+    // As Kubernetes would, wait for readiness (health SERVING for the OfferService: its feed
+    // consumers caught up) before any Decide. The accrual above is measured while it catches up.
+    until_ready(&offers_ch, Duration::from_secs(120)).await?;
+    notes.push(format!(
+        "readiness: the OfferService reported SERVING {:.2} s after the bench first connected \
+         (it listens from its start; NOT_SERVING while its feed consumers catch up, the \
+         accrual above included)",
+        started.elapsed().as_secs_f64()
+    ));
 
     // 2. Segments and a recompute.
     let segmented = define_segments_and_recompute(&mut seg, args.recompute_timeout_secs).await;
@@ -427,7 +462,8 @@ pub async fn run(args: DecideArgs) -> anyhow::Result<()> {
         sample.offers.len()
     ));
 
-    // 5. Open loop: health, Redis GET, Decide, health.
+    // 5. Open loop: health, Redis GET, Decide, health. Traffic only to a ready replica.
+    until_ready(&offers_ch, Duration::from_secs(120)).await?;
     let warm = Duration::from_secs(args.warmup_secs);
     let dur = Duration::from_secs(args.duration_secs);
     let mut channels = vec![offers_ch];

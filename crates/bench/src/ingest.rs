@@ -133,17 +133,22 @@ async fn copy_baseline(url: &str, events: &[pb::Event]) -> anyhow::Result<f64> {
     Ok(rows as f64 / secs)
 }
 
-/// Waits (at most 10 minutes) until the ingest outbox holds no deliverable row; returns the
-/// seconds since `started` at that moment.
+/// Waits (at most 10 minutes) until the ingest aggregate follower has passed the end of the
+/// log and the outbox holds no deliverable row; returns the seconds since `started` at that
+/// moment.
 async fn outbox_drained(url: &str, started: Instant) -> anyhow::Result<f64> {
     let mut conn = sqlx::PgConnection::connect(url)
         .await
         .context("connecting to watch the outbox")?;
     loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest.outbox WHERE ready = 1")
-            .fetch_one(&mut conn)
-            .await
-            .context("reading the ingest outbox")?;
+        let left: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM ingest.outbox WHERE ready = 1) \
+             + (SELECT count(*) FROM ingest.events WHERE seq > COALESCE( \
+               (SELECT position FROM ingest.feed_cursors WHERE feed = 'aggregates'), 0))",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .context("reading the ingest outbox")?;
         let at = started.elapsed().as_secs_f64();
         if left == 0 || at > 600.0 {
             return Ok(at);
@@ -241,7 +246,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     drop(tx);
     // Acknowledged means stored; the aggregate deltas follow asynchronously through the
-    // outbox. Report how long after the last acknowledgement ProfileService had them all.
+    // log and the outbox. Report how long after the last acknowledgement ProfileService had them all.
     let drain_secs = outbox_drained(&args.database_url, started).await? - secs;
     let rps = n as f64 / secs;
     let p = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;

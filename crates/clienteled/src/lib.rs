@@ -153,6 +153,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return migrate(&settings, args.target).await;
     }
     ensure_tokens(&mut settings)?;
+    // Bound before the services are built: their feed consumers start at once and may call
+    // this very process (`--target all`); connections made before serving starts wait in the
+    // listen backlog instead of being refused (and logged as failures).
+    let listener = tokio::net::TcpListener::bind(settings.grpc_addr)
+        .await
+        .with_context(|| format!("binding {}", settings.grpc_addr))?;
     let mut mount = Mount::default();
     let wants = |t: Target| args.target == Target::All || args.target == t;
     if wants(Target::Profiles) {
@@ -196,9 +202,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .context("starting the segmentation service")?
             .mount(&mut mount);
     }
-    let listener = tokio::net::TcpListener::bind(settings.grpc_addr)
-        .await
-        .with_context(|| format!("binding {}", settings.grpc_addr))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let metrics_addr = settings.metrics_addr;
     let mut metrics_stop = stop_rx.clone();

@@ -1,8 +1,12 @@
-//! Durable aggregate propagation: delivers outbox rows (written in the same transaction as
-//! their events) to ProfileService.ApplyAggregates in batches and deletes them only after
-//! ProfileService confirmed them. A crash anywhere in between redelivers, which is safe because
-//! ApplyAggregates ignores a repeated idempotency key. Also prunes expired dedup keys and
-//! stream results.
+//! Durable aggregate propagation: follows the event log by `seq` from a stored cursor
+//! (`feed_cursors`, feed [`AGGREGATES_FEED`]) and delivers each event's aggregate delta
+//! (written in the event's own log row, in the same transaction) to
+//! ProfileService.ApplyAggregates in batches, moving the cursor only after ProfileService
+//! confirmed them. The log is appended in commit order (the store's log lock), so a cursor
+//! never passes a row that commits later. Refunds that waited in the outbox for their order
+//! are delivered from there and deleted once confirmed. A crash anywhere in between
+//! redelivers, which is safe because ApplyAggregates ignores a repeated idempotency key. Also
+//! prunes expired dedup keys and stream results.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,9 +17,9 @@ use tokio::sync::Notify;
 use tonic::Status;
 
 use crate::service::ProfileClient;
-use crate::store::EventStore;
+use crate::store::{AGGREGATES_FEED, EventStore, StoreError};
 
-/// Delivers the outbox to ProfileService.
+/// Delivers the log's and the outbox's aggregate deltas to ProfileService.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     store: Arc<dyn EventStore>,
@@ -33,9 +37,106 @@ impl Forwarder {
         }
     }
 
-    /// Delivers one batch of deliverable rows; returns how many rows it settled (0 when the
-    /// outbox is empty). Fails, leaving the rows in place, when ProfileService is unreachable.
+    /// Delivers one batch of deliverable outbox rows and one page of the log after the
+    /// cursor; returns how many rows it settled (0 when both are caught up). Fails, leaving
+    /// the rows and the cursor in place, when ProfileService is unreachable.
     pub async fn run_once(&self) -> Result<usize, Status> {
+        Ok(self.outbox_once().await? + self.log_once().await?)
+    }
+
+    /// One page of the log after the stored cursor.
+    async fn log_once(&self) -> Result<usize, Status> {
+        let at = self.store.feed_position(AGGREGATES_FEED).await?;
+        let page = self.store.log_deltas_after(at, self.batch).await?;
+        let Some(last) = page.last().map(|r| r.seq) else {
+            return Ok(0);
+        };
+        let mut deltas = Vec::with_capacity(page.len());
+        let now = clientele_runtime::time::now_micros();
+        for r in &page {
+            let Some(bytes) = &r.delta else { continue };
+            match pb::AggregateDelta::decode(bytes.as_slice()) {
+                Ok(d) => deltas.push(d),
+                Err(e) => {
+                    tracing::error!(seq = r.seq, error = %e, "undecodable aggregate delta parked");
+                    self.store.park("", bytes, now).await?;
+                }
+            }
+        }
+        if !deltas.is_empty() {
+            self.deliver(deltas, |d| {
+                let store = self.store.clone();
+                async move {
+                    store
+                        .park(&d.idempotency_key, &d.encode_to_vec(), now)
+                        .await
+                        .map_err(Status::from)
+                }
+            })
+            .await?;
+        }
+        match self
+            .store
+            .advance_feed(AGGREGATES_FEED, at, last, now)
+            .await
+        {
+            // Another replica delivered the same page first: nothing is lost.
+            Ok(()) | Err(StoreError::CursorMoved(_)) => Ok(page.len()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends `deltas` in one call; when ProfileService refuses the call as invalid, sends them
+    /// one by one and hands each refused delta to `refused`.
+    async fn deliver<F, Fut>(
+        &self,
+        deltas: Vec<pb::AggregateDelta>,
+        refused: F,
+    ) -> Result<(), Status>
+    where
+        F: Fn(pb::AggregateDelta) -> Fut,
+        Fut: std::future::Future<Output = Result<(), Status>>,
+    {
+        let mut client = self.profiles.clone();
+        let started = std::time::Instant::now();
+        let n = deltas.len();
+        let sent = client
+            .apply_aggregates(pb::ApplyAggregatesRequest {
+                deltas: deltas.clone(),
+            })
+            .await;
+        tracing::debug!(
+            deltas = n,
+            apply_ms = started.elapsed().as_secs_f64() * 1e3,
+            "aggregates delivered"
+        );
+        match sent {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                // One bad delta must not block the rest: deliver one by one, park refusals.
+                for d in deltas {
+                    match client
+                        .apply_aggregates(pb::ApplyAggregatesRequest {
+                            deltas: vec![d.clone()],
+                        })
+                        .await
+                    {
+                        Ok(_) => {}
+                        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                            tracing::error!(key = %d.idempotency_key, error = %s.message(), "aggregate delta refused; parked");
+                            refused(d).await?;
+                        }
+                        Err(s) => return Err(s),
+                    }
+                }
+                Ok(())
+            }
+            Err(s) => Err(s),
+        }
+    }
+
+    /// One batch of deliverable outbox rows (refunds whose order arrived).
+    async fn outbox_once(&self) -> Result<usize, Status> {
         let rows = self.store.outbox(self.batch).await?;
         if rows.is_empty() {
             return Ok(0);
@@ -52,17 +153,11 @@ impl Forwarder {
             }
         }
         let mut client = self.profiles.clone();
-        let started = std::time::Instant::now();
         let sent = client
             .apply_aggregates(pb::ApplyAggregatesRequest {
                 deltas: deltas.clone(),
             })
             .await;
-        tracing::debug!(
-            deltas = rows.len(),
-            apply_ms = started.elapsed().as_secs_f64() * 1e3,
-            "aggregates delivered"
-        );
         match sent {
             Ok(_) => {
                 let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
@@ -70,7 +165,6 @@ impl Forwarder {
                 Ok(rows.len())
             }
             Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                // One bad delta must not block the rest: deliver one by one, park refusals.
                 for (r, d) in rows.iter().zip(deltas) {
                     match client
                         .apply_aggregates(pb::ApplyAggregatesRequest { deltas: vec![d] })
@@ -90,7 +184,7 @@ impl Forwarder {
         }
     }
 
-    /// Delivers until the outbox has no deliverable rows.
+    /// Delivers until the log and the outbox have nothing left to deliver.
     pub async fn drain(&self) -> Result<usize, Status> {
         let mut total = 0;
         loop {

@@ -5,7 +5,8 @@
 //!   `UNNEST` array writes over a native pool) and an embedded SQLite one.
 //! - [`service`]: the tonic service: validation → one BatchResolve per batch → one commit per
 //!   batch, IngestStream with durable acknowledgements and resume, timelines and the log.
-//! - [`forwarder`]: delivers the transactional outbox to ProfileService.ApplyAggregates.
+//! - [`forwarder`]: follows the log (and the outbox of waiting refunds) into
+//!   ProfileService.ApplyAggregates.
 //! - [`erasure`]: follows ProfileService.WatchChanges and deletes erased people's events.
 //! - [`setup`]: builds the service from settings.
 

@@ -3,8 +3,8 @@
 //! Every ingesting RPC runs the same pipeline per batch: validate each event (a bad event is
 //! REJECTED naming its field; the others continue), deduplicate within the batch, resolve all
 //! identifier sets in ONE ProfileService.BatchResolve call (erased identifiers make the event
-//! SUPPRESSED), then commit the batch in one store transaction (events, dedup keys and outbox
-//! rows together) before answering. Only committed events are ever acknowledged. A bounded
+//! SUPPRESSED), then commit the batch in one store transaction (the log rows with their dedup
+//! keys and aggregate deltas together) before answering. Only committed events are ever acknowledged. A bounded
 //! number of batches is processed at once; beyond it callers get RESOURCE_EXHAUSTED after a
 //! short wait instead of queueing without bound.
 
@@ -288,7 +288,7 @@ impl IngestServiceImpl {
     }
 
     /// A forwarder over this service's store and ProfileService client (for tests and tools
-    /// that want to drain the outbox synchronously).
+    /// that want to deliver the aggregate deltas synchronously).
     pub fn forwarder(&self) -> crate::forwarder::Forwarder {
         crate::forwarder::Forwarder::new(
             self.inner.store.clone(),

@@ -1,21 +1,23 @@
 //! Event storage: the [`EventStore`] trait and its two implementations.
 //!
-//! - [`PgEventStore`] (production): each batch is one transaction that writes with
-//!   `INSERT … SELECT … FROM UNNEST(…)` array statements (a constant number of round trips per
-//!   batch, never row by row) over a native `sqlx::PgPool`, because `sqlx::Any` cannot bind
-//!   arrays.
+//! - [`PgEventStore`] (production): each batch is one transaction of two statements: the
+//!   PL/pgSQL function `ingest_append` (migration 0003) called with the batch as arrays
+//!   (`UNNEST` inside, never row by row), then the producer's sequence and the batch result;
+//!   over a native `sqlx::PgPool`, because `sqlx::Any` cannot bind arrays.
 //! - [`SqliteEventStore`] (the embedded default): the same transaction, statement by
 //!   statement, behind one writer lock.
 //!
 //! Both keep the same tables (see `migrations/`) and pass one conformance suite. A commit
-//! makes, atomically: the dedup keys, the events, one outbox row per aggregate-relevant event
-//! (delivered later to ProfileService.ApplyAggregates by [`crate::forwarder`]), and, for
-//! IngestStream, the producer's new sequence and the batch's result. Reads (timelines, the
-//! log, the outbox) are the same SQL on both engines and go through `sqlx::Any`.
+//! appends, atomically and in commit order (`seq`, under the log lock), one `events` row per
+//! accepted event carrying its dedup key (`payload_hash`, unique per `(source, event_id)` while
+//! remembered) and its aggregate delta (`delta`, delivered later to
+//! ProfileService.ApplyAggregates by [`crate::forwarder`], which follows the log by `seq`);
+//! refunds whose order is not known yet wait in the outbox instead. For IngestStream it also
+//! stores the producer's new sequence and the batch's result. Reads (timelines, the log, the
+//! deltas, the outbox) are the same SQL on both engines and go through `sqlx::Any`.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::Arc;
 
 use clientele_proto::v1 as pb;
 use clientele_runtime::db::Database;
@@ -178,6 +180,16 @@ pub struct OutboxRow {
     pub delta: Vec<u8>,
 }
 
+/// A log record as the aggregate follower sees it.
+#[derive(Debug, Clone)]
+pub struct LogDelta {
+    /// Log position.
+    pub seq: i64,
+    /// Encoded `pb::AggregateDelta`; `None` when the event counts nothing now (a repeated
+    /// ORDER_COMPLETED, or a refund waiting in the outbox for its order).
+    pub delta: Option<Vec<u8>>,
+}
+
 /// A merge or an erasure from ProfileService's changes feed (shared with the other
 /// consumers of that feed).
 pub use clientele_runtime::feed::IdentityChange as ProfileChange;
@@ -230,7 +242,34 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     async fn log_end(&self) -> StoreResult<i64> {
         any_log_end(self.database()).await
     }
-    /// Up to `limit` deliverable outbox rows, oldest first.
+    /// Up to `limit` log records after `after` with their aggregate deltas, in log order.
+    async fn log_deltas_after(&self, after: i64, limit: i64) -> StoreResult<Vec<LogDelta>> {
+        any_log_deltas_after(self.database(), after, limit).await
+    }
+    /// Moves feed `feed`'s stored position from `expected` to `position`; fails with
+    /// [`StoreError::CursorMoved`], writing nothing, when it is no longer `expected`.
+    async fn advance_feed(
+        &self,
+        feed: &str,
+        expected: i64,
+        position: i64,
+        now: i64,
+    ) -> StoreResult<()> {
+        any_advance_feed(self.database(), feed, expected, position, now).await
+    }
+    /// Parks a log delta that ProfileService refused as invalid (an outbox row with ready 2).
+    async fn park(&self, key: &str, delta: &[u8], now: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO outbox (idempotency_key, delta, ready, order_id, created_at) VALUES ($1, $2, 2, NULL, $3)",
+        )
+        .bind(key)
+        .bind(delta.to_vec())
+        .bind(now)
+        .execute(&self.database().pool)
+        .await?;
+        Ok(())
+    }
+    /// Up to `limit` deliverable outbox rows (refunds whose order arrived), oldest first.
     async fn outbox(&self, limit: i64) -> StoreResult<Vec<OutboxRow>> {
         any_outbox(self.database(), limit).await
     }
@@ -242,8 +281,9 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     async fn outbox_dead(&self, id: i64) -> StoreResult<()> {
         any_outbox_dead(self.database(), id).await
     }
-    /// Forgets dedup keys accepted before `keys_before` and stream results created before
-    /// `results_before`; returns rows removed.
+    /// Forgets the dedup keys of events ingested before `keys_before` (walking the log from
+    /// the stored `dedup_keys` position up to the first younger event) and stream results
+    /// created before `results_before`; returns keys forgotten plus results removed.
     async fn prune(&self, keys_before: i64, results_before: i64) -> StoreResult<u64> {
         any_prune(self.database(), keys_before, results_before).await
     }
@@ -347,13 +387,7 @@ async fn apply_profile_changes_in(
                     ids.push(r.try_get(0)?);
                 }
                 for id in &ids {
-                    sqlx::query(
-                        "DELETE FROM event_keys WHERE profile_id = $1 AND (source, event_id) IN \
-                         (SELECT source, event_id FROM events WHERE profile_id = $1)",
-                    )
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+                    // The dedup keys are in the rows deleted here.
                     out.deleted_events += sqlx::query("DELETE FROM events WHERE profile_id = $1")
                         .bind(id)
                         .execute(&mut *tx)
@@ -375,12 +409,30 @@ async fn apply_profile_changes_in(
     Ok(out)
 }
 
-/// The outbox row an accepted event produces, decided from what the database already holds.
+/// An outbox row for a refund waiting for its order.
 struct OutboxPlan {
     key: String,
     delta: Vec<u8>,
-    ready: bool,
-    order_id: Option<String>,
+    order_id: String,
+}
+
+/// Where a stored event's aggregate delta goes.
+enum Route {
+    /// Counts nothing (a repeated ORDER_COMPLETED).
+    Nothing,
+    /// Into the event's log row, delivered by the log follower.
+    Log(Vec<u8>),
+    /// Into the outbox, until the refund's order is counted.
+    Wait(OutboxPlan),
+}
+
+impl Route {
+    fn log_delta(&self) -> Option<&[u8]> {
+        match self {
+            Route::Log(d) => Some(d.as_slice()),
+            _ => None,
+        }
+    }
 }
 
 fn delta(e: &NewEvent, orders: i64) -> Option<pb::AggregateDelta> {
@@ -417,45 +469,45 @@ fn delta(e: &NewEvent, orders: i64) -> Option<pb::AggregateDelta> {
     Some(d)
 }
 
-/// Decides outbox rows. `won_orders`: order ids whose first ORDER_COMPLETED is `key`;
-/// `first_full`: keys of refunds that are the first full refund of their order; `known`:
-/// order ids with a counted order (after this commit).
+/// Routes each stored event's delta. `won_orders`: order ids whose first ORDER_COMPLETED is
+/// `key`; `first_full`: keys of refunds that are the first full refund of their order;
+/// `known`: order ids with a counted order (after this commit).
 fn plan(
-    accepted: &[&NewEvent],
+    stored: &[&NewEvent],
     won_orders: &HashMap<String, String>,
     first_full: &HashSet<String>,
     known: &HashSet<String>,
-) -> Vec<OutboxPlan> {
-    let mut out = Vec::new();
-    for e in accepted {
-        let (d, ready, order_id) = match &e.effect {
+) -> Vec<Route> {
+    stored
+        .iter()
+        .map(|e| match &e.effect {
             Effect::Order { order_id, .. } => {
                 if won_orders.get(order_id) != Some(&e.aggregate_key) {
                     // A second ORDER_COMPLETED for an order: stored, but it does not count.
-                    continue;
+                    return Route::Nothing;
                 }
-                (delta(e, 1), true, None)
+                delta(e, 1).map_or(Route::Nothing, |d| Route::Log(d.encode_to_vec()))
             }
             Effect::Refund { order_id, full, .. } => {
                 let reverse = *full && first_full.contains(&e.aggregate_key);
-                (
-                    delta(e, if reverse { -1 } else { 0 }),
-                    known.contains(order_id),
-                    Some(order_id.clone()),
-                )
+                let Some(d) = delta(e, if reverse { -1 } else { 0 }) else {
+                    return Route::Nothing;
+                };
+                if known.contains(order_id) {
+                    Route::Log(d.encode_to_vec())
+                } else {
+                    Route::Wait(OutboxPlan {
+                        key: e.aggregate_key.clone(),
+                        delta: d.encode_to_vec(),
+                        order_id: order_id.clone(),
+                    })
+                }
             }
-            Effect::Engagement(_) => (delta(e, 0), true, None),
-        };
-        if let Some(d) = d {
-            out.push(OutboxPlan {
-                key: e.aggregate_key.clone(),
-                delta: d.encode_to_vec(),
-                ready,
-                order_id,
-            });
-        }
-    }
-    out
+            Effect::Engagement(_) => {
+                delta(e, 0).map_or(Route::Nothing, |d| Route::Log(d.encode_to_vec()))
+            }
+        })
+        .collect()
 }
 
 fn join_ints(v: &[i32]) -> String {
@@ -466,29 +518,16 @@ fn split_ints(s: &str) -> Vec<i32> {
     s.split(',').filter_map(|x| x.parse().ok()).collect()
 }
 
-fn outcomes_from(
-    events: &[NewEvent],
-    inserted: &HashSet<(String, String)>,
-    existing: &HashMap<(String, String), (Vec<u8>, String)>,
-) -> StoreResult<Vec<Outcome>> {
+/// One outcome per event from the remembered key found for it (`existing`, aligned with
+/// `events`): none means the key is new.
+fn outcomes_from(events: &[NewEvent], existing: &[Option<(Vec<u8>, String)>]) -> Vec<Outcome> {
     events
         .iter()
-        .map(|e| {
-            let k = (e.source.clone(), e.event_id.clone());
-            if inserted.contains(&k) {
-                Ok(Outcome::Accepted)
-            } else if let Some((hash, pid)) = existing.get(&k) {
-                Ok(if *hash == e.hash {
-                    Outcome::Duplicate(pid.clone())
-                } else {
-                    Outcome::Conflict(pid.clone())
-                })
-            } else {
-                Err(StoreError::Corrupt(format!(
-                    "key {}/{} neither inserted nor found",
-                    e.source, e.event_id
-                )))
-            }
+        .zip(existing)
+        .map(|(e, found)| match found {
+            None => Outcome::Accepted,
+            Some((hash, pid)) if *hash == e.hash => Outcome::Duplicate(pid.clone()),
+            Some((_, pid)) => Outcome::Conflict(pid.clone()),
         })
         .collect()
 }
@@ -693,18 +732,112 @@ async fn any_outbox_dead(db: &Database, id: i64) -> StoreResult<()> {
     Ok(())
 }
 
+/// Feed name (in `feed_cursors`) of the log follower delivering aggregate deltas.
+pub const AGGREGATES_FEED: &str = "aggregates";
+/// Feed name (in `feed_cursors`) of how far the pruning has forgotten dedup keys.
+const DEDUP_KEYS_FEED: &str = "dedup_keys";
+
+async fn any_log_deltas_after(db: &Database, after: i64, limit: i64) -> StoreResult<Vec<LogDelta>> {
+    let rows = sqlx::query("SELECT seq, delta FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&db.pool)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(LogDelta {
+                seq: r.try_get(0)?,
+                delta: r.try_get(1)?,
+            })
+        })
+        .collect()
+}
+
+async fn any_advance_feed(
+    db: &Database,
+    feed: &str,
+    expected: i64,
+    position: i64,
+    now: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO feed_cursors (feed, position, updated_at) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(feed)
+    .bind(now)
+    .execute(&db.pool)
+    .await?;
+    let moved = sqlx::query(
+        "UPDATE feed_cursors SET position = $1, updated_at = $2 WHERE feed = $3 AND position = $4",
+    )
+    .bind(position)
+    .bind(now)
+    .bind(feed)
+    .bind(expected)
+    .execute(&db.pool)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::CursorMoved(feed.to_string()));
+    }
+    Ok(())
+}
+
 async fn any_prune(db: &Database, keys_before: i64, results_before: i64) -> StoreResult<u64> {
-    let a = sqlx::query("DELETE FROM event_keys WHERE accepted_at < $1")
-        .bind(keys_before)
+    // The log is in commit order and `ingested_at` follows it (to within the time a commit
+    // waits for the log lock), so the keys to forget are those from the stored position up to
+    // the first event ingested at or after `keys_before`: found by walking the primary key,
+    // without an index on `ingested_at`. An event a little older than a younger one before it
+    // keeps its key until the next pass: a key is never forgotten early.
+    let from: i64 = sqlx::query("SELECT position FROM feed_cursors WHERE feed = $1")
+        .bind(DEDUP_KEYS_FEED)
+        .fetch_optional(&db.pool)
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()?
+        .unwrap_or(0);
+    let younger: Option<i64> = sqlx::query(
+        "SELECT seq FROM events WHERE seq > $1 AND ingested_at >= $2 ORDER BY seq LIMIT 1",
+    )
+    .bind(from)
+    .bind(keys_before)
+    .fetch_optional(&db.pool)
+    .await?
+    .map(|r| r.try_get(0))
+    .transpose()?;
+    let through = match younger {
+        Some(seq) => seq - 1,
+        None => any_log_end(db).await?,
+    };
+    let mut forgotten = 0;
+    let mut at = from;
+    while at < through {
+        let to = through.min(at.saturating_add(20_000));
+        forgotten += sqlx::query(
+            "UPDATE events SET payload_hash = NULL WHERE seq > $1 AND seq <= $2 AND payload_hash IS NOT NULL",
+        )
+        .bind(at)
+        .bind(to)
         .execute(&db.pool)
         .await?
         .rows_affected();
-    let b = sqlx::query("DELETE FROM stream_batches WHERE created_at < $1")
+        sqlx::query(
+            "INSERT INTO feed_cursors (feed, position, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (feed) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
+        )
+        .bind(DEDUP_KEYS_FEED)
+        .bind(to)
+        .bind(keys_before)
+        .execute(&db.pool)
+        .await?;
+        at = to;
+    }
+    let results = sqlx::query("DELETE FROM stream_batches WHERE created_at < $1")
         .bind(results_before)
         .execute(&db.pool)
         .await?
         .rows_affected();
-    Ok(a + b)
+    Ok(forgotten + results)
 }
 
 /// Producer upsert that only advances from `sequence - 1`; SQL shared by both engines.
@@ -759,215 +892,121 @@ impl EventStore for PgEventStore {
     ) -> StoreResult<Vec<Outcome>> {
         let started = std::time::Instant::now();
         let mut lap = started;
-        let mut laps = [0.0f64; 5];
+        let mut laps = [0.0f64; 3];
         let mut mark_lap = |i: usize| {
             let t = std::time::Instant::now();
             laps[i] = (t - lap).as_secs_f64() * 1e3;
             lap = t;
         };
         let mut tx = self.pg.begin().await?;
-        let mut inserted: HashSet<(String, String)> = HashSet::new();
-        let mut existing: HashMap<(String, String), (Vec<u8>, String)> = HashMap::new();
+        let mut existing: Vec<Option<(Vec<u8>, String)>> = vec![None; events.len()];
         if !events.is_empty() {
-            let sources: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
-            let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+            // One call (`ingest_append`, migration 0003) under the log lock, held to COMMIT:
+            // commits append one at a time, so `seq` order is commit order (the WatchEvents
+            // cursors and the aggregate follower rely on it), and the keys it reads cannot
+            // change before its append (the erasure takes the same lock). It decides which
+            // candidate delta each event carries from the orders and refunds already counted.
+            let col = |f: fn(&NewEvent) -> &str| events.iter().map(f).collect::<Vec<_>>();
             let hashes: Vec<&[u8]> = events.iter().map(|e| e.hash.as_slice()).collect();
-            let profiles: Vec<&str> = events.iter().map(|e| e.profile_id.as_str()).collect();
-            let rows = sqlx::query(
-                "INSERT INTO event_keys (source, event_id, payload_hash, profile_id, accepted_at) \
-                 SELECT s, i, h, p, $5 FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[]) AS u(s, i, h, p) \
-                 ON CONFLICT DO NOTHING RETURNING source, event_id",
-            )
-            .bind(&sources)
-            .bind(&ids)
-            .bind(&hashes)
-            .bind(&profiles)
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?;
-            for r in rows {
-                inserted.insert((r.try_get(0)?, r.try_get(1)?));
-            }
-            if inserted.len() < events.len() {
-                let rows = sqlx::query(
-                    "SELECT k.source, k.event_id, k.payload_hash, k.profile_id FROM event_keys k \
-                     JOIN UNNEST($1::text[], $2::text[]) AS u(s, i) ON k.source = u.s AND k.event_id = u.i",
-                )
-                .bind(&sources)
-                .bind(&ids)
-                .fetch_all(&mut *tx)
-                .await?;
-                for r in rows {
-                    let k: (String, String) = (r.try_get(0)?, r.try_get(1)?);
-                    if !inserted.contains(&k) {
-                        existing.insert(k, (r.try_get(2)?, r.try_get(3)?));
-                    }
-                }
-            }
-        }
-        mark_lap(0);
-        let outcomes = outcomes_from(events, &inserted, &existing)?;
-        let accepted: Vec<&NewEvent> = events
-            .iter()
-            .zip(&outcomes)
-            .filter(|(_, o)| **o == Outcome::Accepted)
-            .map(|(e, _)| e)
-            .collect();
-        if !accepted.is_empty() {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(LOG_LOCK)
-                .execute(&mut *tx)
-                .await?;
-            let col = |f: fn(&NewEvent) -> &str| accepted.iter().map(|e| f(e)).collect::<Vec<_>>();
-            let kinds: Vec<i64> = accepted.iter().map(|e| i64::from(e.kind)).collect();
+            let kinds: Vec<i64> = events.iter().map(|e| i64::from(e.kind)).collect();
             let names: Vec<Option<&str>> =
-                accepted.iter().map(|e| e.custom_name.as_deref()).collect();
-            let at: Vec<i64> = accepted.iter().map(|e| e.occurred_at).collect();
-            let bodies: Vec<&[u8]> = accepted.iter().map(|e| e.body.as_slice()).collect();
-            let redacted: Vec<String> = accepted.iter().map(|e| join_ints(&e.redacted)).collect();
-            sqlx::query(
-                "INSERT INTO events (source, event_id, profile_id, kind, custom_name, occurred_at, ingested_at, body, redacted) \
-                 SELECT s, i, p, k, n, o, $7, b, r FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int8[], $8::bytea[], $9::text[]) \
-                 AS u(s, i, p, k, n, o, b, r) \
-                 WHERE NOT EXISTS (SELECT 1 FROM erased_profiles x WHERE x.profile_id = u.p)",
+                events.iter().map(|e| e.custom_name.as_deref()).collect();
+            let at: Vec<i64> = events.iter().map(|e| e.occurred_at).collect();
+            let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
+            let redacted: Vec<String> = events.iter().map(|e| join_ints(&e.redacted)).collect();
+            let mut orders: Vec<Option<&str>> = Vec::with_capacity(events.len());
+            let mut effects: Vec<i64> = Vec::with_capacity(events.len());
+            let mut counted: Vec<Option<Vec<u8>>> = Vec::with_capacity(events.len());
+            let mut plain: Vec<Option<Vec<u8>>> = Vec::with_capacity(events.len());
+            for e in events {
+                let (order, effect, full_count, plain_count) = match &e.effect {
+                    Effect::Engagement(_) => (None, 0, 0, None),
+                    Effect::Order { order_id, .. } => (Some(order_id.as_str()), 1, 1, None),
+                    Effect::Refund { order_id, full, .. } => (
+                        Some(order_id.as_str()),
+                        if *full { 3 } else { 2 },
+                        -1,
+                        Some(0),
+                    ),
+                };
+                orders.push(order);
+                effects.push(effect);
+                counted.push(delta(e, full_count).map(|d| d.encode_to_vec()));
+                plain.push(
+                    plain_count
+                        .and_then(|n| delta(e, n))
+                        .map(|d| d.encode_to_vec()),
+                );
+            }
+            let rows = sqlx::query(
+                "SELECT o_n, o_hash, o_profile FROM ingest_append($1, $2, $3, $4, $5, $6, $7, $8, \
+                 $9, $10, $11, $12, $13, $14, $15, $16)",
             )
+            .bind(LOG_LOCK)
+            .bind(now)
             .bind(col(|e| &e.source))
             .bind(col(|e| &e.event_id))
+            .bind(&hashes)
             .bind(col(|e| &e.profile_id))
             .bind(&kinds)
             .bind(&names)
             .bind(&at)
-            .bind(now)
             .bind(&bodies)
             .bind(&redacted)
-            .execute(&mut *tx)
+            .bind(col(|e| &e.aggregate_key))
+            .bind(&orders)
+            .bind(&effects)
+            .bind(&counted)
+            .bind(&plain)
+            .fetch_all(&mut *tx)
             .await?;
-            mark_lap(1);
-
-            let mut order_ids = Vec::new();
-            let mut order_keys = Vec::new();
-            let mut refund_orders = Vec::new();
-            let mut full_orders = Vec::new();
-            let mut full_keys = Vec::new();
-            for e in &accepted {
-                match &e.effect {
-                    Effect::Order { order_id, .. } => {
-                        order_ids.push(order_id.as_str());
-                        order_keys.push(e.aggregate_key.as_str());
-                    }
-                    Effect::Refund { order_id, full, .. } => {
-                        refund_orders.push(order_id.as_str());
-                        if *full {
-                            full_orders.push(order_id.as_str());
-                            full_keys.push(e.aggregate_key.as_str());
-                        }
-                    }
-                    Effect::Engagement(_) => {}
+            for r in rows {
+                let n: i64 = r.try_get(0)?;
+                if n == 0 {
+                    // An erased profile: its accepted events were not stored (reported
+                    // accepted, as when the erasure lands just after the commit).
+                    continue;
                 }
-            }
-            let mut won: HashMap<String, String> = HashMap::new();
-            if !order_ids.is_empty() {
-                let rows = sqlx::query(
-                    "INSERT INTO orders (order_id, event_key, created_at) \
-                     SELECT o, k, $3 FROM UNNEST($1::text[], $2::text[]) AS u(o, k) \
-                     ON CONFLICT DO NOTHING RETURNING order_id, event_key",
-                )
-                .bind(&order_ids)
-                .bind(&order_keys)
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await?;
-                for r in rows {
-                    won.insert(r.try_get(0)?, r.try_get(1)?);
-                }
-            }
-            let mut first_full = HashSet::new();
-            if !full_orders.is_empty() {
-                let rows = sqlx::query(
-                    "INSERT INTO full_refunds (order_id, event_key) \
-                     SELECT o, k FROM UNNEST($1::text[], $2::text[]) AS u(o, k) \
-                     ON CONFLICT DO NOTHING RETURNING event_key",
-                )
-                .bind(&full_orders)
-                .bind(&full_keys)
-                .fetch_all(&mut *tx)
-                .await?;
-                for r in rows {
-                    first_full.insert(r.try_get::<String, _>(0)?);
-                }
-            }
-            let mut known = HashSet::new();
-            if !refund_orders.is_empty() {
-                let rows = sqlx::query("SELECT order_id FROM orders WHERE order_id = ANY($1)")
-                    .bind(&refund_orders)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                for r in rows {
-                    known.insert(r.try_get::<String, _>(0)?);
-                }
-            }
-            let rows = plan(&accepted, &won, &first_full, &known);
-            if !rows.is_empty() {
-                let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
-                let deltas: Vec<&[u8]> = rows.iter().map(|r| r.delta.as_slice()).collect();
-                let ready: Vec<i64> = rows.iter().map(|r| i64::from(r.ready)).collect();
-                let orders: Vec<Option<&str>> =
-                    rows.iter().map(|r| r.order_id.as_deref()).collect();
-                sqlx::query(
-                    "INSERT INTO outbox (idempotency_key, delta, ready, order_id, created_at) \
-                     SELECT k, d, r, o, $5 FROM UNNEST($1::text[], $2::bytea[], $3::int8[], $4::text[]) AS u(k, d, r, o)",
-                )
-                .bind(&keys)
-                .bind(&deltas)
-                .bind(&ready)
-                .bind(&orders)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-            if !won.is_empty() {
-                let won_ids: Vec<&str> = won.keys().map(String::as_str).collect();
-                sqlx::query("UPDATE outbox SET ready = 1 WHERE ready = 0 AND order_id = ANY($1)")
-                    .bind(&won_ids)
-                    .execute(&mut *tx)
-                    .await?;
+                let slot = usize::try_from(n - 1)
+                    .ok()
+                    .and_then(|i| existing.get_mut(i))
+                    .ok_or_else(|| StoreError::Corrupt(format!("key lookup row {n}")))?;
+                *slot = Some((r.try_get(1)?, r.try_get(2)?));
             }
         }
-        mark_lap(2);
+        mark_lap(0);
+        let outcomes = outcomes_from(events, &existing);
         if let Some(mark) = stream {
-            let advanced = sqlx::query(ADVANCE_PRODUCER)
-                .bind(mark.producer_id)
-                .bind(seq_i64(mark.sequence))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+            let advanced = sqlx::query(
+                "WITH advanced AS (INSERT INTO producers (producer_id, last_sequence, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (producer_id) DO UPDATE SET last_sequence = excluded.last_sequence, \
+                 updated_at = excluded.updated_at WHERE producers.last_sequence = excluded.last_sequence - 1 \
+                 RETURNING producer_id) \
+                 INSERT INTO stream_batches (producer_id, sequence, result, created_at) \
+                 SELECT producer_id, $2, $4, $3 FROM advanced",
+            )
+            .bind(mark.producer_id)
+            .bind(seq_i64(mark.sequence))
+            .bind(now)
+            .bind((mark.result)(&outcomes))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
             if advanced == 0 {
                 return Err(StoreError::Sequence {
                     producer_id: mark.producer_id.to_string(),
                     expected: mark.sequence.saturating_sub(1),
                 });
             }
-            sqlx::query(
-                "INSERT INTO stream_batches (producer_id, sequence, result, created_at) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(mark.producer_id)
-            .bind(seq_i64(mark.sequence))
-            .bind((mark.result)(&outcomes))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
         }
-        mark_lap(3);
+        mark_lap(1);
         tx.commit().await?;
-        mark_lap(4);
+        mark_lap(2);
         tracing::debug!(
             events = events.len(),
-            keys_ms = laps[0],
-            log_ms = laps[1],
-            outbox_ms = laps[2],
-            mark_ms = laps[3],
-            fsync_ms = laps[4],
+            append_ms = laps[0],
+            mark_ms = laps[1],
+            fsync_ms = laps[2],
             "commit phases"
         );
         Ok(outcomes)
@@ -997,20 +1036,17 @@ impl EventStore for PgEventStore {
 // SQLite
 // ---------------------------------------------------------------------------------------------
 
-/// The embedded SQLite store: one writer at a time, one transaction per batch.
+/// The embedded SQLite store: one writer at a time ([`Database::begin_write`]), one
+/// transaction per batch.
 #[derive(Debug, Clone)]
 pub struct SqliteEventStore {
     db: Database,
-    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteEventStore {
     /// A store over an opened, migrated SQLite database.
     pub fn new(db: Database) -> Self {
-        Self {
-            db,
-            write_lock: Arc::new(tokio::sync::Mutex::new(())),
-        }
+        Self { db }
     }
 }
 
@@ -1022,63 +1058,44 @@ impl EventStore for SqliteEventStore {
         stream: Option<StreamMark<'_>>,
         now: i64,
     ) -> StoreResult<Vec<Outcome>> {
-        let _serial = self.write_lock.lock().await;
-        let mut tx = self.db.pool.begin().await?;
-        let mut inserted: HashSet<(String, String)> = HashSet::new();
-        let mut existing: HashMap<(String, String), (Vec<u8>, String)> = HashMap::new();
+        let mut write = self.db.begin_write().await?;
+        let tx: &mut sqlx::AnyConnection = &mut write.tx;
+        let mut existing: Vec<Option<(Vec<u8>, String)>> = Vec::with_capacity(events.len());
+        let mut erased: HashSet<String> = HashSet::new();
+        let mut checked: HashSet<&str> = HashSet::new();
         for e in events {
-            let n = sqlx::query(
-                "INSERT INTO event_keys (source, event_id, payload_hash, profile_id, accepted_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            let r = sqlx::query(
+                "SELECT payload_hash, profile_id FROM events \
+                 WHERE source = $1 AND event_id = $2 AND payload_hash IS NOT NULL",
             )
             .bind(&e.source)
             .bind(&e.event_id)
-            .bind(e.hash.clone())
-            .bind(&e.profile_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            let k = (e.source.clone(), e.event_id.clone());
-            if n == 1 {
-                inserted.insert(k);
-            } else {
-                let r = sqlx::query(
-                    "SELECT payload_hash, profile_id FROM event_keys WHERE source = $1 AND event_id = $2",
-                )
-                .bind(&e.source)
-                .bind(&e.event_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                existing.insert(k, (r.try_get(0)?, r.try_get(1)?));
+            .fetch_optional(&mut *tx)
+            .await?;
+            existing.push(match r {
+                Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+                None => None,
+            });
+            if checked.insert(e.profile_id.as_str())
+                && sqlx::query("SELECT 1 FROM erased_profiles WHERE profile_id = $1")
+                    .bind(&e.profile_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some()
+            {
+                erased.insert(e.profile_id.clone());
             }
         }
-        let outcomes = outcomes_from(events, &inserted, &existing)?;
-        let accepted: Vec<&NewEvent> = events
+        let outcomes = outcomes_from(events, &existing);
+        let stored: Vec<&NewEvent> = events
             .iter()
             .zip(&outcomes)
-            .filter(|(_, o)| **o == Outcome::Accepted)
+            .filter(|(e, o)| **o == Outcome::Accepted && !erased.contains(&e.profile_id))
             .map(|(e, _)| e)
             .collect();
         let mut won: HashMap<String, String> = HashMap::new();
         let mut first_full = HashSet::new();
-        for e in &accepted {
-            sqlx::query(
-                "INSERT INTO events (source, event_id, profile_id, kind, custom_name, occurred_at, ingested_at, body, redacted) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
-                 WHERE NOT EXISTS (SELECT 1 FROM erased_profiles WHERE profile_id = $3)",
-            )
-            .bind(&e.source)
-            .bind(&e.event_id)
-            .bind(&e.profile_id)
-            .bind(i64::from(e.kind))
-            .bind(e.custom_name.clone())
-            .bind(e.occurred_at)
-            .bind(now)
-            .bind(e.body.clone())
-            .bind(join_ints(&e.redacted))
-            .execute(&mut *tx)
-            .await?;
+        for e in &stored {
             if let Effect::Order { order_id, .. } = &e.effect {
                 let n = sqlx::query(
                     "INSERT INTO orders (order_id, event_key, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -1095,7 +1112,7 @@ impl EventStore for SqliteEventStore {
             }
         }
         let mut known = HashSet::new();
-        for e in &accepted {
+        for e in &stored {
             if let Effect::Refund { order_id, full, .. } = &e.effect {
                 if *full {
                     let n = sqlx::query(
@@ -1119,17 +1136,36 @@ impl EventStore for SqliteEventStore {
                 }
             }
         }
-        for r in plan(&accepted, &won, &first_full, &known) {
+        let routes = plan(&stored, &won, &first_full, &known);
+        for (e, route) in stored.iter().zip(&routes) {
             sqlx::query(
-                "INSERT INTO outbox (idempotency_key, delta, ready, order_id, created_at) VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO events (source, event_id, payload_hash, profile_id, kind, custom_name, occurred_at, ingested_at, body, redacted, delta) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
-            .bind(r.key)
-            .bind(r.delta)
-            .bind(i64::from(r.ready))
-            .bind(r.order_id)
+            .bind(&e.source)
+            .bind(&e.event_id)
+            .bind(e.hash.clone())
+            .bind(&e.profile_id)
+            .bind(i64::from(e.kind))
+            .bind(e.custom_name.clone())
+            .bind(e.occurred_at)
             .bind(now)
+            .bind(e.body.clone())
+            .bind(join_ints(&e.redacted))
+            .bind(route.log_delta().map(<[u8]>::to_vec))
             .execute(&mut *tx)
             .await?;
+            if let Route::Wait(w) = route {
+                sqlx::query(
+                    "INSERT INTO outbox (idempotency_key, delta, ready, order_id, created_at) VALUES ($1, $2, 0, $3, $4)",
+                )
+                .bind(&w.key)
+                .bind(w.delta.clone())
+                .bind(&w.order_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         for order_id in won.keys() {
             sqlx::query("UPDATE outbox SET ready = 1 WHERE ready = 0 AND order_id = $1")
@@ -1161,7 +1197,7 @@ impl EventStore for SqliteEventStore {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
+        write.tx.commit().await?;
         Ok(outcomes)
     }
 
@@ -1177,11 +1213,11 @@ impl EventStore for SqliteEventStore {
         changes: &[ProfileChange],
         now: i64,
     ) -> StoreResult<ErasureOutcome> {
-        let _serial = self.write_lock.lock().await;
-        let mut tx = self.db.pool.begin().await?;
-        let out = apply_profile_changes_in(&mut tx, false, feed, expected, position, changes, now)
-            .await?;
-        tx.commit().await?;
+        let mut write = self.db.begin_write().await?;
+        let out =
+            apply_profile_changes_in(&mut write.tx, false, feed, expected, position, changes, now)
+                .await?;
+        write.tx.commit().await?;
         Ok(out)
     }
 }

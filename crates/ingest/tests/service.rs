@@ -33,6 +33,7 @@ both!(
     a_stream_rejects_gaps_in_sequences,
     the_timeline_is_filtered_and_paginated,
     the_log_replays_accepted_events_in_order,
+    a_delta_profiles_refuses_is_parked_and_the_rest_delivered,
 );
 
 async fn a_retried_batch_is_all_duplicates_and_changes_no_aggregate(e: Engine) {
@@ -589,5 +590,74 @@ async fn the_log_replays_accepted_events_in_order(e: Engine) {
             .unwrap()
             .event_id,
         "v1"
+    );
+}
+
+/// A delta ProfileService refuses as invalid (here a currency the validation would have
+/// refused, committed straight into the store) is parked in the outbox (ready 2); the log
+/// follower moves past it and the other deltas of its page are still counted.
+async fn a_delta_profiles_refuses_is_parked_and_the_rest_delivered(e: Engine) {
+    use clientele_ingest::store::{AGGREGATES_FEED, NewEvent};
+    use clientele_ingest::validate::Effect;
+    let s = serve(e).await;
+    let mut c = s.client();
+    let first = c
+        .ingest_batch(pb::IngestBatchRequest {
+            events: vec![page_view("v1", "c-9", "https://shop/a")],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    s.drain().await;
+    let pid = first[0].profile_id.clone();
+    let raw = |id: &str, effect: Effect| NewEvent {
+        source: "web".into(),
+        event_id: id.into(),
+        hash: vec![9; 32],
+        profile_id: pid.clone(),
+        kind: pb::EventKind::PageViewed as i32,
+        custom_name: None,
+        occurred_at: 1_700_000_000_000_000,
+        body: prost::Message::encode_to_vec(&page_view(id, "c-9", "https://shop/b")),
+        redacted: vec![],
+        aggregate_key: format!("web/{id}"),
+        effect,
+    };
+    let store = s.ingest.store();
+    store
+        .commit(
+            &[
+                raw(
+                    "bad",
+                    Effect::Order {
+                        order_id: "o-bad".into(),
+                        currency: "not-a-currency".into(),
+                        amount: 5,
+                    },
+                ),
+                raw("v2", Effect::Engagement("page_viewed")),
+            ],
+            None,
+            1,
+        )
+        .await
+        .unwrap();
+    s.drain().await;
+    let (_, agg) = s.aggregates("c-9").await;
+    assert_eq!(agg.engagement.get("page_viewed"), Some(&2));
+    assert_eq!(agg.order_count, 0);
+    let parked: i64 = sqlx::Row::try_get(
+        &sqlx::query("SELECT COUNT(*) FROM outbox WHERE ready = 2 AND idempotency_key = 'web/bad'")
+            .fetch_one(&store.database().pool)
+            .await
+            .unwrap(),
+        0,
+    )
+    .unwrap();
+    assert_eq!(parked, 1);
+    assert_eq!(
+        store.feed_position(AGGREGATES_FEED).await.unwrap(),
+        store.log_end().await.unwrap()
     );
 }

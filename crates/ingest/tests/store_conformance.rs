@@ -90,12 +90,14 @@ fn refund(id: &str, order_id: &str, full: bool) -> NewEvent {
     )
 }
 
+/// Every deliverable aggregate delta: those in the log rows and the outbox's ready rows.
 async fn deltas(s: &dyn EventStore) -> Vec<pb::AggregateDelta> {
-    s.outbox(1000)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| pb::AggregateDelta::decode(r.delta.as_slice()).unwrap())
+    let log = s.log_deltas_after(0, 1000).await.unwrap();
+    let outbox = s.outbox(1000).await.unwrap();
+    log.iter()
+        .filter_map(|r| r.delta.as_deref())
+        .chain(outbox.iter().map(|r| r.delta.as_slice()))
+        .map(|d| pb::AggregateDelta::decode(d).unwrap())
         .collect()
 }
 
@@ -126,7 +128,7 @@ async fn keys_deduplicate_and_detect_changed_content(e: Engine) {
     assert_eq!(
         deltas(s.as_ref()).await.len(),
         3,
-        "one outbox row per accepted event"
+        "one delta per accepted event"
     );
 }
 
@@ -156,9 +158,81 @@ async fn a_refund_waits_in_the_outbox_until_its_order_arrives(e: Engine) {
     let d = deltas(s.as_ref()).await;
     let r2 = d.iter().find(|d| d.idempotency_key == "web/r2").unwrap();
     assert_eq!((r2.orders, r2.refunds), (0, 1));
+    // The refund waited in the outbox (its log row carries no delta); the orders did not.
+    let waited: Vec<String> = s
+        .outbox(1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            pb::AggregateDelta::decode(r.delta.as_slice())
+                .unwrap()
+                .idempotency_key
+        })
+        .collect();
+    assert_eq!(waited, vec!["web/r1"]);
     let ids: Vec<i64> = s.outbox(1000).await.unwrap().iter().map(|r| r.id).collect();
     s.outbox_done(&ids).await.unwrap();
     assert!(s.outbox(10).await.unwrap().is_empty());
+}
+
+/// The aggregate follower reads the log by `seq` behind a cursor while producers commit
+/// concurrently: if a commit could become visible after a later `seq` (sequence values are
+/// taken in one order and committed in another), the follower would move past it and its
+/// delta would never be delivered. Every accepted event must reach the follower exactly once.
+async fn the_log_follower_skips_no_event_under_concurrent_commits(e: Engine) {
+    use std::collections::HashSet;
+    let (s, _d) = store(e).await;
+    let writers = 6;
+    let batches = 25;
+    let per_batch = 4;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = {
+        let s = s.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut cursor = 0;
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                let page = s.log_deltas_after(cursor, 7).await.unwrap();
+                for r in &page {
+                    let d = pb::AggregateDelta::decode(r.delta.as_deref().unwrap()).unwrap();
+                    seen.push(d.idempotency_key);
+                }
+                match page.last() {
+                    Some(last) => cursor = last.seq,
+                    None if finished => return seen,
+                    None => tokio::task::yield_now().await,
+                }
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for b in 0..batches {
+                let batch: Vec<NewEvent> = (0..per_batch)
+                    .map(|i| view(&format!("w{w}-b{b}-e{i}"), 1))
+                    .collect();
+                let out = s.commit(&batch, None, T0).await.unwrap();
+                assert!(out.iter().all(|o| *o == Outcome::Accepted));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = follower.await.unwrap();
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "an event was delivered twice");
+    assert_eq!(
+        seen.len(),
+        writers * batches * per_batch,
+        "the follower skipped events committed out of `seq` order"
+    );
 }
 
 async fn stream_batches_advance_one_sequence_at_a_time(e: Engine) {
@@ -204,9 +278,32 @@ async fn pruning_forgets_old_keys_and_results(e: Engine) {
     .unwrap();
     assert_eq!(s.prune(T0, T0).await.unwrap(), 0);
     assert_eq!(s.prune(T0 + 1, T0 + 1).await.unwrap(), 2);
-    // Outside the window the key is forgotten and the event would be stored again.
+    assert_eq!(
+        s.prune(T0 + 1, T0 + 1).await.unwrap(),
+        0,
+        "nothing left to forget"
+    );
+    // Outside the window the key is forgotten and the event is stored again.
     let out = s.commit(&[view("a", 1)], None, T0 + 2).await.unwrap();
     assert_eq!(out, vec![Outcome::Accepted]);
+    // ... and remembered again, while younger keys are kept by the next pass.
+    let out = s
+        .commit(&[view("a", 1), view("b", 1)], None, T0 + 3)
+        .await
+        .unwrap();
+    assert_eq!(out[0], Outcome::Duplicate(out_pid()));
+    assert_eq!(
+        s.prune(T0 + 3, T0).await.unwrap(),
+        1,
+        "only the second `a` is old"
+    );
+    let out = s.commit(&[view("b", 1)], None, T0 + 4).await.unwrap();
+    assert_eq!(out, vec![Outcome::Duplicate(out_pid())]);
+    assert_eq!(s.log_end().await.unwrap(), 3);
+}
+
+fn out_pid() -> String {
+    "00000000-0000-0000-0000-000000000001".to_string()
 }
 
 macro_rules! both {
@@ -227,4 +324,5 @@ both!(
     a_refund_waits_in_the_outbox_until_its_order_arrives,
     stream_batches_advance_one_sequence_at_a_time,
     pruning_forgets_old_keys_and_results,
+    the_log_follower_skips_no_event_under_concurrent_commits,
 );

@@ -201,10 +201,18 @@ impl Consumers {
             return Ok(false);
         };
         if !stored.profile_id.is_empty() {
-            // Scores and lifecycle follow from orders: Decide re-reads them.
-            self.service
-                .read_model()
-                .profile_changed(&stored.profile_id);
+            // Scores and lifecycle follow from orders: Decide re-reads them (unless it read
+            // them well after the event, e.g. while this replica catches up).
+            match stored.ingested_at.as_ref().and_then(micros) {
+                Some(at) => self
+                    .service
+                    .read_model()
+                    .event_ingested(&stored.profile_id, at),
+                None => self
+                    .service
+                    .read_model()
+                    .profile_changed(&stored.profile_id),
+            }
         }
         let relevant = matches!(
             event.payload,
@@ -511,9 +519,17 @@ impl Consumers {
                 match msg.kind {
                     Some(pb::watch_membership_changes_response::Kind::Change(c)) => {
                         n += 1;
-                        self.service
-                            .read_model()
-                            .membership_changed(&c.profile_id, &c.run_id);
+                        match c.occurred_at.as_ref().and_then(micros) {
+                            Some(at) => self.service.read_model().membership_changed_at(
+                                &c.profile_id,
+                                &c.run_id,
+                                at,
+                            ),
+                            None => self
+                                .service
+                                .read_model()
+                                .membership_changed(&c.profile_id, &c.run_id),
+                        }
                         if c.r#type == pb::MembershipChangeType::Entered as i32 {
                             self.fire_segment_triggers(&c).await?;
                         }
@@ -595,10 +611,21 @@ impl Consumers {
             let Some(change) = next? else { break };
             n += 1;
             last = change.sequence;
-            // Decide's cached facts of the profile (and of the ids merged into it) are stale.
-            self.service
-                .read_model()
-                .profiles_merged(&change.profile_id, &change.merged_profile_ids);
+            // Decide's cached facts of the profile (and of the ids merged into it) are stale,
+            // unless they were read well after the change (a replica catching up): merges and
+            // erasures drop every view at once, other changes only facts read before them.
+            let structural = change.kind == pb::ProfileChangeKind::Merged as i32
+                || change.kind == pb::ProfileChangeKind::Erased as i32;
+            match change.changed_at.as_ref().and_then(micros) {
+                Some(at) if !structural => self
+                    .service
+                    .read_model()
+                    .profile_changed_at(&change.profile_id, at),
+                _ => self
+                    .service
+                    .read_model()
+                    .profiles_merged(&change.profile_id, &change.merged_profile_ids),
+            }
             if change.kind == pb::ProfileChangeKind::Erased as i32 && !change.profile_id.is_empty()
             {
                 let seq = change.sequence.to_string();
@@ -662,6 +689,7 @@ impl Consumers {
             // invalidates Decide's read models (after a restart behind 35k changes, Decide's
             // p99 stayed at 0.1–0.6 s for about a minute in the bench).
             let mut p = 0;
+            let mut profiles_ok = true;
             loop {
                 match self.consume_profile_changes_once().await {
                     Ok(n) => {
@@ -671,6 +699,7 @@ impl Consumers {
                         }
                     }
                     Err(e) => {
+                        profiles_ok = false;
                         tracing::warn!(error = %e, "profile change feed unavailable; erasures wait");
                         break;
                     }
@@ -687,7 +716,23 @@ impl Consumers {
                     break;
                 }
             }
-            let m = self.consume_memberships_once().await?;
+            // The membership feed too, so readiness below means every feed was read to a
+            // partial page, not just its first page.
+            let mut m = 0;
+            loop {
+                let page = self.consume_memberships_once().await?;
+                m += page;
+                if page < BATCH {
+                    break;
+                }
+            }
+            // Every feed was read to its head (a partial page) at least once since the pass
+            // began: the replica has caught up with the feeds as of its start. Later passes
+            // only follow new changes, so Decide's read models now stay warm.
+            if profiles_ok && !*self.service.readiness().borrow() {
+                tracing::info!("feed consumers caught up: ready");
+                self.service.set_ready(true);
+            }
             events += e;
             changes += m;
             if e == 0 && m == 0 && p == 0 {
@@ -697,17 +742,42 @@ impl Consumers {
     }
     /// Starts the consumer in the background, in one replica at a time (the one holding the
     /// `offers.feeds` leader lock on `target`'s PostgreSQL; on SQLite it simply runs).
+    ///
+    /// The service reports ready (health SERVING) once [`Self::catch_up`] has drained every
+    /// feed to its head, or at once when another replica holds the lock (a
+    /// follower applies no feed, so there is nothing to catch up with).
     pub fn spawn(
         self,
         target: clientele_runtime::db::DatabaseTarget,
     ) -> tokio::task::JoinHandle<()> {
-        clientele_runtime::leader::spawn_polling(
-            target,
-            "offers.feeds",
-            Duration::from_millis(500),
-            self,
-            |me| async move { me.catch_up().await },
-        )
+        let follower = self.service.clone();
+        tokio::spawn(async move {
+            clientele_runtime::leader::lead_or_follow(
+                target,
+                "offers.feeds",
+                move || {
+                    if !*follower.readiness().borrow() {
+                        tracing::info!("another replica applies the feeds: ready");
+                        follower.set_ready(true);
+                    }
+                },
+                move || {
+                    let me = self.clone();
+                    async move {
+                        clientele_runtime::leader::poll_forever(
+                            "offers.feeds",
+                            Duration::from_millis(500),
+                            || {
+                                let me = me.clone();
+                                async move { me.catch_up().await }
+                            },
+                        )
+                        .await;
+                    }
+                },
+            )
+            .await;
+        })
     }
 }
 

@@ -29,8 +29,15 @@
 //! Each entry lives a random 50–100 % of its time to live, so entries filled together do not
 //! all expire (and reload from the database) together.
 //!
-//! A fill that raced an invalidation is not kept: each key has a generation (striped), read
-//! before the load and checked after the insert; if it moved, the entry is dropped again.
+//! A fill that raced an invalidation is not kept: each key has a generation (striped over
+//! 65,536 stripes, so an invalidation almost never drops an unrelated key's fill in flight),
+//! read before the load and checked after the insert; if it moved, the entry is dropped again.
+//!
+//! Feed changes are version-aware: each entry remembers when its load began (wall clock), and
+//! a change committed well before that ([`FEED_SLACK`], [`EVENT_SLACK`]: commit delays and
+//! clock skew) is already reflected, so it leaves the entry in place. A replica catching up
+//! with old changes (after a start) therefore keeps the fills it made meanwhile. This
+//! process's own writes still invalidate unconditionally.
 //!
 //! An entry read after 75 % of its life is reloaded in the background while the reader gets
 //! it at once, so a profile read steadily never waits for its read model to expire (each
@@ -97,7 +104,22 @@ pub struct LedgerView {
     pub issue_times: Vec<i64>,
 }
 
-const STRIPES: usize = 256;
+const STRIPES: usize = 65_536;
+
+/// A profile or membership change committed at least this long before a fill's load began is
+/// reflected by the fill (it leaves the entry in place).
+pub const FEED_SLACK: Duration = Duration::from_secs(2);
+/// The same for an ingested event, which changes segment facts only once segmentation has
+/// folded it in (seconds later).
+pub const EVENT_SLACK: Duration = Duration::from_secs(10);
+
+fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+fn micros_of(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
 
 /// Each entry lives a random 50–100 % of the time to live: entries filled together (a cold
 /// start, a burst of traffic) then expire spread out instead of all at once, which would send
@@ -137,6 +159,9 @@ struct Stamped<V> {
     value: V,
     life: Duration,
     stored: std::time::Instant,
+    /// Wall clock (micros) when the load of this value began: it reflects every change
+    /// committed (and visible) before then.
+    as_of: i64,
 }
 
 /// One bounded cache with per-key (striped) generations and shared loads.
@@ -148,6 +173,9 @@ struct Guarded<V: Clone + Send + Sync + 'static> {
     /// The load in flight per key (see the module docs).
     flights: Arc<Mutex<HashMap<String, Flight>>>,
     next_flight: AtomicU64,
+    /// Entries loaded at or before this wall clock (micros) count as missing: an old change
+    /// that concerns every key (a batch run) without dropping the fills made after it.
+    floor: std::sync::atomic::AtomicI64,
 }
 
 /// A load of one key in flight, begun at `generation`. Its sender is dropped when the load
@@ -197,7 +225,15 @@ impl<V: Clone + Send + Sync + 'static> Guarded<V> {
             hasher: std::collections::hash_map::RandomState::new(),
             flights: Arc::default(),
             next_flight: AtomicU64::new(0),
+            floor: std::sync::atomic::AtomicI64::new(i64::MIN),
         }
+    }
+
+    /// The cached entry of `key`, unless it was loaded before the floor.
+    fn cached(&self, key: &str) -> Option<Stamped<V>> {
+        self.cache
+            .get(key)
+            .filter(|s| s.as_of > self.floor.load(Ordering::Acquire))
     }
 
     fn generation(&self, key: &str) -> &AtomicU64 {
@@ -211,7 +247,7 @@ impl<V: Clone + Send + Sync + 'static> Guarded<V> {
         Fut: std::future::Future<Output = Result<V, E>> + Send + 'static,
         E: Send + 'static,
     {
-        if let Some(s) = self.cache.get(key) {
+        if let Some(s) = self.cached(key) {
             if s.stored.elapsed() >= s.life.mul_f64(REFRESH_AT) {
                 self.refresh(key, load);
             }
@@ -220,20 +256,22 @@ impl<V: Clone + Send + Sync + 'static> Guarded<V> {
         let before = self.generation(key).load(Ordering::Acquire);
         match self.join(key, before) {
             Join::Lead(flight) => {
-                let r = self.keep(key, before, load()).await;
+                let as_of = now_micros();
+                let r = self.keep(key, before, as_of, load()).await;
                 drop(flight);
                 r
             }
             Join::Wait(mut done) => {
                 // Returns when the loader's sender drops: its load ended, however it ended.
                 let _ = done.changed().await;
-                if let Some(s) = self.cache.get(key) {
+                if let Some(s) = self.cached(key) {
                     return Ok(s.value);
                 }
                 // The shared load failed, was cancelled or was not kept (an invalidation
                 // landed meanwhile): read for this caller alone.
                 let before = self.generation(key).load(Ordering::Acquire);
-                self.keep(key, before, load()).await
+                let as_of = now_micros();
+                self.keep(key, before, as_of, load()).await
             }
         }
     }
@@ -253,10 +291,11 @@ impl<V: Clone + Send + Sync + 'static> Guarded<V> {
         let Join::Lead(flight) = self.join(key, before) else {
             return;
         };
+        let as_of = now_micros();
         let (me, key, fut) = (self.clone(), key.to_string(), load());
         runtime.spawn(async move {
             // A failed refresh leaves the entry to expire; the next miss reads through.
-            let _ = me.keep(&key, before, fut).await;
+            let _ = me.keep(&key, before, as_of, fut).await;
             drop(flight);
         });
     }
@@ -289,16 +328,19 @@ impl<V: Clone + Send + Sync + 'static> Guarded<V> {
         })
     }
 
-    /// Awaits `load` and caches its value unless the key's generation moved from `before`.
+    /// Awaits `load` (begun at wall clock `as_of`) and caches its value unless the key's
+    /// generation moved from `before` or a newer load's value is cached meanwhile.
     async fn keep<E>(
         &self,
         key: &str,
         before: u64,
+        as_of: i64,
         load: impl std::future::Future<Output = Result<V, E>>,
     ) -> Result<V, E> {
         let generation = self.generation(key);
         let v = load.await?;
-        if generation.load(Ordering::Acquire) == before {
+        let newer = self.cache.get(key).is_some_and(|s| s.as_of > as_of);
+        if generation.load(Ordering::Acquire) == before && !newer {
             let life = self.ttl.mul_f64(rand::random::<f64>().mul_add(0.5, 0.5));
             self.cache.insert(
                 key.to_string(),
@@ -306,6 +348,7 @@ impl<V: Clone + Send + Sync + 'static> Guarded<V> {
                     value: v.clone(),
                     life,
                     stored: std::time::Instant::now(),
+                    as_of,
                 },
             );
             if generation.load(Ordering::Acquire) != before {
@@ -318,6 +361,27 @@ impl<V: Clone + Send + Sync + 'static> Guarded<V> {
     fn invalidate(&self, key: &str) {
         self.generation(key).fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate(key);
+    }
+
+    /// A feed change of `key` committed at `at` (micros): leaves an entry loaded more than
+    /// `slack` after it (the entry reflects it); otherwise as [`Self::invalidate`].
+    fn invalidate_before(&self, key: &str, at: i64, slack: Duration) {
+        let after = at.saturating_add(micros_of(slack));
+        if self.cached(key).is_some_and(|s| s.as_of > after) {
+            return;
+        }
+        self.invalidate(key);
+    }
+
+    /// A feed change of every key committed at `at` (micros): entries loaded more than
+    /// `slack` after it stay; the others count as missing.
+    fn invalidate_all_before(&self, at: i64, slack: Duration) {
+        let after = at.saturating_add(micros_of(slack));
+        if after >= now_micros() {
+            self.invalidate_all();
+        } else {
+            self.floor.fetch_max(after, Ordering::AcqRel);
+        }
     }
 
     fn invalidate_all(&self) {
@@ -453,6 +517,20 @@ impl ReadModel {
         self.segments.invalidate(id);
     }
 
+    /// ProfileService reported a change of `id` committed at `at` (micros): facts loaded
+    /// well after it are kept (see [`FEED_SLACK`]).
+    pub fn profile_changed_at(&self, id: &str, at: i64) {
+        self.profiles.invalidate_before(id, at, FEED_SLACK);
+        self.segments.invalidate_before(id, at, FEED_SLACK);
+    }
+
+    /// An order or refund of `id` was ingested at `at` (micros): scores and lifecycle
+    /// follow from it once segmentation folded it in (see [`EVENT_SLACK`]).
+    pub fn event_ingested(&self, id: &str, at: i64) {
+        self.profiles.invalidate_before(id, at, EVENT_SLACK);
+        self.segments.invalidate_before(id, at, EVENT_SLACK);
+    }
+
     /// ProfileService merged `merged` into `survivor`: every view of all of them is dropped.
     pub fn profiles_merged(&self, survivor: &str, merged: &[String]) {
         for id in std::iter::once(survivor).chain(merged.iter().map(String::as_str)) {
@@ -473,6 +551,20 @@ impl ReadModel {
             self.segments.invalidate_all();
         }
         self.segments.invalidate(id);
+    }
+
+    /// [`Self::membership_changed`] for a change that occurred at `at` (micros): segment
+    /// facts loaded well after it (see [`FEED_SLACK`]) are kept, for the run's first change
+    /// too.
+    pub fn membership_changed_at(&self, id: &str, run_id: &str, at: i64) {
+        if !run_id.is_empty()
+            && let Ok(mut last) = self.last_run.lock()
+            && *last != run_id
+        {
+            *last = run_id.to_string();
+            self.segments.invalidate_all_before(at, FEED_SLACK);
+        }
+        self.segments.invalidate_before(id, at, FEED_SLACK);
     }
 
     /// This process wrote to the profile's ledger, activity or codes.
@@ -943,6 +1035,89 @@ mod tests {
         assert_eq!(ledger(&model, "b", 2).await.per_offer["o"], 1);
         model.all_ledgers_changed();
         assert_eq!(ledger(&model, "b", 3).await.per_offer["o"], 3);
+    }
+
+    #[tokio::test]
+    async fn an_old_change_leaves_a_fill_made_after_it_and_a_new_one_drops_it() {
+        let model = ReadModel::default();
+        assert_eq!(*load(&model, "p", 1).await, facts(1));
+        let now = now_micros();
+        model.profile_changed_at("p", now - 60_000_000); // read while catching up
+        model.event_ingested("p", now - 60_000_000);
+        assert_eq!(
+            *load(&model, "p", 2).await,
+            facts(1),
+            "the fill reflects it"
+        );
+        model.profile_changed_at("p", now);
+        assert_eq!(
+            *load(&model, "p", 3).await,
+            facts(3),
+            "a new change drops it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_current_change_during_a_fill_still_drops_it() {
+        let model = Arc::new(ReadModel::default());
+        let m = model.clone();
+        let stale = model
+            .profile("p", || async move {
+                m.profile_changed_at("p", now_micros());
+                Ok::<_, ()>(Some(facts(1)))
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*stale, facts(1));
+        assert_eq!(*load(&model, "p", 2).await, facts(2), "not cached");
+    }
+
+    #[tokio::test]
+    async fn a_change_of_another_key_does_not_drop_a_fill_in_flight() {
+        let model = Arc::new(ReadModel::default());
+        let mine = model.profiles.generation("q") as *const AtomicU64;
+        let others: Vec<String> = (0..1000)
+            .map(|i| format!("other-{i}"))
+            .filter(|k| !std::ptr::eq(model.profiles.generation(k), mine))
+            .collect();
+        let m = model.clone();
+        model
+            .profile("q", || async move {
+                for k in &others {
+                    m.profile_changed_at(k, now_micros()); // a catch-up's changes
+                }
+                Ok::<_, ()>(Some(facts(1)))
+            })
+            .await
+            .unwrap();
+        assert_eq!(*load(&model, "q", 2).await, facts(1), "the fill was kept");
+    }
+
+    #[tokio::test]
+    async fn an_old_batch_run_keeps_segments_loaded_after_it() {
+        let model = ReadModel::default();
+        let seg = |n: usize| SegmentFacts {
+            segments: (0..n).map(|i| format!("s{i}")).collect(),
+            ..SegmentFacts::default()
+        };
+        model
+            .segments("a", || async move { Ok::<_, ()>(seg(1)) })
+            .await
+            .unwrap();
+        let now = now_micros();
+        model.membership_changed_at("b", "run-1", now - 60_000_000);
+        let a = model
+            .segments("a", || async move { Ok::<_, ()>(seg(2)) })
+            .await
+            .unwrap();
+        assert_eq!(*a, seg(1), "loaded after the old run: kept");
+        model.membership_changed_at("b", "run-2", now);
+        let a = model
+            .segments("a", || async move { Ok::<_, ()>(seg(3)) })
+            .await
+            .unwrap();
+        assert_eq!(*a, seg(3), "a current run drops everyone's");
     }
 
     #[tokio::test]

@@ -101,6 +101,9 @@ pub struct OfferServiceImpl {
     rules: Arc<RuleCache>,
     active: Arc<ActiveOffers>,
     model: Arc<ReadModel>,
+    /// Whether the feed consumers have caught up since the start (health SERVING); true
+    /// unless [`crate::setup::build`] starts the consumers.
+    ready: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// The ACTIVE catalogue as Decide reads it, kept for [`ActiveOffers::TTL`] so a decision does
@@ -520,7 +523,19 @@ impl OfferServiceImpl {
             frequency_cap,
             rules: Arc::default(),
             active: Arc::default(),
+            ready: Arc::new(tokio::sync::watch::channel(true).0),
         }
+    }
+
+    /// Whether the service reports SERVING on the health service: false from the start of the
+    /// feed consumers until they first caught up with the feeds (or the timeout passed).
+    pub fn readiness(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Sets the readiness reported on the health service.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.send_replace(ready);
     }
 
     /// Decide's read models (the consumers invalidate them from the feeds).
@@ -540,6 +555,7 @@ impl OfferServiceImpl {
 
     /// Adds the service to `mount` with its scopes.
     pub fn mount(self, mount: &mut Mount) {
+        mount.add_readiness("clientele.v1.OfferService", self.readiness());
         mount.add(
             "clientele.v1.OfferService",
             OfferServiceServer::new(self),

@@ -86,7 +86,28 @@ pub async fn build(
 ) -> Result<OfferServiceImpl, SetupError> {
     let (service, consumers) = build_without_background(settings, target).await?;
     if settings.offers.consumers {
+        // Not ready (health NOT_SERVING) until the consumers caught up with the feeds: until
+        // then every old change they read invalidates Decide's read models. The server
+        // serves meanwhile (in `--target all` it also serves the feeds themselves).
+        service.set_ready(false);
         consumers.spawn(target.clone());
+        let (waiting, timeout) = (
+            service.clone(),
+            std::time::Duration::from_secs(settings.offers.ready_timeout_secs),
+        );
+        tokio::spawn(async move {
+            let mut ready = waiting.readiness();
+            if tokio::time::timeout(timeout, ready.wait_for(|r| *r))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    timeout_secs = timeout.as_secs(),
+                    "feed consumers have not caught up; serving anyway"
+                );
+                waiting.set_ready(true);
+            }
+        });
     }
     Ok(service)
 }

@@ -152,43 +152,165 @@ fn channel(endpoint: &str, token: Option<&str>) -> Result<Intercepted, Status> {
 }
 
 /// [`ConsentSource`] over ProfileService.
+///
+/// Concurrent reads are batched: at most [`PROFILE_BATCHES_IN_FLIGHT`] reads are sent at a
+/// time, and the profiles asked for meanwhile go out together in the next one
+/// (BatchGetProfiles, up to [`PROFILE_BATCH`] ids). Nothing waits for a batch to fill: a read
+/// alone goes out at once (GetProfile), so this only changes anything when many profiles
+/// miss Decide's read model at once (a cold replica), where it turns hundreds of reads into
+/// a few.
 #[derive(Debug, Clone)]
-pub struct GrpcProfiles(pb::profile_service_client::ProfileServiceClient<Intercepted>);
+pub struct GrpcProfiles {
+    client: pb::profile_service_client::ProfileServiceClient<Intercepted>,
+    batcher: std::sync::Arc<std::sync::Mutex<ProfileBatcher>>,
+}
+
+/// Profile reads sent at a time by one [`GrpcProfiles`].
+pub const PROFILE_BATCHES_IN_FLIGHT: usize = 4;
+/// Most ids per BatchGetProfiles (the service's limit is 500).
+pub const PROFILE_BATCH: usize = 200;
+
+type ProfileReply = tokio::sync::oneshot::Sender<Result<Option<ProfileFacts>, Status>>;
+
+#[derive(Debug, Default)]
+struct ProfileBatcher {
+    waiting: Vec<(String, ProfileReply)>,
+    in_flight: usize,
+}
 
 impl GrpcProfiles {
     /// A client of the ProfileService at `endpoint`.
     pub fn new(endpoint: &str, token: Option<&str>) -> Result<Self, Status> {
-        Ok(Self(pb::profile_service_client::ProfileServiceClient::new(
-            channel(endpoint, token)?,
-        )))
+        Ok(Self {
+            client: pb::profile_service_client::ProfileServiceClient::new(channel(
+                endpoint, token,
+            )?),
+            batcher: std::sync::Arc::default(),
+        })
+    }
+
+    /// Sends the waiting reads, a batch at a time, until none is left.
+    async fn drain(self) {
+        loop {
+            let batch: Vec<(String, ProfileReply)> = {
+                let mut b = self
+                    .batcher
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if b.waiting.is_empty() {
+                    b.in_flight -= 1;
+                    return;
+                }
+                let n = b.waiting.len().min(PROFILE_BATCH);
+                b.waiting.drain(..n).collect()
+            };
+            let mut ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let found = if ids.len() == 1 {
+                None
+            } else {
+                self.batch_get(&ids).await
+            };
+            for (id, reply) in batch {
+                let r = match &found {
+                    Some(Ok(m)) => Ok(m.get(&id).cloned().flatten()),
+                    Some(Err(s)) => Err(s.clone()),
+                    None => self.get_one(&id).await,
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// `ids` read at once: `None` when the batch must be read one by one instead (an id the
+    /// batch call refuses, or an answer that does not match the request).
+    async fn batch_get(
+        &self,
+        ids: &[String],
+    ) -> Option<Result<std::collections::HashMap<String, Option<ProfileFacts>>, Status>> {
+        let res = self
+            .client
+            .clone()
+            .batch_get_profiles(pb::BatchGetProfilesRequest {
+                profile_ids: ids.to_vec(),
+            })
+            .await;
+        let r = match res {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => return None,
+            Err(s) => return Some(Err(upstream("ProfileService", s))),
+        };
+        let missing: BTreeSet<&str> = r.missing_profile_ids.iter().map(String::as_str).collect();
+        let present = ids.iter().filter(|id| !missing.contains(id.as_str()));
+        if present.clone().count() != r.profiles.len() {
+            return None;
+        }
+        // Found profiles come in request order (a merged-away id yields its survivor).
+        let mut out: std::collections::HashMap<String, Option<ProfileFacts>> = present
+            .cloned()
+            .zip(r.profiles.into_iter().map(|p| Some(facts(p))))
+            .collect();
+        for id in missing {
+            out.insert(id.to_string(), None);
+        }
+        Some(Ok(out))
+    }
+
+    async fn get_one(&self, profile_id: &str) -> Result<Option<ProfileFacts>, Status> {
+        let res = self
+            .client
+            .clone()
+            .get_profile(pb::GetProfileRequest {
+                profile_id: profile_id.to_string(),
+            })
+            .await;
+        match res {
+            Ok(r) => Ok(Some(facts(r.into_inner().profile.unwrap_or_default()))),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(upstream("ProfileService", s)),
+        }
+    }
+}
+
+fn facts(profile: pb::Profile) -> ProfileFacts {
+    let granted = profile
+        .consents
+        .iter()
+        .filter(|c| c.status == pb::ConsentStatus::Granted as i32)
+        .map(|c| c.purpose)
+        .collect();
+    ProfileFacts {
+        granted,
+        traits: profile.traits.into_iter().collect(),
     }
 }
 
 #[async_trait]
 impl ConsentSource for GrpcProfiles {
     async fn profile(&self, profile_id: &str) -> Result<Option<ProfileFacts>, Status> {
-        let res = self
-            .0
-            .clone()
-            .get_profile(pb::GetProfileRequest {
-                profile_id: profile_id.to_string(),
-            })
-            .await;
-        let profile = match res {
-            Ok(r) => r.into_inner().profile.unwrap_or_default(),
-            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
-            Err(s) => return Err(upstream("ProfileService", s)),
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.get_one(profile_id).await;
         };
-        let granted = profile
-            .consents
-            .iter()
-            .filter(|c| c.status == pb::ConsentStatus::Granted as i32)
-            .map(|c| c.purpose)
-            .collect();
-        Ok(Some(ProfileFacts {
-            granted,
-            traits: profile.traits.into_iter().collect(),
-        }))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut b = self
+                .batcher
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            b.waiting.push((profile_id.to_string(), tx));
+            let start = b.in_flight < PROFILE_BATCHES_IN_FLIGHT;
+            if start {
+                b.in_flight += 1;
+            }
+            start
+        };
+        if start {
+            // Its own task: a cancelled request must not strand the reads batched with it.
+            runtime.spawn(self.clone().drain());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Status::unavailable("ProfileService read dropped")))
     }
 }
 

@@ -2,7 +2,6 @@
 //! input is INVALID_ARGUMENT naming the field, and nothing is written), calls the store, and
 //! keeps the read-through profile cache coherent (each write invalidates at its new version).
 
-use futures::StreamExt as _;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -360,6 +359,7 @@ impl ProfileService for ProfileServiceImpl {
         let unknown_sets: Vec<Vec<IdentifierKey>> =
             unknown.iter().map(|&i| key_sets[i].clone()).collect();
         let outcomes = self.store.resolve_many(&unknown_sets, now_micros()).await?;
+        let store_ms = started.elapsed().as_secs_f64() * 1e3;
         // Cache entries of written and merged profiles are dropped concurrently.
         let mut stale: Vec<(String, i64)> = Vec::new();
         for out in &outcomes {
@@ -369,7 +369,7 @@ impl ProfileService for ProfileServiceImpl {
             stale.extend(out.merged.iter().map(|m| (m.clone(), i64::MAX)));
         }
         let merges = outcomes.iter().map(|o| o.merged.len()).sum::<usize>();
-        futures::future::join_all(stale.iter().map(|(id, v)| self.cache.invalidate(id, *v))).await;
+        self.cache.invalidate_many(&stale).await;
         if !stale.is_empty() {
             self.changed.notify_waiters();
         }
@@ -405,6 +405,7 @@ impl ProfileService for ProfileServiceImpl {
             resolved = unknown.len(),
             merges,
             known_ms,
+            store_ms,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
             "batch resolve"
         );
@@ -639,14 +640,22 @@ impl ProfileService for ProfileServiceImpl {
                 engagement,
             });
         }
+        let started = std::time::Instant::now();
         let out = self.store.apply_aggregates(&deltas, now_micros()).await?;
-        // Up to 500 profiles per call: invalidate concurrently (one multiplexed connection).
-        futures::stream::iter(&out.touched)
-            .for_each_concurrent(32, |(id, v)| self.cache.invalidate(id, *v))
-            .await;
+        let store_ms = started.elapsed().as_secs_f64() * 1e3;
+        // Up to 500 profiles per call: one script call on Redis.
+        self.cache.invalidate_many(&out.touched).await;
         if !out.touched.is_empty() {
             self.changed.notify_waiters();
         }
+        tracing::debug!(
+            deltas = deltas.len(),
+            applied = out.applied,
+            touched = out.touched.len(),
+            store_ms,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "apply aggregates"
+        );
         Ok(Response::new(pb::ApplyAggregatesResponse {
             applied: out.applied,
             duplicates: out.duplicates,

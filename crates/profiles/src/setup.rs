@@ -87,6 +87,24 @@ pub async fn build(
         hasher.clone(),
         settings.identity.max_profiles_per_identifier,
     );
+    // On PostgreSQL the batch calls (BatchResolve, ApplyAggregates) run as server-side
+    // functions over a small native pool.
+    let store = match target {
+        DatabaseTarget::Postgres { url, schema } => store
+            .with_native_pool(url, schema, settings.database_max_connections.clamp(1, 8))
+            .await
+            .map_err(|e| SetupError::Db(db::DbError::Sqlx(store_sqlx(e))))?,
+        DatabaseTarget::Sqlite { .. } => store,
+    };
     let cache = clientele_runtime::cache::from_settings(settings, "profiles");
     Ok(ProfileServiceImpl::new(Arc::new(store), hasher, cache))
+}
+
+/// The database error inside a store error (opening the native pool fails only in the
+/// database).
+fn store_sqlx(e: crate::store::StoreError) -> sqlx::Error {
+    match e {
+        crate::store::StoreError::Db(e) => e,
+        other => sqlx::Error::Protocol(other.to_string()),
+    }
 }

@@ -8,12 +8,21 @@
 //! lock held until commit, so sequence order is commit order and a feed reader never skips a
 //! change. On SQLite a process-wide mutex serialises write transactions. A deadlock or
 //! serialisation failure reported by PostgreSQL is retried.
+//!
+//! The batch calls have a PostgreSQL form: with a native pool
+//! ([`SqlProfileStore::with_native_pool`]) `resolve_known` is one array lookup, `resolve_many`
+//! one transaction of two calls (`prof_resolve_read`, then `prof_resolve_write` after the sets
+//! are planned in memory) and `apply_aggregates` one call of `prof_apply_aggregates`
+//! (migration 0002). They take the same advisory locks in the same order as the generic path,
+//! so both can run side by side; `prof_merge` mirrors `merge_profiles` and must change with
+//! it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use clientele_runtime::db::{Database, WriteTx};
 use sqlx::any::AnyRow;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AnyConnection, Row};
 
 use crate::identifiers::{IdentifierHasher, IdentifierKey};
@@ -148,6 +157,9 @@ pub struct SqlProfileStore {
     db: Database,
     hasher: IdentifierHasher,
     cap: i64,
+    /// A native pool to the same PostgreSQL schema, for the batch calls' server-side
+    /// functions (migration 0002); `None` on SQLite or when not opened.
+    native: Option<PgPool>,
 }
 
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
@@ -162,7 +174,32 @@ impl SqlProfileStore {
             db,
             hasher,
             cap: i64::from(max_profiles_per_identifier.max(1)),
+            native: None,
         }
+    }
+
+    /// The same store with a native pool of at most `max_connections` connections to
+    /// PostgreSQL schema `schema` at `url` (the one `db` was opened and migrated on): the
+    /// batch calls (`resolve_known`, `resolve_many`, `apply_aggregates`) then run as one or two
+    /// calls of migration 0002's functions with array parameters.
+    ///
+    /// # Errors
+    /// An invalid URL or a server that cannot be reached.
+    pub async fn with_native_pool(
+        mut self,
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+    ) -> StoreResult<Self> {
+        use std::str::FromStr as _;
+        let opts = PgConnectOptions::from_str(url)?.options([("search_path", schema)]);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .min_connections(0)
+            .connect_with(opts)
+            .await?;
+        self.native = Some(pool);
+        Ok(self)
     }
 
     /// Whether the database is PostgreSQL (some reads have a faster PostgreSQL form).
@@ -348,17 +385,17 @@ impl SqlProfileStore {
     /// One attempt of [`ProfileStore::resolve_many`]. The sets are planned one after the other
     /// against an in-memory picture (identifier owners and link counts, merge aliases,
     /// creation times) that starts from the locked database state and takes in each set's
-    /// decisions, so the plans are those of sequential `resolve` calls. The writes then go in
-    /// an order that gives the same rows: new profiles, the merges in plan order (each moves
-    /// everything its loser holds, so it composes), identifiers attached to the survivor they
-    /// end on, link counts, version bumps and the changes-feed rows in set order.
+    /// decisions, so the plans are those of sequential `resolve` calls ([`plan_many`]). The
+    /// writes then go in an order that gives the same rows: new profiles, the merges in plan
+    /// order (each moves everything its loser holds, so it composes), identifiers attached to
+    /// the survivor they end on, link counts, version bumps and the changes-feed rows in set
+    /// order. On PostgreSQL with the native pool the locked reads are one call of
+    /// `prof_resolve_read` and the writes one call of `prof_resolve_write` (migration 0002).
     async fn resolve_many_once(
         &self,
         sets: &[Vec<IdentifierKey>],
         now: i64,
     ) -> StoreResult<Vec<ResolveOutcome>> {
-        let mut w = self.begin_write().await?;
-        let conn: &mut AnyConnection = &mut w.tx;
         let all: Vec<IdentifierKey> = sets
             .iter()
             .flatten()
@@ -366,14 +403,37 @@ impl SqlProfileStore {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        if let Some(pg) = &self.native {
+            let mut tx = pg.begin().await?;
+            let picture = self.read_picture_pg(&mut tx, &all).await?;
+            let mut plan = plan_many(sets, picture, self.cap, now);
+            let versions = write_many_pg(&mut tx, &plan, now).await?;
+            tx.commit().await?;
+            plan.set_versions(&versions);
+            return Ok(plan.outcomes);
+        }
+        let mut w = self.begin_write().await?;
+        let conn: &mut AnyConnection = &mut w.tx;
+        let picture = self.read_picture(conn, &all).await?;
+        let mut plan = plan_many(sets, picture, self.cap, now);
+        let versions = self.write_many(conn, &plan, now).await?;
+        w.tx.commit().await?;
+        plan.set_versions(&versions);
+        Ok(plan.outcomes)
+    }
+
+    /// The locked picture `resolve_many` plans against (generic statements): identifier
+    /// locks, tombstones, stored owners, and every live survivor involved locked, re-reading
+    /// until no merge slipped in between the read and the lock (the loop of `resolve`).
+    async fn read_picture(
+        &self,
+        conn: &mut AnyConnection,
+        all: &[IdentifierKey],
+    ) -> StoreResult<Picture> {
         self.lock(conn, all.iter().map(IdentifierKey::lock_key))
             .await?;
-        let erased = self.tombstoned_keys(conn, &all).await?;
-        // Identifier -> (owner as stored, links); owners are followed through `alias` below.
-        let mut owner: HashMap<IdentifierKey, (String, i64)> =
-            lookup_identifiers(conn, self.pg(), &all).await?;
-        // Lock every live survivor involved, re-reading until no merge slipped in between the
-        // read and the lock (the same loop as `resolve`, for all sets at once).
+        let erased = self.tombstoned_keys(conn, all).await?;
+        let owner = lookup_identifiers(conn, self.pg(), all).await?;
         let mut locked: BTreeSet<String> = BTreeSet::new();
         let heads = loop {
             let ids: BTreeSet<&str> = owner.values().map(|(p, _)| p.as_str()).collect();
@@ -391,109 +451,90 @@ impl SqlProfileStore {
                 .await?;
             locked.extend(new);
         };
-        // Profile id -> where it points now (merge aliases of this call included).
-        let mut alias: HashMap<String, String> = HashMap::new();
-        // Live profile id -> creation time; erased survivors are absent (their identifiers
-        // count as unknown, as in `resolve`).
-        let mut created_at: HashMap<String, i64> = HashMap::new();
-        for (id, h) in &heads {
-            if h.id != *id {
-                alias.insert(id.clone(), h.id.clone());
-            }
-            if h.erased_at.is_none() {
-                created_at.insert(h.id.clone(), h.created_at);
-            }
-        }
-        let head = |alias: &HashMap<String, String>, id: &str| -> String {
-            let mut cur = id.to_string();
-            while let Some(next) = alias.get(&cur) {
-                cur = next.clone();
-            }
-            cur
+        Ok(Picture {
+            erased,
+            owner,
+            heads,
+        })
+    }
+
+    /// [`SqlProfileStore::read_picture`] as one call of `prof_resolve_read` (same locks, same
+    /// order: identifiers, then the live survivors until stable).
+    async fn read_picture_pg(
+        &self,
+        conn: &mut PgConnection,
+        all: &[IdentifierKey],
+    ) -> StoreResult<Picture> {
+        type Read = (
+            Vec<i64>,
+            Vec<i64>,
+            Vec<String>,
+            Vec<i64>,
+            Vec<String>,
+            Vec<String>,
+            Vec<i64>,
+            Vec<Option<i64>>,
+        );
+        let (tomb, k_ord, k_owner, k_links, h_req, h_head, h_created, h_erased): Read =
+            sqlx::query_as("SELECT * FROM prof_resolve_read($1, $2, $3, $4, $5)")
+                .bind(all.iter().map(IdentifierKey::lock_key).collect::<Vec<_>>())
+                .bind(all.iter().map(|k| k.kind.code()).collect::<Vec<_>>())
+                .bind(all.iter().map(|k| k.namespace.as_str()).collect::<Vec<_>>())
+                .bind(
+                    all.iter()
+                        .map(|k| k.stored_value.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    all.iter()
+                        .map(|k| self.hasher.tombstone_hash(k))
+                        .collect::<Vec<_>>(),
+                )
+                .fetch_one(&mut *conn)
+                .await?;
+        let key = |ord: i64| {
+            usize::try_from(ord - 1)
+                .ok()
+                .and_then(|i| all.get(i))
+                .cloned()
+                .ok_or_else(|| corrupt(format!("key ordinal {ord}")))
         };
-
-        let mut outcomes: Vec<ResolveOutcome> = Vec::with_capacity(sets.len());
-        let mut new_profiles: Vec<String> = Vec::new();
-        let mut merges: Vec<(String, String, IdentifierKey)> = Vec::new();
-        let mut bumps: BTreeMap<IdentifierKey, i64> = BTreeMap::new();
-        let mut attaches: Vec<(IdentifierKey, String)> = Vec::new();
-        let mut written: Vec<(usize, ChangeKind)> = Vec::new();
-        for (n, keys) in sets.iter().enumerate() {
-            if keys.iter().any(|k| erased.contains(k)) {
-                outcomes.push(ResolveOutcome {
-                    erased: true,
-                    ..ResolveOutcome::default()
-                });
-                continue;
-            }
-            let known: Vec<Option<KnownIdentifier>> = keys
-                .iter()
-                .map(|k| {
-                    let (pid, links) = owner.get(k)?;
-                    let s = head(&alias, pid);
-                    let at = *created_at.get(&s)?;
-                    Some(KnownIdentifier {
-                        profile_id: s,
-                        profile_created_at: at,
-                        links: *links,
-                    })
-                })
-                .collect();
-            let kinds: Vec<_> = keys.iter().map(|k| k.kind).collect();
-            let plan = stitching::plan(&kinds, &known, self.cap);
-            let mut out = ResolveOutcome {
-                refused: plan.refused.clone(),
-                ..ResolveOutcome::default()
-            };
-            let survivor_id = match &plan.survivor {
-                Some(s) => s.clone(),
-                None => {
-                    let id = uuid::Uuid::now_v7().to_string();
-                    created_at.insert(id.clone(), now);
-                    new_profiles.push(id.clone());
-                    out.created = true;
-                    id
-                }
-            };
-            for (loser, via) in &plan.merge {
-                merges.push((loser.clone(), survivor_id.clone(), keys[*via].clone()));
-                alias.insert(loser.clone(), survivor_id.clone());
-                created_at.remove(loser);
-                out.merged.push(loser.clone());
-            }
-            for &i in &plan.bump_links {
-                *bumps.entry(keys[i].clone()).or_default() += 1;
-                if let Some(o) = owner.get_mut(&keys[i]) {
-                    o.1 += 1;
-                }
-            }
-            for &i in &plan.attach {
-                // A stored identifier of an erased person stays as it is (the insert below
-                // does nothing for it), as in `resolve`.
-                if !owner.contains_key(&keys[i]) {
-                    owner.insert(keys[i].clone(), (survivor_id.clone(), 1));
-                    attaches.push((keys[i].clone(), survivor_id.clone()));
-                }
-            }
-            if out.created
-                || !plan.attach.is_empty()
-                || !plan.merge.is_empty()
-                || !plan.bump_links.is_empty()
-            {
-                let kind = if out.created {
-                    ChangeKind::Created
-                } else if !out.merged.is_empty() {
-                    ChangeKind::Merged
-                } else {
-                    ChangeKind::Updated
-                };
-                written.push((n, kind));
-            }
-            out.profile_id = survivor_id;
-            outcomes.push(out);
+        let erased = tomb.into_iter().map(key).collect::<StoreResult<_>>()?;
+        let mut owner = HashMap::with_capacity(k_ord.len());
+        for ((ord, pid), links) in k_ord.into_iter().zip(k_owner).zip(k_links) {
+            owner.insert(key(ord)?, (pid, links));
         }
+        let heads = h_req
+            .into_iter()
+            .zip(h_head)
+            .zip(h_created.into_iter().zip(h_erased))
+            .map(|((req, id), (created_at, erased_at))| {
+                (
+                    req,
+                    Survivor {
+                        id,
+                        created_at,
+                        erased_at,
+                    },
+                )
+            })
+            .collect();
+        Ok(Picture {
+            erased,
+            owner,
+            heads,
+        })
+    }
 
-        for chunk in new_profiles.chunks(LOOKUP_CHUNK) {
+    /// The writes of a [`ManyPlan`] with generic multi-row statements; returns the new
+    /// version of each stepped profile.
+    async fn write_many(
+        &self,
+        conn: &mut AnyConnection,
+        plan: &ManyPlan,
+        now: i64,
+    ) -> StoreResult<HashMap<String, i64>> {
+        for chunk in plan.new_profiles.chunks(LOOKUP_CHUNK) {
             let rows = numbered_rows(chunk.len(), "(?, ?, ?, 0)");
             let sql = format!(
                 "INSERT INTO profiles (id, created_at, updated_at, version) VALUES {}",
@@ -505,12 +546,12 @@ impl SqlProfileStore {
             }
             q.execute(&mut *conn).await?;
         }
-        for (loser, survivor, via) in &merges {
+        for (loser, survivor, via) in &plan.merges {
             merge_profiles(conn, self.pg(), loser, survivor, via, now).await?;
         }
         // Attached before the link counts grow: a set may bridge through an identifier an
         // earlier set of this call attached.
-        for chunk in attaches.chunks(LOOKUP_CHUNK) {
+        for chunk in plan.attaches.chunks(LOOKUP_CHUNK) {
             let rows = numbered_rows(chunk.len(), "(?, ?, ?, ?, ?, 1)");
             let sql = format!(
                 "INSERT INTO identifiers (id_type, namespace, stored_value, profile_id, first_seen_at, links) \
@@ -518,21 +559,17 @@ impl SqlProfileStore {
                 rows.join(", ")
             );
             let mut q = sqlx::query(&sql);
-            for (k, pid) in chunk {
-                // Attached where the profile ends up: a later merge of this call would have
-                // moved it there.
-                let end = head(&alias, pid);
+            for (k, end) in chunk {
                 q = q
                     .bind(k.kind.code())
                     .bind(k.namespace.clone())
                     .bind(k.stored_value.clone())
-                    .bind(end)
+                    .bind(end.as_str())
                     .bind(now);
             }
             q.execute(&mut *conn).await?;
         }
-        let bumps: Vec<(IdentifierKey, i64)> = bumps.into_iter().collect();
-        for chunk in bumps.chunks(LOOKUP_CHUNK) {
+        for chunk in plan.bumps.chunks(LOOKUP_CHUNK) {
             let rows = numbered_rows(chunk.len(), "(CAST(? AS BIGINT), ?, ?, CAST(? AS BIGINT))");
             let sql = format!(
                 "WITH v (t, n, s, c) AS (VALUES {}) UPDATE identifiers SET links = links + v.c \
@@ -550,34 +587,28 @@ impl SqlProfileStore {
             }
             q.execute(&mut *conn).await?;
         }
-        if !written.is_empty() {
-            // One version step per set that wrote, as many calls would have made.
-            let mut steps: BTreeMap<&str, i64> = BTreeMap::new();
-            for (n, _) in &written {
-                *steps.entry(outcomes[*n].profile_id.as_str()).or_default() += 1;
+        let mut versions: HashMap<String, i64> = HashMap::new();
+        for chunk in plan.steps.chunks(LOOKUP_CHUNK) {
+            let rows = numbered_rows(chunk.len(), "(?, CAST(? AS BIGINT))");
+            let sql = format!(
+                "WITH v (id, c) AS (VALUES {}) UPDATE profiles SET version = version + v.c, \
+                 updated_at = ${} FROM v WHERE profiles.id = v.id \
+                 RETURNING profiles.id, profiles.version",
+                rows.join(", "),
+                chunk.len() * 2 + 1
+            );
+            let mut q = sqlx::query(&sql);
+            for (id, c) in chunk {
+                q = q.bind(id.as_str()).bind(*c);
             }
-            let steps: Vec<(&str, i64)> = steps.into_iter().collect();
-            let mut versions: HashMap<String, i64> = HashMap::new();
-            for chunk in steps.chunks(LOOKUP_CHUNK) {
-                let rows = numbered_rows(chunk.len(), "(?, CAST(? AS BIGINT))");
-                let sql = format!(
-                    "WITH v (id, c) AS (VALUES {}) UPDATE profiles SET version = version + v.c, \
-                     updated_at = ${} FROM v WHERE profiles.id = v.id \
-                     RETURNING profiles.id, profiles.version",
-                    rows.join(", "),
-                    chunk.len() * 2 + 1
-                );
-                let mut q = sqlx::query(&sql);
-                for (id, c) in chunk {
-                    q = q.bind(*id).bind(*c);
-                }
-                q = q.bind(now);
-                for r in q.fetch_all(&mut *conn).await? {
-                    versions.insert(r.try_get(0)?, r.try_get(1)?);
-                }
+            q = q.bind(now);
+            for r in q.fetch_all(&mut *conn).await? {
+                versions.insert(r.try_get(0)?, r.try_get(1)?);
             }
+        }
+        if !plan.written.is_empty() {
             self.db.lock_id(conn, CHANGES_LOCK).await?;
-            for chunk in written.chunks(LOOKUP_CHUNK) {
+            for chunk in plan.written.chunks(LOOKUP_CHUNK) {
                 let rows = numbered_rows(chunk.len(), "(?, ?, ?, ?)");
                 let sql = format!(
                     "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES {}",
@@ -585,7 +616,7 @@ impl SqlProfileStore {
                 );
                 let mut q = sqlx::query(&sql);
                 for (n, kind) in chunk {
-                    let o = &outcomes[*n];
+                    let o = &plan.outcomes[*n];
                     q = q
                         .bind(o.profile_id.as_str())
                         .bind(*kind as i64)
@@ -594,13 +625,8 @@ impl SqlProfileStore {
                 }
                 q.execute(&mut *conn).await?;
             }
-            for (n, _) in &written {
-                let o = &mut outcomes[*n];
-                o.version = versions.get(&o.profile_id).copied();
-            }
         }
-        w.tx.commit().await?;
-        Ok(outcomes)
+        Ok(versions)
     }
 
     async fn create_new_chunk(
@@ -905,6 +931,319 @@ async fn survivor(conn: &mut AnyConnection, id: &str) -> StoreResult<Option<Surv
     Err(corrupt(format!("alias chain of {id} too long")))
 }
 
+/// The locked state `resolve_many` plans against.
+struct Picture {
+    /// Keys that belong to erased people.
+    erased: std::collections::HashSet<IdentifierKey>,
+    /// Identifier -> (owner as stored, links); owners are followed through `heads`.
+    owner: HashMap<IdentifierKey, (String, i64)>,
+    /// Stored owner id -> its survivor (erased survivors included).
+    heads: HashMap<String, Survivor>,
+}
+
+/// What one `resolve_many` call writes, and its outcomes (versions filled in after the
+/// writes by [`ManyPlan::set_versions`]).
+struct ManyPlan {
+    outcomes: Vec<ResolveOutcome>,
+    new_profiles: Vec<String>,
+    /// (loser, survivor, via) in plan order.
+    merges: Vec<(String, String, IdentifierKey)>,
+    /// Identifiers to attach, each to the profile it ends on after this call's merges.
+    attaches: Vec<(IdentifierKey, String)>,
+    /// Link-count increments.
+    bumps: Vec<(IdentifierKey, i64)>,
+    /// Version steps per profile: one per set that wrote, as many calls would have made.
+    steps: Vec<(String, i64)>,
+    /// Sets that wrote (index into `outcomes`) and their change kind, in set order.
+    written: Vec<(usize, ChangeKind)>,
+}
+
+impl ManyPlan {
+    fn set_versions(&mut self, versions: &HashMap<String, i64>) {
+        for (n, _) in &self.written {
+            let o = &mut self.outcomes[*n];
+            o.version = versions.get(&o.profile_id).copied();
+        }
+    }
+}
+
+/// Plans the sets one after the other against `picture`, taking in each set's decisions, so
+/// the plans are those of sequential `resolve` calls.
+fn plan_many(sets: &[Vec<IdentifierKey>], picture: Picture, cap: i64, now: i64) -> ManyPlan {
+    let Picture {
+        erased,
+        mut owner,
+        heads,
+    } = picture;
+    // Profile id -> where it points now (merge aliases of this call included).
+    let mut alias: HashMap<String, String> = HashMap::new();
+    // Live profile id -> creation time; erased survivors are absent (their identifiers
+    // count as unknown, as in `resolve`).
+    let mut created_at: HashMap<String, i64> = HashMap::new();
+    for (id, h) in &heads {
+        if h.id != *id {
+            alias.insert(id.clone(), h.id.clone());
+        }
+        if h.erased_at.is_none() {
+            created_at.insert(h.id.clone(), h.created_at);
+        }
+    }
+    let head = |alias: &HashMap<String, String>, id: &str| -> String {
+        let mut cur = id.to_string();
+        while let Some(next) = alias.get(&cur) {
+            cur = next.clone();
+        }
+        cur
+    };
+
+    let mut outcomes: Vec<ResolveOutcome> = Vec::with_capacity(sets.len());
+    let mut new_profiles: Vec<String> = Vec::new();
+    let mut merges: Vec<(String, String, IdentifierKey)> = Vec::new();
+    let mut bumps: BTreeMap<IdentifierKey, i64> = BTreeMap::new();
+    let mut attaches: Vec<(IdentifierKey, String)> = Vec::new();
+    let mut written: Vec<(usize, ChangeKind)> = Vec::new();
+    for (n, keys) in sets.iter().enumerate() {
+        if keys.iter().any(|k| erased.contains(k)) {
+            outcomes.push(ResolveOutcome {
+                erased: true,
+                ..ResolveOutcome::default()
+            });
+            continue;
+        }
+        let known: Vec<Option<KnownIdentifier>> = keys
+            .iter()
+            .map(|k| {
+                let (pid, links) = owner.get(k)?;
+                let s = head(&alias, pid);
+                let at = *created_at.get(&s)?;
+                Some(KnownIdentifier {
+                    profile_id: s,
+                    profile_created_at: at,
+                    links: *links,
+                })
+            })
+            .collect();
+        let kinds: Vec<_> = keys.iter().map(|k| k.kind).collect();
+        let plan = stitching::plan(&kinds, &known, cap);
+        let mut out = ResolveOutcome {
+            refused: plan.refused.clone(),
+            ..ResolveOutcome::default()
+        };
+        let survivor_id = match &plan.survivor {
+            Some(s) => s.clone(),
+            None => {
+                let id = uuid::Uuid::now_v7().to_string();
+                created_at.insert(id.clone(), now);
+                new_profiles.push(id.clone());
+                out.created = true;
+                id
+            }
+        };
+        for (loser, via) in &plan.merge {
+            merges.push((loser.clone(), survivor_id.clone(), keys[*via].clone()));
+            alias.insert(loser.clone(), survivor_id.clone());
+            created_at.remove(loser);
+            out.merged.push(loser.clone());
+        }
+        for &i in &plan.bump_links {
+            *bumps.entry(keys[i].clone()).or_default() += 1;
+            if let Some(o) = owner.get_mut(&keys[i]) {
+                o.1 += 1;
+            }
+        }
+        for &i in &plan.attach {
+            // A stored identifier of an erased person stays as it is (the insert does
+            // nothing for it), as in `resolve`.
+            if !owner.contains_key(&keys[i]) {
+                owner.insert(keys[i].clone(), (survivor_id.clone(), 1));
+                attaches.push((keys[i].clone(), survivor_id.clone()));
+            }
+        }
+        if out.created
+            || !plan.attach.is_empty()
+            || !plan.merge.is_empty()
+            || !plan.bump_links.is_empty()
+        {
+            let kind = if out.created {
+                ChangeKind::Created
+            } else if !out.merged.is_empty() {
+                ChangeKind::Merged
+            } else {
+                ChangeKind::Updated
+            };
+            written.push((n, kind));
+        }
+        out.profile_id = survivor_id;
+        outcomes.push(out);
+    }
+    // Attached where the profile ends up: a later merge of this call would have moved it.
+    let attaches = attaches
+        .into_iter()
+        .map(|(k, pid)| {
+            let end = head(&alias, &pid);
+            (k, end)
+        })
+        .collect();
+    let mut steps: BTreeMap<String, i64> = BTreeMap::new();
+    for (n, _) in &written {
+        *steps.entry(outcomes[*n].profile_id.clone()).or_default() += 1;
+    }
+    ManyPlan {
+        outcomes,
+        new_profiles,
+        merges,
+        attaches,
+        bumps: bumps.into_iter().collect(),
+        steps: steps.into_iter().collect(),
+        written,
+    }
+}
+
+/// The writes of a [`ManyPlan`] as one call of `prof_resolve_write` (PostgreSQL migration
+/// 0002), in the order of [`SqlProfileStore::write_many`].
+async fn write_many_pg(
+    conn: &mut PgConnection,
+    plan: &ManyPlan,
+    now: i64,
+) -> StoreResult<HashMap<String, i64>> {
+    let m = &plan.merges;
+    let a = &plan.attaches;
+    let b = &plan.bumps;
+    let changed: Vec<&ResolveOutcome> = plan
+        .written
+        .iter()
+        .map(|(n, _)| &plan.outcomes[*n])
+        .collect();
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT * FROM prof_resolve_write($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+         $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+    )
+    .bind(CHANGES_LOCK)
+    .bind(now)
+    .bind(&plan.new_profiles)
+    .bind(m.iter().map(|x| x.0.as_str()).collect::<Vec<_>>())
+    .bind(m.iter().map(|x| x.1.as_str()).collect::<Vec<_>>())
+    .bind(m.iter().map(|x| x.2.kind.code()).collect::<Vec<_>>())
+    .bind(m.iter().map(|x| x.2.namespace.as_str()).collect::<Vec<_>>())
+    .bind(
+        m.iter()
+            .map(|x| x.2.stored_value.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(a.iter().map(|x| x.0.kind.code()).collect::<Vec<_>>())
+    .bind(a.iter().map(|x| x.0.namespace.as_str()).collect::<Vec<_>>())
+    .bind(
+        a.iter()
+            .map(|x| x.0.stored_value.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(a.iter().map(|x| x.1.as_str()).collect::<Vec<_>>())
+    .bind(b.iter().map(|x| x.0.kind.code()).collect::<Vec<_>>())
+    .bind(b.iter().map(|x| x.0.namespace.as_str()).collect::<Vec<_>>())
+    .bind(
+        b.iter()
+            .map(|x| x.0.stored_value.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(b.iter().map(|x| x.1).collect::<Vec<_>>())
+    .bind(plan.steps.iter().map(|x| x.0.as_str()).collect::<Vec<_>>())
+    .bind(plan.steps.iter().map(|x| x.1).collect::<Vec<_>>())
+    .bind(
+        changed
+            .iter()
+            .map(|o| o.profile_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        plan.written
+            .iter()
+            .map(|(_, k)| *k as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changed
+            .iter()
+            .map(|o| o.merged.join(","))
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// `apply_aggregates` as one call of `prof_apply_aggregates` (PostgreSQL migration 0002): the
+/// survivor locks, the dedup insert into `applied_deltas`, the folded profile, spend and
+/// engagement writes and one changes-feed row per profile counted, in one implicit
+/// transaction. `deltas` repeat no key.
+async fn apply_aggregates_pg(
+    pg: &PgPool,
+    deltas: &[&AggregateDelta],
+    now: i64,
+) -> StoreResult<(u32, u32, Vec<(String, i64)>)> {
+    let mut eng_delta: Vec<i64> = Vec::new();
+    let mut eng_kind: Vec<&str> = Vec::new();
+    let mut eng_n: Vec<i64> = Vec::new();
+    for (i, d) in deltas.iter().enumerate() {
+        for (kind, n) in &d.engagement {
+            eng_delta.push(i64::try_from(i + 1).unwrap_or(i64::MAX));
+            eng_kind.push(kind.as_str());
+            eng_n.push(*n);
+        }
+    }
+    let (fresh, applied, ids, versions): (i64, i64, Vec<String>, Vec<i64>) = sqlx::query_as(
+        "SELECT * FROM prof_apply_aggregates($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+         $12, $13, $14, $15)",
+    )
+    .bind(CHANGES_LOCK)
+    .bind(ChangeKind::Updated as i64)
+    .bind(now)
+    .bind(deltas.iter().map(|d| d.key.as_str()).collect::<Vec<_>>())
+    .bind(
+        deltas
+            .iter()
+            .map(|d| d.profile_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(deltas.iter().map(|d| d.occurred_at).collect::<Vec<_>>())
+    .bind(deltas.iter().map(|d| d.orders).collect::<Vec<_>>())
+    .bind(deltas.iter().map(|d| d.refunds).collect::<Vec<_>>())
+    .bind(
+        deltas
+            .iter()
+            .map(|d| d.gross.as_ref().map(|g| g.0.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        deltas
+            .iter()
+            .map(|d| d.gross.as_ref().map(|g| g.1))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        deltas
+            .iter()
+            .map(|d| d.refunded.as_ref().map(|r| r.0.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        deltas
+            .iter()
+            .map(|d| d.refunded.as_ref().map(|r| r.1))
+            .collect::<Vec<_>>(),
+    )
+    .bind(eng_delta)
+    .bind(eng_kind)
+    .bind(eng_n)
+    .fetch_one(pg)
+    .await?;
+    let count = |n: i64| u32::try_from(n).map_err(corrupt);
+    Ok((
+        count(fresh)?,
+        count(applied)?,
+        ids.into_iter().zip(versions).collect(),
+    ))
+}
+
 /// The survivor (id, creation time, erasure) of each of `ids`, following merge aliases a hop
 /// at a time for all ids at once; ids that do not exist are absent.
 async fn survivor_heads(
@@ -1091,6 +1430,41 @@ async fn lookup_identifiers(
             };
             out.insert(key, (r.try_get(3)?, r.try_get(4)?));
         }
+    }
+    Ok(out)
+}
+
+/// [`lookup_identifiers`] over the native pool: the keys travel as three arrays.
+async fn lookup_identifiers_pg(
+    pg: &PgPool,
+    keys: &[IdentifierKey],
+) -> StoreResult<HashMap<IdentifierKey, (String, i64)>> {
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+        "SELECT u.ord, i.profile_id, i.links \
+         FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY AS u(t, n, v, ord) \
+         CROSS JOIN LATERAL (SELECT i.profile_id, i.links FROM identifiers i \
+           WHERE i.id_type = u.t AND i.namespace = u.n AND i.stored_value = u.v OFFSET 0) i",
+    )
+    .bind(keys.iter().map(|k| k.kind.code()).collect::<Vec<_>>())
+    .bind(
+        keys.iter()
+            .map(|k| k.namespace.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        keys.iter()
+            .map(|k| k.stored_value.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(pg)
+    .await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for (ord, pid, links) in rows {
+        let key = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|i| keys.get(i))
+            .ok_or_else(|| corrupt(format!("key ordinal {ord}")))?;
+        out.insert(key.clone(), (pid, links));
     }
     Ok(out)
 }
@@ -1289,7 +1663,6 @@ impl ProfileStore for SqlProfileStore {
     }
 
     async fn resolve_known(&self, sets: &[Vec<IdentifierKey>]) -> StoreResult<Vec<Option<String>>> {
-        let mut conn = self.db.pool.acquire().await?;
         let all: Vec<IdentifierKey> = sets
             .iter()
             .flatten()
@@ -1297,7 +1670,13 @@ impl ProfileStore for SqlProfileStore {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let found = lookup_identifiers(&mut conn, self.pg(), &all).await?;
+        let found = match &self.native {
+            Some(pg) => lookup_identifiers_pg(pg, &all).await?,
+            None => {
+                let mut conn = self.db.pool.acquire().await?;
+                lookup_identifiers(&mut conn, self.pg(), &all).await?
+            }
+        };
         let mut out = Vec::with_capacity(sets.len());
         for set in sets {
             let mut profile: Option<&str> = None;
@@ -1448,6 +1827,23 @@ impl ProfileStore for SqlProfileStore {
         deltas: &[AggregateDelta],
         now: i64,
     ) -> StoreResult<ApplyOutcome> {
+        if let Some(pg) = &self.native {
+            // Keys new to this call, first occurrence only; the rest are duplicates.
+            let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+            let firsts: Vec<&AggregateDelta> = deltas
+                .iter()
+                .filter(|d| seen.insert(d.key.as_str()))
+                .collect();
+            let (fresh, applied, touched) =
+                self.retry(|| apply_aggregates_pg(pg, &firsts, now)).await?;
+            let total = u32::try_from(deltas.len()).map_err(corrupt)?;
+            return Ok(ApplyOutcome {
+                applied,
+                duplicates: total - fresh,
+                unknown_profiles: fresh - applied,
+                touched,
+            });
+        }
         // Multi-row statements: a call of n deltas costs a handful of statements per chunk,
         // not several per delta (the ingest forwarder sends up to 500 at a time).
         let write = || async {

@@ -639,11 +639,205 @@ async fn bulk_resolution_and_single_resolution_race_to_one_profile(e: Engine) {
     }
 }
 
+async fn a_batch_of_deltas_counts_each_key_once_with_one_change_per_profile(e: Engine) {
+    let f = fixture(e, 5).await;
+    let a = f.store.resolve(&[f.customer("ba")], T0).await.unwrap();
+    let b = f.store.resolve(&[f.customer("bb")], T0).await.unwrap();
+    let missing = uuid::Uuid::now_v7().to_string();
+    let view = |key: &str, p: &str, at: i64, n: i64| AggregateDelta {
+        key: key.into(),
+        profile_id: p.into(),
+        occurred_at: at,
+        engagement: vec![("email_opened".into(), 1), ("product_viewed".into(), n)],
+        ..AggregateDelta::default()
+    };
+    let refund = AggregateDelta {
+        key: "ref".into(),
+        profile_id: b.profile_id.clone(),
+        occurred_at: T0 + 40,
+        refunds: 1,
+        refunded: Some(("EUR".into(), 250)),
+        ..AggregateDelta::default()
+    };
+    let batch = vec![
+        order("o1", &a.profile_id, T0 + 30, 1000, "USD"),
+        order("o2", &a.profile_id, T0 + 10, 500, "USD"),
+        order("o3", &a.profile_id, T0 + 20, 700, "KRW"),
+        view("v1", &a.profile_id, T0 + 50, 2),
+        view("v1", &a.profile_id, T0 + 50, 2), // repeated within the call
+        view("v2", &b.profile_id, T0 + 60, 3),
+        order("o4", &b.profile_id, T0 + 5, 100, "EUR"),
+        refund,
+        order("o5", &missing, T0, 100, "USD"),
+    ];
+    let before = f.store.changes_after(0, 1000).await.unwrap().len();
+    let out = f.store.apply_aggregates(&batch, T0 + 100).await.unwrap();
+    assert_eq!(
+        (out.applied, out.duplicates, out.unknown_profiles),
+        (7, 1, 1)
+    );
+    let mut touched: Vec<&str> = out.touched.iter().map(|(p, _)| p.as_str()).collect();
+    touched.sort_unstable();
+    let mut expected = vec![a.profile_id.as_str(), b.profile_id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(touched, expected);
+    // one feed row per profile written, at the version returned
+    let changes = f.store.changes_after(0, 1000).await.unwrap();
+    assert_eq!(changes.len() - before, 2);
+    for (p, v) in &out.touched {
+        assert_eq!(f.store.get(p).await.unwrap().version, *v);
+    }
+    let ra = f.store.get(&a.profile_id).await.unwrap();
+    assert_eq!((ra.order_count, ra.refund_count), (3, 0));
+    assert_eq!(ra.first_order_at, Some(T0 + 10));
+    assert_eq!(ra.last_order_at, Some(T0 + 30));
+    assert_eq!(ra.last_seen_at, Some(T0 + 50));
+    let spend: Vec<(&str, i64, i64)> = ra
+        .spend
+        .iter()
+        .map(|s| (s.currency.as_str(), s.gross_minor, s.refunded_minor))
+        .collect();
+    assert_eq!(spend, vec![("KRW", 700, 0), ("USD", 1500, 0)]);
+    assert_eq!(ra.engagement["email_opened"], 1);
+    assert_eq!(ra.engagement["product_viewed"], 2);
+    let rb = f.store.get(&b.profile_id).await.unwrap();
+    assert_eq!((rb.order_count, rb.refund_count), (1, 1));
+    assert_eq!(rb.spend.len(), 1);
+    assert_eq!(
+        (rb.spend[0].gross_minor, rb.spend[0].refunded_minor),
+        (100, 250)
+    );
+    assert_eq!(rb.first_order_at, Some(T0 + 5));
+    assert_eq!(rb.last_seen_at, Some(T0 + 60));
+    // the whole call retried: nothing counted twice, nothing written
+    let again = f.store.apply_aggregates(&batch, T0 + 200).await.unwrap();
+    assert_eq!(
+        (again.applied, again.duplicates, again.unknown_profiles),
+        (0, 9, 0)
+    );
+    assert!(again.touched.is_empty());
+    assert_eq!(
+        f.store.changes_after(0, 1000).await.unwrap().len(),
+        changes.len()
+    );
+    let ra2 = f.store.get(&a.profile_id).await.unwrap();
+    assert_eq!(ra2.order_count, 3);
+    assert_eq!(ra2.version, ra.version);
+}
+
+async fn concurrent_retries_of_the_same_deltas_count_once(e: Engine) {
+    let f = fixture(e, 5).await;
+    let p = f
+        .store
+        .resolve(&[f.customer("race")], T0)
+        .await
+        .unwrap()
+        .profile_id;
+    let batch: Vec<AggregateDelta> = (0..200)
+        .map(|i| order(&format!("race-{i}"), &p, T0 + i, 10, "USD"))
+        .collect();
+    let mut tasks = Vec::new();
+    for n in 0..4 {
+        let store = f.store.clone();
+        // each task sends the batch in a different order, so the inserts interleave
+        let mut mine = batch.clone();
+        mine.rotate_left(n * 50);
+        tasks.push(tokio::spawn(async move {
+            store.apply_aggregates(&mine, T0).await.unwrap()
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        let out = t.await.unwrap();
+        assert_eq!(out.applied + out.duplicates, 200);
+        applied += out.applied;
+    }
+    assert_eq!(applied, 200);
+    let r = f.store.get(&p).await.unwrap();
+    assert_eq!(r.order_count, 200);
+    assert_eq!(r.spend[0].gross_minor, 2000);
+}
+
+async fn deltas_applied_while_profiles_merge_all_land_on_the_survivor(e: Engine) {
+    let f = fixture(e, 50).await;
+    let pairs = 20;
+    let mut ids = Vec::new();
+    for i in 0..pairs {
+        let anon = f
+            .store
+            .resolve(&[f.anonymous(&format!("m-cookie-{i}"))], T0)
+            .await
+            .unwrap()
+            .profile_id;
+        let known = f
+            .store
+            .resolve(&[f.email(&format!("m{i}@x.io"))], T0)
+            .await
+            .unwrap()
+            .profile_id;
+        ids.push((anon, known));
+    }
+    let rounds = 5;
+    let appliers: Vec<_> = (0..2)
+        .map(|t| {
+            let store = f.store.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                for r in 0..rounds {
+                    let batch: Vec<AggregateDelta> = ids
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(i, (anon, known))| {
+                            [
+                                order(&format!("a-{t}-{r}-{i}"), anon, T0 + r, 1, "USD"),
+                                order(&format!("k-{t}-{r}-{i}"), known, T0 + r, 1, "USD"),
+                            ]
+                        })
+                        .collect();
+                    let out = store.apply_aggregates(&batch, T0).await.unwrap();
+                    assert_eq!(out.applied, batch.len() as u32);
+                }
+            })
+        })
+        .collect();
+    let mergers: Vec<_> = (0..pairs)
+        .map(|i| {
+            let store = f.store.clone();
+            let keys = vec![
+                f.anonymous(&format!("m-cookie-{i}")),
+                f.email(&format!("m{i}@x.io")),
+            ];
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    store.resolve(&keys, T0 + 1).await.unwrap();
+                } else {
+                    store.resolve_many(&[keys], T0 + 1).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in appliers.into_iter().chain(mergers) {
+        t.await.unwrap();
+    }
+    let per_pair = 2 * 2 * rounds;
+    for (anon, known) in &ids {
+        let a = f.store.get(anon).await.unwrap();
+        let k = f.store.get(known).await.unwrap();
+        assert_eq!(a.id, k.id, "merged");
+        assert_eq!(a.order_count, per_pair, "{a:?}");
+        assert_eq!(a.spend[0].gross_minor, per_pair);
+    }
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod postgres {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $name() { super::$name(super::Engine::Postgres).await })*
+        }
+        mod postgres_generic {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() { super::$name(super::Engine::PostgresGeneric).await })*
         }
         mod sqlite {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -666,4 +860,7 @@ conformance!(
     bulk_creation_and_resolution_race_to_one_profile,
     resolving_many_sets_at_once_matches_one_call_per_set,
     bulk_resolution_and_single_resolution_race_to_one_profile,
+    a_batch_of_deltas_counts_each_key_once_with_one_change_per_profile,
+    concurrent_retries_of_the_same_deltas_count_once,
+    deltas_applied_while_profiles_merge_all_land_on_the_survivor,
 );

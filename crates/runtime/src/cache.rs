@@ -26,6 +26,13 @@ pub trait VersionedCache: Send + Sync + std::fmt::Debug {
     async fn put_if_newer(&self, key: &str, version: i64, value: &[u8]);
     /// Drops the value and blocks fills older than `version` until the entry expires.
     async fn invalidate(&self, key: &str, version: i64);
+    /// [`VersionedCache::invalidate`] for each `(key, version)`; Redis does them all in one
+    /// script call.
+    async fn invalidate_many(&self, entries: &[(String, i64)]) {
+        for (key, version) in entries {
+            self.invalidate(key, *version).await;
+        }
+    }
 }
 
 fn count(cache: &str, result: &str) {
@@ -139,6 +146,26 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
+/// [`PUT_IF_NEWER`]'s invalidation for every key: KEYS are the entries, ARGV[i] the version
+/// of KEYS[i], and ARGV[#KEYS + 1] the time to live in milliseconds.
+const INVALIDATE_MANY: &str = r"
+local ttl = ARGV[#KEYS + 1]
+local n = 0
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('HGET', key, 'v')
+  if not cur or tonumber(cur) <= tonumber(ARGV[i]) then
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'v', ARGV[i])
+    redis.call('PEXPIRE', key, ttl)
+    n = n + 1
+  end
+end
+return n
+";
+
+/// Keys per [`INVALIDATE_MANY`] call.
+const INVALIDATE_CHUNK: usize = 256;
+
 /// Redis-backed cache shared by every replica. Connects lazily and reconnects after
 /// failures, so the service starts and answers while Redis is down.
 pub struct RedisCache {
@@ -146,6 +173,7 @@ pub struct RedisCache {
     conn: Mutex<Option<redis::aio::ConnectionManager>>,
     last_attempt: Mutex<Option<Instant>>,
     script: redis::Script,
+    invalidate_script: redis::Script,
     prefix: String,
     ttl: Duration,
     timeout: Duration,
@@ -183,6 +211,7 @@ impl RedisCache {
             conn: Mutex::new(None),
             last_attempt: Mutex::new(None),
             script: redis::Script::new(PUT_IF_NEWER),
+            invalidate_script: redis::Script::new(INVALIDATE_MANY),
             prefix,
             ttl,
             timeout,
@@ -291,6 +320,31 @@ impl VersionedCache for RedisCache {
     async fn invalidate(&self, key: &str, version: i64) {
         self.put(key, version, b"", true).await;
     }
+
+    async fn invalidate_many(&self, entries: &[(String, i64)]) {
+        if entries.is_empty() {
+            return;
+        }
+        let Some(mut conn) = self.connection().await else {
+            return;
+        };
+        let ttl = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        for chunk in entries.chunks(INVALIDATE_CHUNK) {
+            let mut inv = self.invalidate_script.prepare_invoke();
+            for (key, _) in chunk {
+                inv.key(format!("{}{key}", self.prefix));
+            }
+            for (_, version) in chunk {
+                inv.arg(*version);
+            }
+            inv.arg(ttl);
+            let r: Result<Result<i64, _>, _> =
+                tokio::time::timeout(self.timeout * 2, inv.invoke_async(&mut conn)).await;
+            if !matches!(r, Ok(Ok(_))) {
+                tracing::warn!(keys = chunk.len(), "redis write failed");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -330,6 +384,29 @@ mod tests {
         cache.invalidate(key, i64::MAX).await;
         cache.put_if_newer(key, 4, b"v4").await;
         assert_eq!(cache.get(key).await, None, "erased entries never refill");
+
+        // many at once: each as one invalidation
+        let (a, b, c) = (format!("{key}-a"), format!("{key}-b"), format!("{key}-c"));
+        cache.put_if_newer(&a, 5, b"a5").await;
+        cache.put_if_newer(&b, 9, b"b9").await;
+        cache
+            .invalidate_many(&[(a.clone(), 6), (b.clone(), 7), (c.clone(), 2)])
+            .await;
+        assert_eq!(cache.get(&a).await, None);
+        cache.put_if_newer(&a, 5, b"a5").await;
+        assert_eq!(
+            cache.get(&a).await,
+            None,
+            "fill older than the invalidation"
+        );
+        assert_eq!(
+            cache.get(&b).await.as_deref(),
+            Some(&b"b9"[..]),
+            "a newer entry is kept"
+        );
+        cache.put_if_newer(&c, 2, b"c2").await;
+        assert_eq!(cache.get(&c).await.as_deref(), Some(&b"c2"[..]));
+        cache.invalidate_many(&[]).await;
     }
 
     #[tokio::test]

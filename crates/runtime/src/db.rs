@@ -44,12 +44,20 @@ pub struct WriteTx<'a> {
 impl Database {
     /// Begins a write transaction. On SQLite writers queue here rather than failing with
     /// SQLITE_BUSY; on PostgreSQL concurrency is left to row and advisory locks.
+    ///
+    /// On SQLite the transaction is `BEGIN IMMEDIATE`: it takes the database's write lock at
+    /// once, where the busy timeout applies. A deferred transaction would take it only at its
+    /// first write, after its first read, and SQLite refuses that upgrade with SQLITE_BUSY at
+    /// once, without waiting, whenever another connection still holds the lock (as one does
+    /// while the ROLLBACK of a dropped transaction is still in flight).
     pub async fn begin_write(&self) -> Result<WriteTx<'_>, sqlx::Error> {
-        let serial = match self.backend {
-            Backend::Sqlite => Some(self.write_lock.lock().await),
-            Backend::Postgres => None,
+        let (serial, tx) = match self.backend {
+            Backend::Sqlite => {
+                let serial = self.write_lock.lock().await;
+                (Some(serial), self.pool.begin_with("BEGIN IMMEDIATE").await?)
+            }
+            Backend::Postgres => (None, self.pool.begin().await?),
         };
-        let tx = self.pool.begin().await?;
         Ok(WriteTx {
             tx,
             _serial: serial,
@@ -299,6 +307,56 @@ mod tests {
         };
         open(&target, 1, &new, &new, "rollback").await.unwrap();
         open(&target, 1, &OLD, &OLD, "rollback").await.unwrap();
+    }
+
+    /// The flake this pins down: a write transaction dropped on an error path rolls back
+    /// asynchronously, so the next writer can start while another connection still holds
+    /// SQLite's write lock. A deferred transaction then failed its first write after a read
+    /// with "database is locked" at once, without waiting; an immediate one waits for the lock.
+    #[tokio::test]
+    async fn a_sqlite_writer_waits_for_a_write_lock_held_elsewhere() {
+        static NONE: Migrator = Migrator::DEFAULT;
+        let dir = tempfile::tempdir().unwrap();
+        let target = DatabaseTarget::Sqlite {
+            path: dir.path().join("w.db"),
+        };
+        let db = open(&target, 4, &NONE, &NONE, "writers").await.unwrap();
+        sqlx::query("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        // Another connection holds the write lock (as one does until its rollback runs) ...
+        let mut holder = db.pool.acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t (k) VALUES (-1)")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            sqlx::query("ROLLBACK").execute(&mut *holder).await.unwrap();
+        });
+        // ... and a writer that reads before it writes still gets through once it is released.
+        let mut w = db.begin_write().await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&mut *w.tx)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t (k) VALUES ($1)")
+            .bind(n)
+            .execute(&mut *w.tx)
+            .await
+            .expect("the writer waits for the lock instead of failing");
+        w.tx.commit().await.unwrap();
+        release.await.unwrap();
+        let rows: Vec<i64> = sqlx::query_scalar("SELECT k FROM t")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, vec![0], "the held transaction's row was rolled back");
     }
 
     #[test]

@@ -38,10 +38,24 @@ pub fn lock_key(name: &str) -> i64 {
 /// do anyway. The lock is taken on a connection of its own to `target`'s server (not from the
 /// service's pool, whose connections come and go). Never returns on PostgreSQL; on SQLite
 /// returns when `job()` does.
-pub async fn lead<F, Fut>(target: DatabaseTarget, name: &str, mut job: F)
+pub async fn lead<F, Fut>(target: DatabaseTarget, name: &str, job: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()>,
+{
+    lead_or_follow(target, name, || {}, job).await;
+}
+
+/// [`lead`], calling `on_follow` each time the lock is found held by another replica.
+pub async fn lead_or_follow<F, Fut, G>(
+    target: DatabaseTarget,
+    name: &str,
+    mut on_follow: G,
+    mut job: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+    G: FnMut(),
 {
     let DatabaseTarget::Postgres { url, .. } = target else {
         job().await;
@@ -64,7 +78,7 @@ where
                 // Closing the session releases the lock (if it is not already gone).
                 drop(conn);
             }
-            Ok(None) => {}
+            Ok(None) => on_follow(),
             Err(e) => tracing::warn!(job = name, error = %e, "cannot try the leader lock"),
         }
         tokio::time::sleep(RETRY).await;

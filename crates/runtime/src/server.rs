@@ -27,6 +27,7 @@ pub struct Mount {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     scopes: Vec<(String, &'static str)>,
+    readiness: Vec<(&'static str, watch::Receiver<bool>)>,
 }
 
 impl std::fmt::Debug for Mount {
@@ -57,6 +58,13 @@ impl Mount {
         self.names.push(name);
         self.scopes
             .extend(scopes.iter().map(|(m, s)| (format!("/{name}/{m}"), *s)));
+    }
+
+    /// Reports service `name` NOT_SERVING on the health service while `ready` is false (the
+    /// server itself serves from the start: only the health status waits, so a service whose
+    /// readiness depends on another one in the same process cannot deadlock).
+    pub fn add_readiness(&mut self, name: &'static str, ready: watch::Receiver<bool>) {
+        self.readiness.push((name, ready));
     }
 
     /// Names of the mounted services.
@@ -105,6 +113,24 @@ pub async fn serve(
     health_reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    for (name, mut ready) in mount.readiness {
+        if *ready.borrow() {
+            continue;
+        }
+        health_reporter
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+        let (reporter, stopping) = (health_reporter.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if ready.wait_for(|r| *r).await.is_ok() && !*stopping.borrow() {
+                reporter
+                    .set_service_status(name, ServingStatus::Serving)
+                    .await;
+                tracing::info!(service = name, "ready: health SERVING");
+            }
+        });
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(clientele_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -125,7 +151,6 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
-    let (stop_tx, mut stop_rx) = watch::channel(false);
     let reporter = health_reporter.clone();
     let grace = Duration::from_secs(settings.shutdown_grace_secs);
     tokio::spawn(async move {

@@ -104,6 +104,9 @@ pub struct OfferSettings {
     /// Longest life of a cached ledger view, seconds: the staleness bound for another
     /// replica's ledger and code writes (this process's own writes invalidate at once).
     pub decision_cache_ledger_ttl_secs: u64,
+    /// Longest wait, seconds, for the feed consumers to catch up with the feeds after a start
+    /// before the OfferService reports SERVING on the health service anyway (with a warning).
+    pub ready_timeout_secs: u64,
 }
 
 impl Default for OfferSettings {
@@ -116,6 +119,7 @@ impl Default for OfferSettings {
             decision_cache_profiles: 100_000,
             decision_cache_ttl_secs: 60,
             decision_cache_ledger_ttl_secs: 10,
+            ready_timeout_secs: 30,
         }
     }
 }

@@ -18,7 +18,8 @@ use rayon::prelude::*;
 use tokio::sync::Notify;
 
 use crate::scoring::{
-    self, Compiled, ProfileFacts, RuleView, RunModel, Scored, ScoringConfig, compile_definition,
+    self, ClusterResult, Compiled, ProfileFacts, RuleView, RunModel, Scored, ScoringConfig,
+    compile_definition,
 };
 use crate::store::{
     ChangeRow, MemberRow, RunPublication, ScoreRow, SegmentRecord, SegmentationStore, StoreError,
@@ -122,13 +123,14 @@ fn referencable(records: &[SegmentRecord]) -> Vec<String> {
 }
 
 /// Evaluates memberships of one scored profile. `clusters` gives its cluster (and distance) in
-/// each CLUSTER segment that has a model.
+/// a CLUSTER segment (by id) that has a model, `None` when it has none or the profile is not
+/// clustered.
 fn evaluate(
     s: &Scored,
     facts: Option<&ProfileFacts>,
     segments: &[LiveSegment],
     model: &RunModel,
-    clusters: &BTreeMap<String, (usize, f64)>,
+    clusters: &dyn Fn(&str) -> Option<(usize, f64)>,
 ) -> Vec<MemberRow> {
     let mut out = Vec::new();
     let mut in_set = BTreeSet::new();
@@ -137,13 +139,13 @@ fn evaluate(
         match &seg.compiled {
             Compiled::Rule(_) => {}
             Compiled::Cluster(_) => {
-                if let Some((c, d)) = clusters.get(id) {
+                if let Some((c, d)) = clusters(id) {
                     in_set.insert(id.to_owned());
                     out.push(MemberRow {
                         segment_id: id.to_owned(),
                         profile_id: s.profile_id.clone(),
-                        cluster_index: i64::try_from(*c).unwrap_or(0),
-                        distance: Some(*d),
+                        cluster_index: i64::try_from(c).unwrap_or(0),
+                        distance: Some(d),
                         entered_at: 0,
                     });
                 }
@@ -357,7 +359,9 @@ impl Engine {
                     }
                 }
             }
-            let members = evaluate(&s, facts.get(&s.profile_id), evaluated, model, &clusters);
+            let members = evaluate(&s, facts.get(&s.profile_id), evaluated, model, &|id| {
+                clusters.get(id).copied()
+            });
             let since = match (read.previous.get(&s.profile_id), s.lifecycle) {
                 (Some(p), Some(state)) if p.lifecycle == Some(scoring::lifecycle_code(state)) => {
                     p.lifecycle_since.or(Some(p.scored_at))
@@ -496,9 +500,21 @@ impl Engine {
         let segments = self.live_segments().await?;
         // Clustering.
         self.progress(run_id, P::Clustering, 0, total, None).await?;
-        let mut cluster_of: HashMap<String, BTreeMap<String, (usize, f64)>> = HashMap::new();
+        // Per CLUSTER segment: its id and each customer's (label, distance), by position in
+        // `customers`; `customer_at[i]` is the position of `scored[i]` there (profiles without
+        // orders are not clustered). Kept as flat vectors: no per-profile map is built.
+        let mut cluster_of: Vec<(String, Vec<usize>, Vec<f64>)> = Vec::new();
         let mut cluster_outputs = Vec::new();
-        let customers: Vec<&Scored> = scored.iter().filter(|s| s.window.frequency > 0).collect();
+        let mut customer_at: Vec<Option<usize>> = Vec::with_capacity(scored.len());
+        let mut customers: Vec<&Scored> = Vec::new();
+        for s in &scored {
+            if s.window.frequency > 0 {
+                customer_at.push(Some(customers.len()));
+                customers.push(s);
+            } else {
+                customer_at.push(None);
+            }
+        }
         for seg in &segments {
             if let Compiled::Cluster(def) = &seg.compiled {
                 let previous = prev_model.as_ref().and_then(|m| m.clusters.get(seg.id()));
@@ -509,15 +525,15 @@ impl Engine {
                     &customers,
                     previous,
                 ) {
-                    Ok(result) => {
-                        for (i, s) in customers.iter().enumerate() {
-                            cluster_of.entry(s.profile_id.clone()).or_default().insert(
-                                seg.id().to_owned(),
-                                (result.labels[i], result.distances[i]),
-                            );
-                        }
-                        cluster_outputs.push(result.output);
-                        model.clusters.insert(seg.id().to_owned(), result.model);
+                    Ok(ClusterResult {
+                        model: fitted,
+                        labels,
+                        distances,
+                        output,
+                    }) => {
+                        cluster_outputs.push(output);
+                        model.clusters.insert(seg.id().to_owned(), fitted);
+                        cluster_of.push((seg.id().to_owned(), labels, distances));
                     }
                     Err(e) => {
                         tracing::warn!(segment = seg.id(), error = %e, "clustering skipped");
@@ -553,17 +569,16 @@ impl Engine {
         } else {
             HashMap::new()
         };
-        let empty = BTreeMap::new();
         let members: Vec<MemberRow> = scored
             .par_iter()
-            .flat_map_iter(|s| {
-                evaluate(
-                    s,
-                    facts.get(&s.profile_id),
-                    &segments,
-                    &model,
-                    cluster_of.get(&s.profile_id).unwrap_or(&empty),
-                )
+            .zip(&customer_at)
+            .flat_map_iter(|(s, at)| {
+                let clusters = |id: &str| {
+                    let c = (*at)?;
+                    let (_, labels, distances) = cluster_of.iter().find(|(seg, ..)| seg == id)?;
+                    Some((labels[c], distances[c]))
+                };
+                evaluate(s, facts.get(&s.profile_id), &segments, &model, &clusters)
             })
             .collect();
         lap("segments", &mut timings);

@@ -574,6 +574,19 @@ fn fit_clv(
             tolerance: 1e-5,
         },
     ];
+    // The two fits are independent: they run side by side.
+    rayon::join(
+        || fit_bgnbd(purchases, &attempts, horizon_days),
+        || fit_gamma_gamma(spend, &attempts),
+    )
+}
+
+/// The first of `attempts` whose BG/NBD fit predicts over the whole horizon.
+fn fit_bgnbd(
+    purchases: &[PurchaseHistory],
+    attempts: &[FitOptions],
+    horizon_days: u32,
+) -> Option<BgNbd> {
     // The oldest customer with the most repeat purchases: the hardest prediction to evaluate.
     let probe = purchases
         .iter()
@@ -583,7 +596,7 @@ fn fit_clv(
                 .unwrap_or(std::cmp::Ordering::Equal)
         })
         .copied();
-    let bg = attempts
+    attempts
         .iter()
         .find_map(|o| match BgNbd::fit(purchases, o) {
             // A degenerate optimum (huge a and b) can defeat the prediction series: only keep a
@@ -612,7 +625,11 @@ fn fit_clv(
                 tracing::debug!(error = %e, "BG/NBD fit attempt failed");
                 None
             }
-        });
+        })
+}
+
+/// The first of `attempts` whose Gamma-Gamma fit (penalised in major units) has `q > 1`.
+fn fit_gamma_gamma(spend: &[SpendHistory], attempts: &[FitOptions]) -> Option<GammaGamma> {
     let major: Vec<SpendHistory> = spend
         .iter()
         .map(|s| SpendHistory {
@@ -620,7 +637,7 @@ fn fit_clv(
             average_order_value: s.average_order_value / 100.0,
         })
         .collect();
-    let gg = attempts
+    attempts
         .iter()
         .find_map(|o| match GammaGamma::fit(&major, o) {
             Ok(f) if f.model.q > 1.0 => {
@@ -631,8 +648,7 @@ fn fit_clv(
                 tracing::debug!(error = %e, "Gamma-Gamma fit attempt failed");
                 None
             }
-        });
-    (bg, gg)
+        })
 }
 
 /// The spend model used when Gamma-Gamma cannot be fitted (no repeat customers, or a fit with
@@ -656,8 +672,9 @@ pub fn predict(s: &Scored, model: &RunModel, config: &ScoringConfig) -> Option<P
     let history = s.purchases?;
     let horizon = config.clv_horizon();
     let clv = customer_lifetime_value(bg, gg, &history, s.repeat_aov, &horizon).ok()?;
+    let p_alive = bg.probability_alive(&history);
     let expected_purchases = bg
-        .conditional_expected_purchases(&history, f64::from(config.horizon_days))
+        .conditional_expected_purchases_alive(&history, f64::from(config.horizon_days), p_alive)
         .ok()?;
     let expected_aov = gg
         .conditional_expected_average_order_value(&SpendHistory {
@@ -667,7 +684,7 @@ pub fn predict(s: &Scored, model: &RunModel, config: &ScoringConfig) -> Option<P
         .ok()?;
     Some(Predicted {
         clv: clv.max(0.0),
-        p_alive: bg.probability_alive(&history),
+        p_alive,
         expected_purchases: expected_purchases.max(0.0),
         expected_aov,
     })

@@ -13,7 +13,7 @@
 //! * **Bulk work in PostgreSQL**: over a native `PgPool` (opened by
 //!   [`SqlSegmentationStore::connect_postgres`]) a batch run loads every profile's facts and
 //!   the current memberships with `COPY … TO STDOUT` streams, writes only the membership diff
-//!   (exits ended with `… USING UNNEST`, `COPY` for entries and the change log) and the run's
+//!   (exits ended with `… USING UNNEST`, binary `COPY` for entries and the change log) and the run's
 //!   scores with a binary `COPY` into a partition of their own, so a run costs a constant
 //!   number of statements whatever the number of profiles.
 //!   A real-time re-score is one read statement and one call
@@ -45,6 +45,9 @@ pub const CHANGES_LOCK: i64 = 0x7365_675f_6368_6773;
 /// Advisory lock serialising feed folds and run state changes (PostgreSQL).
 const FEED_LOCK: i64 = 0x7365_675f_6665_6564;
 const RUN_LOCK: i64 = 0x7365_675f_7275_6e73;
+/// How long a batch publication waits for the memberships' exclusive lock before loading its
+/// entries through the indexes instead ([`bulk_load_lock`]).
+const BULK_LOCK_TIMEOUT: &str = "1s";
 /// Bind parameters per statement (SQLite allows 32 766, PostgreSQL 65 535).
 const MAX_PARAMS: usize = 30_000;
 /// Bind parameters per multi-row INSERT on SQLite.
@@ -792,32 +795,47 @@ fn diff_memberships(
 
 /// [`diff_memberships`] fed one current membership at a time (as a COPY stream is parsed),
 /// holding only the run's memberships indexed by (segment, profile) and the current cluster
-/// of each: no copy of the current memberships is built.
+/// of each: no copy of the current memberships is built. The index is built at the first
+/// current membership, so a first run (none) builds none.
 struct MemberMatcher<'a> {
     next: &'a [MemberRow],
-    index: HashMap<(&'a str, &'a str), usize>,
-    /// The current cluster of `next[i]`, `None` when it is not a current membership.
+    index: HashMap<(&'a str, &'a str), usize, foldhash::fast::RandomState>,
+    /// The current cluster of `next[i]` once a current membership was seen (`None` when
+    /// `next[i]` is not a current membership); empty before.
     old: Vec<Option<i64>>,
     /// Current memberships absent from `next`.
     gone: Vec<(String, String, i64)>,
 }
 
+/// The diff of [`MemberMatcher`], borrowing the run's memberships.
+struct MemberDiff<'a> {
+    next: &'a [MemberRow],
+    /// Memberships to write: the index in `next` and, for a cluster move, the old cluster.
+    entries: Vec<(usize, Option<i64>)>,
+    /// Current memberships absent from `next`, ordered by (segment, profile).
+    gone: Vec<(String, String, i64)>,
+}
+
 impl<'a> MemberMatcher<'a> {
     fn new(next: &'a [MemberRow]) -> Self {
-        let mut index = HashMap::with_capacity(next.len());
-        for (i, m) in next.iter().enumerate() {
-            index.insert((m.segment_id.as_str(), m.profile_id.as_str()), i);
-        }
         Self {
             next,
-            index,
-            old: vec![None; next.len()],
+            index: HashMap::default(),
+            old: Vec::new(),
             gone: Vec::new(),
         }
     }
 
     /// One current membership.
     fn current(&mut self, segment: &str, profile: &str, cluster: i64) {
+        if self.old.is_empty() && !self.next.is_empty() {
+            self.index.reserve(self.next.len());
+            for (i, m) in self.next.iter().enumerate() {
+                self.index
+                    .insert((m.segment_id.as_str(), m.profile_id.as_str()), i);
+            }
+            self.old = vec![None; self.next.len()];
+        }
         match self.index.get(&(segment, profile)) {
             Some(&i) => self.old[i] = Some(cluster),
             None => self
@@ -826,128 +844,106 @@ impl<'a> MemberMatcher<'a> {
         }
     }
 
+    /// The memberships to write and the ones gone. A membership whose cluster is unchanged
+    /// is left alone (no write, no change); a move between clusters is an EXITED then an
+    /// ENTERED.
+    fn finish(mut self) -> MemberDiff<'a> {
+        let entries = if self.old.is_empty() {
+            (0..self.next.len()).map(|i| (i, None)).collect()
+        } else {
+            self.old
+                .iter()
+                .enumerate()
+                .filter(|(i, old)| **old != Some(self.next[*i].cluster_index))
+                .map(|(i, old)| (i, *old))
+                .collect()
+        };
+        self.gone.sort_unstable();
+        MemberDiff {
+            next: self.next,
+            entries,
+            gone: self.gone,
+        }
+    }
+
     fn diff(
-        mut self,
+        self,
+        reason: pb::MembershipChangeReason,
+        run_id: &str,
+        now: i64,
+    ) -> (Vec<(String, String)>, Vec<MemberRow>, Vec<ChangeRow>) {
+        self.finish().rows(reason, run_id, now)
+    }
+}
+
+impl MemberDiff<'_> {
+    /// Memberships ended: the old side of cluster moves (in `next` order), then the gone.
+    fn deletes(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries
+            .iter()
+            .filter(|(_, old)| old.is_some())
+            .map(|(i, _)| {
+                let m = &self.next[*i];
+                (m.segment_id.as_str(), m.profile_id.as_str())
+            })
+            .chain(self.gone.iter().map(|(s, p, _)| (s.as_str(), p.as_str())))
+    }
+
+    /// The changes in log order, without ids: per entry in `next` order an EXITED of the old
+    /// cluster (a move) then the ENTERED, then the exits of the gone. Items are (profile,
+    /// segment, cluster, entered).
+    fn changes(&self) -> impl Iterator<Item = (&str, &str, i64, bool)> {
+        self.entries
+            .iter()
+            .flat_map(|(i, old)| {
+                let m = &self.next[*i];
+                let (p, s) = (m.profile_id.as_str(), m.segment_id.as_str());
+                old.map(|c| (p, s, c, false))
+                    .into_iter()
+                    .chain(std::iter::once((p, s, m.cluster_index, true)))
+            })
+            .chain(
+                self.gone
+                    .iter()
+                    .map(|(s, p, c)| (p.as_str(), s.as_str(), *c, false)),
+            )
+    }
+
+    /// (entered, exited) counts of [`Self::changes`].
+    fn counts(&self) -> (usize, usize) {
+        let moves = self.entries.iter().filter(|(_, o)| o.is_some()).count();
+        (self.entries.len(), moves + self.gone.len())
+    }
+
+    /// Owned (rows to delete, rows to insert, changes), for the portable path.
+    fn rows(
+        &self,
         reason: pb::MembershipChangeReason,
         run_id: &str,
         now: i64,
     ) -> (Vec<(String, String)>, Vec<MemberRow>, Vec<ChangeRow>) {
         use pb::MembershipChangeType as T;
-        let mut deletes = Vec::new();
-        let mut inserts = Vec::new();
-        let mut changes = Vec::new();
-        for (m, old) in self.next.iter().zip(&self.old) {
-            match old {
-                Some(c) if *c == m.cluster_index => continue,
-                Some(c) => {
-                    deletes.push((m.segment_id.clone(), m.profile_id.clone()));
-                    changes.push(change(
-                        &m.profile_id,
-                        &m.segment_id,
-                        *c,
-                        T::Exited,
-                        reason,
-                        run_id,
-                        now,
-                    ));
-                }
-                None => {}
-            }
-            changes.push(change(
-                &m.profile_id,
-                &m.segment_id,
-                m.cluster_index,
-                T::Entered,
-                reason,
-                run_id,
-                now,
-            ));
-            inserts.push(MemberRow {
+        let deletes = self
+            .deletes()
+            .map(|(s, p)| (s.to_owned(), p.to_owned()))
+            .collect();
+        let inserts = self
+            .entries
+            .iter()
+            .map(|(i, _)| MemberRow {
                 entered_at: now,
-                ..m.clone()
-            });
-        }
-        self.gone.sort_unstable();
-        for (segment, profile, cluster) in self.gone {
-            changes.push(change(
-                &profile,
-                &segment,
-                cluster,
-                T::Exited,
-                reason,
-                run_id,
-                now,
-            ));
-            deletes.push((segment, profile));
-        }
+                ..self.next[*i].clone()
+            })
+            .collect();
+        let changes = self
+            .changes()
+            .map(|(p, s, c, entered)| {
+                let kind = if entered { T::Entered } else { T::Exited };
+                change(p, s, c, kind, reason, run_id, now)
+            })
+            .collect();
         (deletes, inserts, changes)
     }
-}
-
-/// Appends `v` as a COPY text-format field (backslash, tab, newline and carriage return
-/// escaped).
-fn copy_str(out: &mut String, v: &str) {
-    for ch in v.chars() {
-        match ch {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-}
-
-fn copy_i64(out: &mut String, v: Option<i64>) {
-    use std::fmt::Write as _;
-    match v {
-        Some(v) => {
-            let _ = write!(out, "{v}");
-        }
-        None => out.push_str("\\N"),
-    }
-}
-
-fn copy_f64(out: &mut String, v: Option<f64>) {
-    use std::fmt::Write as _;
-    match v {
-        Some(v) if v.is_nan() => out.push_str("NaN"),
-        Some(v) if v.is_infinite() => {
-            out.push_str(if v > 0.0 { "Infinity" } else { "-Infinity" });
-        }
-        Some(v) => {
-            let _ = write!(out, "{v}");
-        }
-        None => out.push_str("\\N"),
-    }
-}
-
-/// Streams `rows` through `statement` (`COPY … FROM STDIN`, text format) in ~1 MiB messages,
-/// formatting the next message while the server parses the previous one.
-async fn copy_rows<I: IntoIterator>(
-    conn: &mut sqlx::PgConnection,
-    statement: &str,
-    rows: I,
-    write: impl Fn(&mut String, &I::Item),
-) -> StoreResult<u64> {
-    let mut rows = rows.into_iter().peekable();
-    if rows.peek().is_none() {
-        return Ok(0);
-    }
-    const MESSAGE: usize = 1 << 20;
-    let mut copy = conn.copy_in_raw(statement).await?;
-    let mut buf = String::with_capacity(MESSAGE + 4096);
-    for r in rows {
-        write(&mut buf, &r);
-        if buf.len() >= MESSAGE {
-            copy.send(buf.as_bytes()).await?;
-            buf.clear();
-        }
-    }
-    if !buf.is_empty() {
-        copy.send(buf.as_bytes()).await?;
-    }
-    Ok(copy.finish().await?)
 }
 
 /// Streams `rows` through `statement` (`COPY … FROM STDIN WITH (FORMAT binary)`) in ~1 MiB
@@ -959,6 +955,10 @@ async fn copy_rows_binary<I: IntoIterator>(
     rows: I,
     write: impl Fn(&mut Vec<u8>, &I::Item),
 ) -> StoreResult<u64> {
+    let mut rows = rows.into_iter().peekable();
+    if rows.peek().is_none() {
+        return Ok(0);
+    }
     const MESSAGE: usize = 1 << 20;
     let mut copy = conn.copy_in_raw(statement).await?;
     let mut buf: Vec<u8> = Vec::with_capacity(MESSAGE + 4096);
@@ -976,6 +976,118 @@ async fn copy_rows_binary<I: IntoIterator>(
     buf.extend_from_slice(&(-1i16).to_be_bytes());
     copy.send(buf.as_slice()).await?;
     Ok(copy.finish().await?)
+}
+
+/// One membership tuple in binary COPY format, columns `segment_id, profile_id,
+/// cluster_index, distance, entered_at, from_version`.
+fn binary_member(out: &mut Vec<u8>, m: &MemberRow, entered_at: i64, version: i64) {
+    bin_fields(out, 6);
+    bin_text(out, Some(&m.segment_id));
+    bin_text(out, Some(&m.profile_id));
+    bin_i64(out, Some(m.cluster_index));
+    bin_f64(out, m.distance);
+    bin_i64(out, Some(entered_at));
+    bin_i64(out, Some(version));
+}
+
+/// One change-log tuple in binary COPY format, columns `seq, change_id, profile_id,
+/// segment_id, cluster_index, change_type, reason, run_id, occurred_at`; `c` is (profile,
+/// segment, cluster, entered) and the id a fresh version-4 UUID, as [`change`] makes them.
+fn binary_change(
+    out: &mut Vec<u8>,
+    seq: i64,
+    c: &(&str, &str, i64, bool),
+    reason: pb::MembershipChangeReason,
+    run_id: &str,
+    now: i64,
+) {
+    use pb::MembershipChangeType as T;
+    let (profile, segment, cluster, entered) = *c;
+    let bytes: [u8; 16] = rand::Rng::r#gen(&mut rand::thread_rng());
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .encode_lower(&mut buf);
+    bin_fields(out, 9);
+    bin_i64(out, Some(seq));
+    bin_text(out, Some(id));
+    bin_text(out, Some(profile));
+    bin_text(out, Some(segment));
+    bin_i64(out, Some(cluster));
+    let kind = if entered { T::Entered } else { T::Exited };
+    bin_i64(out, Some(kind as i64));
+    bin_i64(out, Some(reason as i64));
+    bin_text(out, Some(run_id));
+    bin_i64(out, Some(now));
+}
+
+/// Whether `entries` new memberships are to be loaded with the membership indexes dropped
+/// and rebuilt after ([`SqlSegmentationStore::publish_run_pg`]): when they are at least as
+/// many as the rows stored, and the table's exclusive lock is had within
+/// [`BULK_LOCK_TIMEOUT`]. Readers of memberships then wait for the publication's commit
+/// instead of reading the rows before it; a reader holding the table longer sends the run
+/// down the indexed path instead. `Some(true)` when the table is empty (a first run), so it
+/// can be truncated and loaded frozen.
+async fn bulk_load_lock(
+    conn: &mut sqlx::PgConnection,
+    entries: usize,
+) -> StoreResult<Option<bool>> {
+    // The planner's estimate first (-1 when the table was never analysed), so a large table
+    // is neither locked nor counted for a small diff.
+    let estimate: f64 = sqlx::query_scalar(
+        "SELECT reltuples::float8 FROM pg_class WHERE oid = 'seg_memberships'::regclass",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    #[allow(clippy::cast_precision_loss)]
+    if estimate > entries as f64 {
+        return Ok(None);
+    }
+    sqlx::query("SAVEPOINT seg_bulk_load")
+        .execute(&mut *conn)
+        .await?;
+    let locked = async {
+        sqlx::query(&format!("SET LOCAL lock_timeout = '{BULK_LOCK_TIMEOUT}'"))
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("LOCK TABLE seg_memberships IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *conn)
+            .await
+    }
+    .await;
+    if let Err(e) = locked {
+        let timed_out = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|c| c == "55P03");
+        if !timed_out {
+            return Err(e.into());
+        }
+        tracing::info!("memberships busy; publishing the entries through the indexes");
+        // Also undoes the SET LOCAL.
+        sqlx::query("ROLLBACK TO SAVEPOINT seg_bulk_load")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("RELEASE SAVEPOINT seg_bulk_load")
+            .execute(&mut *conn)
+            .await?;
+        return Ok(None);
+    }
+    sqlx::query("RELEASE SAVEPOINT seg_bulk_load")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SET LOCAL lock_timeout TO DEFAULT")
+        .execute(&mut *conn)
+        .await?;
+    // Under the lock the count is exact, and cheap next to the load it decides.
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seg_memberships")
+        .fetch_one(&mut *conn)
+        .await?;
+    if usize::try_from(stored).unwrap_or(usize::MAX) > entries {
+        return Ok(None);
+    }
+    Ok(Some(stored == 0))
 }
 
 /// Starts a binary COPY tuple of `n` fields.
@@ -1822,9 +1934,11 @@ impl SqlSegmentationStore {
     /// ([`MemberMatcher`], the diff of the portable path), and only the diff is written
     /// (exits closed or deleted with `… USING UNNEST`, entries and the change log with
     /// `COPY`) at the run's membership version: the run's member snapshot is the rows valid at
-    /// that version, so unchanged memberships cost nothing. The scores go to a partition of
-    /// their own (binary `COPY FREEZE` into a table created in this transaction, indexed after
-    /// loading, attached); retention drops partitions.
+    /// that version, so unchanged memberships cost nothing. Entries at least as many as the
+    /// stored rows (a first run) are loaded with the membership indexes dropped and rebuilt
+    /// after ([`bulk_load_lock`]). The scores go to a partition of their own (binary `COPY
+    /// FREEZE` into a table created in this transaction, indexed after loading, attached);
+    /// retention drops partitions.
     ///
     /// Building the score partition on a second connection concurrently with the membership
     /// writes was measured no faster on two shared cores (publish 8.3–10.3 s vs 9.1–9.8 s on a
@@ -1874,13 +1988,10 @@ impl SqlSegmentationStore {
             )
             .await?;
         }
-        let (deletes, inserts, changes) =
-            matcher.diff(pb::MembershipChangeReason::Recompute, &p.run_id, p.now);
-        if !deletes.is_empty() {
-            let (segs, profiles): (Vec<&str>, Vec<&str>) = deletes
-                .iter()
-                .map(|(s, p)| (s.as_str(), p.as_str()))
-                .unzip();
+        let reason = pb::MembershipChangeReason::Recompute;
+        let diff = matcher.finish();
+        let (segs, profiles): (Vec<&str>, Vec<&str>) = diff.deletes().unzip();
+        if !segs.is_empty() {
             // Ended at the run's version (see [`Self::end_members`]).
             for sql in [
                 "DELETE FROM seg_memberships m USING UNNEST($1::text[], $2::text[]) AS d(s, p) \
@@ -1898,53 +2009,77 @@ impl SqlSegmentationStore {
                     .await?;
             }
         }
-        copy_rows(
+        // Entries at least as many as the stored rows (a first run above all) are loaded
+        // with the two membership indexes dropped and rebuilt after: one sort each instead of
+        // a B-tree insertion per row. Into an empty table they are also written frozen.
+        let bulk = if diff.entries.is_empty() {
+            None
+        } else {
+            bulk_load_lock(&mut tx, diff.entries.len()).await?
+        };
+        if let Some(empty) = bulk {
+            if empty {
+                sqlx::query("TRUNCATE seg_memberships")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for sql in [
+                "ALTER TABLE seg_memberships DROP CONSTRAINT seg_memberships_pkey",
+                "DROP INDEX seg_memberships_by_profile",
+            ] {
+                sqlx::query(sql).execute(&mut *tx).await?;
+            }
+        }
+        copy_rows_binary(
             &mut tx,
-            "COPY seg_memberships (segment_id, profile_id, cluster_index, distance, entered_at, \
-             from_version) FROM STDIN",
-            &inserts,
-            |out, m| {
-                copy_str(out, &m.segment_id);
-                out.push('\t');
-                copy_str(out, &m.profile_id);
-                out.push('\t');
-                copy_i64(out, Some(m.cluster_index));
-                out.push('\t');
-                copy_f64(out, m.distance);
-                out.push('\t');
-                copy_i64(out, Some(m.entered_at));
-                out.push('\t');
-                copy_i64(out, Some(version));
-                out.push('\n');
+            if bulk == Some(true) {
+                "COPY seg_memberships (segment_id, profile_id, cluster_index, distance, \
+                 entered_at, from_version) FROM STDIN WITH (FORMAT binary, FREEZE)"
+            } else {
+                "COPY seg_memberships (segment_id, profile_id, cluster_index, distance, \
+                 entered_at, from_version) FROM STDIN WITH (FORMAT binary)"
             },
+            &diff.entries,
+            |out, (i, _)| binary_member(out, &p.members[*i], p.now, version),
         )
         .await?;
-        // Under the change-log lock the COPY's rows take the next sequence numbers in order.
-        copy_rows(
-            &mut tx,
-            "COPY seg_changes (change_id, profile_id, segment_id, cluster_index, change_type, \
-             reason, run_id, occurred_at) FROM STDIN",
-            &changes,
-            |out, c| {
-                copy_str(out, &c.change_id);
-                out.push('\t');
-                copy_str(out, &c.profile_id);
-                out.push('\t');
-                copy_str(out, &c.segment_id);
-                out.push('\t');
-                copy_i64(out, Some(c.cluster_index));
-                out.push('\t');
-                copy_i64(out, Some(i64::from(c.change_type)));
-                out.push('\t');
-                copy_i64(out, Some(i64::from(c.reason)));
-                out.push('\t');
-                copy_str(out, &c.run_id);
-                out.push('\t');
-                copy_i64(out, Some(c.occurred_at));
-                out.push('\n');
-            },
-        )
-        .await?;
+        if bulk.is_some() {
+            for sql in [
+                // Sorts in memory where a 64 MB default would spill.
+                "SELECT set_config('maintenance_work_mem', '256MB', true) \
+                 WHERE pg_size_bytes(current_setting('maintenance_work_mem')) < 268435456",
+                // As migration 0003 declares them.
+                "ALTER TABLE seg_memberships ADD CONSTRAINT seg_memberships_pkey \
+                 PRIMARY KEY (segment_id, profile_id, from_version)",
+                "CREATE INDEX seg_memberships_by_profile ON seg_memberships (profile_id)",
+            ] {
+                sqlx::query(sql).execute(&mut *tx).await?;
+            }
+        }
+        // Under the change-log lock no other transaction takes sequence numbers: the changes
+        // reserve theirs at once and are written with them, in order (no `nextval` per row).
+        let (entered, exited) = diff.counts();
+        let count = i64::try_from(entered + exited).map_err(corrupt)?;
+        if count > 0 {
+            let first: i64 =
+                sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('seg_changes', 'seq'))")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if count > 1 {
+                sqlx::query("SELECT setval(pg_get_serial_sequence('seg_changes', 'seq'), $1)")
+                    .bind(first + count - 1)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            copy_rows_binary(
+                &mut tx,
+                "COPY seg_changes (seq, change_id, profile_id, segment_id, cluster_index, \
+                 change_type, reason, run_id, occurred_at) FROM STDIN WITH (FORMAT binary)",
+                (first..).zip(diff.changes()),
+                |out, (seq, c)| binary_change(out, *seq, c, reason, &p.run_id, p.now),
+            )
+            .await?;
+        }
         // The run's scores: a partition of their own, created in this transaction (so COPY
         // FREEZE writes the rows frozen), loaded in binary, indexed after loading (one sort
         // instead of a B-tree insertion per row) and attached (its CHECK constraint spares the
@@ -1998,7 +2133,9 @@ impl SqlSegmentationStore {
         .bind(&versions)
         .execute(&mut *tx)
         .await?;
-        let outputs = outputs_with_changes(&p.outputs, &changes);
+        let mut outputs = p.outputs.clone();
+        outputs.entered = i64::try_from(entered).unwrap_or(i64::MAX);
+        outputs.exited = i64::try_from(exited).unwrap_or(i64::MAX);
         let end: i64 =
             sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM seg_changes")
                 .fetch_one(&mut *tx)
@@ -3294,23 +3431,74 @@ mod tests {
     }
 
     #[test]
-    fn copy_fields_escape_separators_and_spell_nulls_and_special_floats() {
-        let mut out = String::new();
-        copy_str(&mut out, "a\tb\\c\nd\re");
-        assert_eq!(out, "a\\tb\\\\c\\nd\\re");
-        let mut out = String::new();
-        copy_i64(&mut out, None);
-        out.push(' ');
-        copy_i64(&mut out, Some(-42));
-        out.push(' ');
-        copy_f64(&mut out, Some(f64::NAN));
-        out.push(' ');
-        copy_f64(&mut out, Some(f64::NEG_INFINITY));
-        out.push(' ');
-        copy_f64(&mut out, Some(0.1));
-        out.push(' ');
-        copy_f64(&mut out, None);
-        assert_eq!(out, "\\N -42 NaN -Infinity 0.1 \\N");
+    fn binary_copy_tuples_spell_fields_nulls_and_fresh_change_ids() {
+        let mut out = Vec::new();
+        let m = MemberRow {
+            distance: Some(0.5),
+            ..member("seg", "p1", 2)
+        };
+        binary_member(&mut out, &m, 7, 3);
+        let mut want = 6i16.to_be_bytes().to_vec();
+        for text in ["seg", "p1"] {
+            want.extend_from_slice(&i32::try_from(text.len()).unwrap().to_be_bytes());
+            want.extend_from_slice(text.as_bytes());
+        }
+        want.extend_from_slice(&8i32.to_be_bytes());
+        want.extend_from_slice(&2i64.to_be_bytes());
+        want.extend_from_slice(&8i32.to_be_bytes());
+        want.extend_from_slice(&0.5f64.to_bits().to_be_bytes());
+        for v in [7i64, 3] {
+            want.extend_from_slice(&8i32.to_be_bytes());
+            want.extend_from_slice(&v.to_be_bytes());
+        }
+        assert_eq!(out, want);
+        let mut out = Vec::new();
+        bin_f64(&mut out, None);
+        assert_eq!(out, (-1i32).to_be_bytes());
+
+        let change = ("p1", "seg", -1, true);
+        let reason = pb::MembershipChangeReason::Recompute;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        binary_change(&mut a, 5, &change, reason, "run", 9);
+        binary_change(&mut b, 5, &change, reason, "run", 9);
+        assert_eq!(&a[..2], &9i16.to_be_bytes());
+        assert_eq!(&a[2..6], &8i32.to_be_bytes());
+        assert_eq!(&a[6..14], &5i64.to_be_bytes());
+        assert_eq!(&a[14..18], &36i32.to_be_bytes());
+        let id = std::str::from_utf8(&a[18..54]).unwrap();
+        let parsed = uuid::Uuid::parse_str(id).unwrap();
+        assert_eq!(parsed.get_version_num(), 4);
+        assert_eq!(parsed.hyphenated().to_string(), id);
+        assert_ne!(a[18..54], b[18..54], "each change gets its own id");
+        assert_eq!(a[54..], b[54..]);
+    }
+
+    #[test]
+    fn a_first_run_diff_enters_every_membership_in_order() {
+        let next = vec![member("vip", "p1", -1), member("clusters", "p1", 3)];
+        let (deletes, inserts, changes) = diff_memberships(
+            &CurrentMembers::new(),
+            &next,
+            pb::MembershipChangeReason::Recompute,
+            "run",
+            7,
+        );
+        assert!(deletes.is_empty());
+        assert_eq!(
+            inserts,
+            next.iter()
+                .map(|m| MemberRow {
+                    entered_at: 7,
+                    ..m.clone()
+                })
+                .collect::<Vec<_>>()
+        );
+        let kinds: Vec<(&str, i64, i32)> = changes
+            .iter()
+            .map(|c| (c.segment_id.as_str(), c.cluster_index, c.change_type))
+            .collect();
+        let entered = pb::MembershipChangeType::Entered as i32;
+        assert_eq!(kinds, vec![("vip", -1, entered), ("clusters", 3, entered)]);
     }
 
     #[test]

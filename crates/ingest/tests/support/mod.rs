@@ -46,7 +46,7 @@ pub async fn serve(engine: Engine) -> Served {
 }
 
 /// Serves both services; `tweak` adjusts the settings first. The background forwarder is not
-/// started: tests drain the outbox explicitly with `served.ingest.forwarder().drain()`.
+/// started: tests deliver the aggregate deltas explicitly with `served.ingest.forwarder().drain()`.
 pub async fn serve_with(engine: Engine, tweak: impl FnOnce(&mut Settings)) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -125,16 +125,11 @@ pub async fn serve(engine: Engine) -> Served {
     serve_with(engine, |_| {}).await
 }
 
-/// Serves the stack; `tweak` adjusts the settings first.
-pub async fn serve_with(
-    engine: Engine,
-    tweak: impl FnOnce(&mut clientele_runtime::Settings),
-) -> Served {
+/// Settings of a test stack whose every service is at `endpoint` (one process), with an
+/// admin token of every scope and its data under `dir`.
+pub fn stack_settings(endpoint: &str, dir: &std::path::Path) -> clientele_runtime::Settings {
     use clientele_runtime::Settings;
     use clientele_runtime::settings::TokenConfig;
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let mut settings = Settings {
         tokens: vec![TokenConfig {
             client: "admin".into(),
@@ -142,7 +137,7 @@ pub async fn serve_with(
             scopes: vec!["*".into()],
         }],
         service_token: Some("admin-token".into()),
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.to_path_buf(),
         ..Default::default()
     };
     settings.identity.hash_secret = Some("offers-test-secret-0123456789".into());
@@ -153,9 +148,21 @@ pub async fn serve_with(
         &mut settings.endpoints.experiments,
         &mut settings.endpoints.offers,
     ] {
-        *e = Some(endpoint.clone());
+        *e = Some(endpoint.to_string());
     }
     settings.database_max_connections = 3;
+    settings
+}
+
+/// Serves the stack; `tweak` adjusts the settings first.
+pub async fn serve_with(
+    engine: Engine,
+    tweak: impl FnOnce(&mut clientele_runtime::Settings),
+) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let mut settings = stack_settings(&endpoint, dir.path());
     tweak(&mut settings);
     let profiles =
         clientele_profiles::setup::build(&settings, &target(engine, dir.path(), "profiles"))

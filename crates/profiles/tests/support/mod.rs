@@ -15,7 +15,10 @@ use clientele_runtime::testing;
 /// Which database a fixture uses.
 #[derive(Debug, Clone, Copy)]
 pub enum Engine {
+    /// PostgreSQL with the native pool: the batch calls run migration 0002's functions.
     Postgres,
+    /// PostgreSQL through the generic `sqlx::Any` statements only.
+    PostgresGeneric,
     Sqlite,
 }
 
@@ -31,7 +34,7 @@ pub fn hasher() -> IdentifierHasher {
 
 pub async fn fixture(engine: Engine, cap: u32) -> Fixture {
     let (target, dir) = match engine {
-        Engine::Postgres => (
+        Engine::Postgres | Engine::PostgresGeneric => (
             DatabaseTarget::Postgres {
                 url: testing::postgres_url(),
                 schema: testing::unique_schema("profiles"),
@@ -58,8 +61,16 @@ pub async fn fixture(engine: Engine, cap: u32) -> Fixture {
     .await
     .expect("test database (is PostgreSQL running? see README)");
     let hasher = hasher();
+    let store = SqlProfileStore::new(database, hasher.clone(), cap);
+    let store = match (&target, engine) {
+        (DatabaseTarget::Postgres { url, schema }, Engine::Postgres) => store
+            .with_native_pool(url, schema, 8)
+            .await
+            .expect("native pool"),
+        _ => store,
+    };
     Fixture {
-        store: Arc::new(SqlProfileStore::new(database, hasher.clone(), cap)),
+        store: Arc::new(store),
         hasher,
         _dir: dir,
     }

@@ -8,7 +8,7 @@
 
 use super::nelder_mead::{self, NelderMeadOptions};
 use super::special::{Hyp2f1Error, hyp2f1, ln_gamma, log_sum_exp};
-use super::{ClvError, Fit, FitOptions, PurchaseHistory};
+use super::{ClvError, Fit, FitOptions, PurchaseHistory, count_table};
 
 /// Fitted BG/NBD parameters; all strictly positive.
 ///
@@ -116,16 +116,28 @@ impl BgNbd {
         // The x-independent ln Γ terms are shared by every customer: hoist them.
         let Self { r, alpha, a, b } = *self;
         let shared = -ln_gamma(r) + r * alpha.ln() + ln_gamma(a + b) - ln_gamma(b);
+        // The terms that depend on the repeat count alone are computed once per count (the
+        // same values in the same sum: the result is unchanged, bit for bit).
+        let per_count = |x: f64| {
+            (
+                ln_gamma(r + x) + ln_gamma(b + x) - ln_gamma(a + b + x),
+                a.ln() - (b + x - 1.0).ln(),
+            )
+        };
+        let table = count_table(customers.iter().map(|h| h.frequency), per_count);
         let per_customer: f64 = customers
             .iter()
             .map(|history| {
                 let x = f64::from(history.frequency);
-                let body = ln_gamma(r + x) + ln_gamma(b + x) - ln_gamma(a + b + x);
+                let (body, a4_head) = table
+                    .get(history.frequency as usize)
+                    .copied()
+                    .unwrap_or_else(|| per_count(x));
                 let a3 = -(r + x) * (alpha + history.age).ln();
                 if history.frequency == 0 {
                     body + a3
                 } else {
-                    let a4 = a.ln() - (b + x - 1.0).ln() - (r + x) * (alpha + history.recency).ln();
+                    let a4 = a4_head - (r + x) * (alpha + history.recency).ln();
                     body + log_sum_exp(a3, a4)
                 }
             })
@@ -166,6 +178,17 @@ impl BgNbd {
         history: &PurchaseHistory,
         window: f64,
     ) -> Result<f64, ClvError> {
+        self.conditional_expected_purchases_alive(history, window, self.probability_alive(history))
+    }
+
+    /// [`Self::conditional_expected_purchases`] given `p_alive`, the customer's
+    /// [`Self::probability_alive`] (computed once for a run of windows).
+    pub(crate) fn conditional_expected_purchases_alive(
+        &self,
+        history: &PurchaseHistory,
+        window: f64,
+        p_alive: f64,
+    ) -> Result<f64, ClvError> {
         history.validate(0).map_err(|_| {
             ClvError::InvalidArgument("history must have 0 <= recency <= age, all finite")
         })?;
@@ -188,7 +211,7 @@ impl BgNbd {
         // for short windows.
         let ln_survival_term = (a - 1.0) * (-z).ln_1p() + series.ln();
         let purchases_if_alive = (a + b + x - 1.0) / (a - 1.0) * -ln_survival_term.exp_m1();
-        let expected = purchases_if_alive * self.probability_alive(history);
+        let expected = purchases_if_alive * p_alive;
         if expected.is_finite() {
             Ok(expected)
         } else {

@@ -74,6 +74,20 @@ pub enum ClvError {
     NonFinite(&'static str),
 }
 
+/// Repeat counts above this get no table entry in [`count_table`] (computed per customer).
+const COUNT_TABLE_MAX: u32 = 4_096;
+
+/// `f(x)` for every repeat count `x` in `0..=max(counts)` (empty when the largest count is
+/// above [`COUNT_TABLE_MAX`]), indexed by count: the count-only terms of a likelihood, computed
+/// once per evaluation instead of once per customer.
+fn count_table<T>(counts: impl Iterator<Item = u32>, f: impl Fn(f64) -> T) -> Vec<T> {
+    let max = counts.max().unwrap_or(0);
+    if max > COUNT_TABLE_MAX {
+        return Vec::new();
+    }
+    (0..=max).map(|x| f(f64::from(x))).collect()
+}
+
 /// A customer's purchase history summarised the way the BG/NBD model needs it.
 ///
 /// Times are in the time unit of the fit (see the module docs) and measured from the
@@ -216,11 +230,15 @@ pub fn customer_lifetime_value(
         average_order_value,
     })?;
     let periods_per_month = horizon.time_unit.periods_per_month();
+    let p_alive = purchases.probability_alive(history);
     let mut value = 0.0;
     let mut purchases_so_far = 0.0;
     for month in 1..=horizon.months {
-        let purchases_by_month_end = purchases
-            .conditional_expected_purchases(history, f64::from(month) * periods_per_month)?;
+        let purchases_by_month_end = purchases.conditional_expected_purchases_alive(
+            history,
+            f64::from(month) * periods_per_month,
+            p_alive,
+        )?;
         let in_month = purchases_by_month_end - purchases_so_far;
         purchases_so_far = purchases_by_month_end;
         value += order_value * in_month
