@@ -30,7 +30,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::store::{EventQuery, EventStore, NewEvent, Outcome, StoreError, StreamMark};
+use crate::store::{CommitTurn, EventQuery, EventStore, NewEvent, Outcome, StoreError, StreamMark};
 use crate::validate::{self, FieldError, Limits, ValidEvent};
 
 /// Most events in one IngestBatch or stream batch.
@@ -45,6 +45,9 @@ pub const MAX_PAGE: i64 = 1000;
 const MAX_REPLAY: u64 = 10_000;
 /// Batches of one IngestStream being validated and resolved at once.
 const PREPARE_AHEAD: usize = 2;
+/// Batches of one IngestStream committing at once (only one holds the log lock; the next
+/// sends its batch and looks up its keys meanwhile).
+const COMMIT_AHEAD: usize = 2;
 /// Idle IngestStream heartbeat interval.
 const HEARTBEAT: Duration = Duration::from_secs(20);
 
@@ -481,20 +484,27 @@ impl IngestServiceImpl {
         })
     }
 
+    /// Commits a prepared batch; `turn` orders it after the stream's previous batch.
     async fn commit(
         &self,
         p: &Prepared,
         stream: Option<(&str, u64)>,
+        turn: CommitTurn,
     ) -> Result<Vec<pb::EventResult>, Status> {
         let now = now_micros();
         let commit_started = std::time::Instant::now();
         let outcomes = match stream {
-            None => self.inner.store.commit(&p.new, None, now).await?,
+            None => {
+                self.inner
+                    .store
+                    .commit_in_turn(&p.new, None, now, turn)
+                    .await?
+            }
             Some((producer_id, sequence)) => {
                 let encode = |o: &[Outcome]| batch_result(sequence, &p.finish(o)).encode_to_vec();
                 self.inner
                     .store
-                    .commit(
+                    .commit_in_turn(
                         &p.new,
                         Some(StreamMark {
                             producer_id,
@@ -502,6 +512,7 @@ impl IngestServiceImpl {
                             result: &encode,
                         }),
                         now,
+                        turn,
                     )
                     .await?
             }
@@ -525,7 +536,7 @@ impl IngestServiceImpl {
     ) -> Result<Vec<pb::EventResult>, Status> {
         let _permit = self.admit().await?;
         let p = self.prepare(events, prefix).await?;
-        self.commit(&p, None).await
+        self.commit(&p, None, CommitTurn::default()).await
     }
 
     fn check_batch(field: &str, events: &[pb::Event]) -> Result<(), Status> {
@@ -1016,7 +1027,7 @@ impl IngestServiceImpl {
         // Two stages: prepare (validate + resolve) batch n+1 while batch n commits.
         let (prep_tx, prep_rx) =
             mpsc::channel::<(u64, Vec<pb::Event>)>(usize::try_from(max_unacked).unwrap_or(16));
-        let (commit_tx, mut commit_rx) = mpsc::channel::<(u64, Result<Prepared, Status>)>(1);
+        let (commit_tx, commit_rx) = mpsc::channel::<(u64, Result<Prepared, Status>)>(1);
         let (done_tx, mut done_rx) =
             mpsc::channel::<Done>(usize::try_from(max_unacked).unwrap_or(16) + 1);
         let preparer = {
@@ -1047,17 +1058,34 @@ impl IngestServiceImpl {
             let svc = self.clone();
             let pid = pid.clone();
             tokio::spawn(async move {
-                while let Some((seq, p)) = commit_rx.recv().await {
-                    let r = match p {
-                        Ok(p) => match svc.inner.admission.acquire().await {
-                            Ok(_permit) => svc
-                                .commit(&p, Some((&pid, seq)))
-                                .await
-                                .map(|res| batch_result(seq, &res)),
-                            Err(_) => Err(Status::unavailable("shutting down")),
-                        },
-                        Err(s) => Err(s),
-                    };
+                // Up to COMMIT_AHEAD batches commit at once: each sends its batch and looks up
+                // its keys while the previous one holds the log lock, and takes the lock after
+                // it (`CommitTurn`); results come back in sequence order.
+                let mut previous: Option<tokio::sync::oneshot::Receiver<()>> = None;
+                let mut commits = tokio_stream::wrappers::ReceiverStream::new(commit_rx)
+                    .map(|(seq, p): (u64, Result<Prepared, Status>)| {
+                        let (locked, next) = tokio::sync::oneshot::channel();
+                        let turn = CommitTurn {
+                            after: previous.replace(next),
+                            locked: Some(locked),
+                        };
+                        let svc = svc.clone();
+                        let pid = pid.clone();
+                        async move {
+                            match p {
+                                Ok(p) => match svc.inner.admission.acquire().await {
+                                    Ok(_permit) => svc
+                                        .commit(&p, Some((&pid, seq)), turn)
+                                        .await
+                                        .map(|res| batch_result(seq, &res)),
+                                    Err(_) => Err(Status::unavailable("shutting down")),
+                                },
+                                Err(s) => Err(s),
+                            }
+                        }
+                    })
+                    .buffered(COMMIT_AHEAD);
+                while let Some(r) = commits.next().await {
                     let failed = r.is_err();
                     let msg = match r {
                         Ok(b) => Done::Batch(b),

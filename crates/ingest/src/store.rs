@@ -1,9 +1,11 @@
 //! Event storage: the [`EventStore`] trait and its two implementations.
 //!
-//! - [`PgEventStore`] (production): each batch is one transaction of two statements: the
-//!   PL/pgSQL function `ingest_append` (migration 0003) called with the batch as arrays
-//!   (`UNNEST` inside, never row by row), then the producer's sequence and the batch result;
-//!   over a native `sqlx::PgPool`, because `sqlx::Any` cannot bind arrays.
+//! - [`PgEventStore`] (production): each batch is one transaction: `ingest_lookup` (its keys,
+//!   before the log lock), the log lock, the PL/pgSQL function `ingest_append_looked_up`
+//!   (migration 0005) called with the batch as arrays (`UNNEST` inside, never row by row),
+//!   then the producer's sequence and the batch result; over a native `sqlx::PgPool`, because
+//!   `sqlx::Any` cannot bind arrays. A [`CommitTurn`] lets one stream's next batch do its
+//!   part before the lock while the previous batch holds it.
 //! - [`SqliteEventStore`] (the embedded default): the same transaction, statement by
 //!   statement, behind one writer lock.
 //!
@@ -150,6 +152,19 @@ impl StoredRow {
     }
 }
 
+/// Orders commits of one stream that run side by side: each takes the log lock only after
+/// the previous one holds it, so they append and advance the producer in sequence order while
+/// their work before the lock (sending the batch, looking up its keys) overlaps the previous
+/// commit's locked part.
+#[derive(Debug, Default)]
+pub struct CommitTurn {
+    /// Resolves once the previous commit holds the log lock, or has failed (its sender
+    /// dropped; this commit then fails its sequence check if it needed that batch).
+    pub after: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Sent once this commit holds the log lock; dropped (releasing the next) if it fails first.
+    pub locked: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
 /// A page of a timeline.
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
@@ -215,6 +230,24 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
         stream: Option<StreamMark<'_>>,
         now: i64,
     ) -> StoreResult<Vec<Outcome>>;
+    /// [`EventStore::commit`] in its [`CommitTurn`]. Stores without a separate lookup phase
+    /// (SQLite, one writer at a time) wait for their turn, commit, then pass it on.
+    async fn commit_in_turn(
+        &self,
+        events: &[NewEvent],
+        stream: Option<StreamMark<'_>>,
+        now: i64,
+        turn: CommitTurn,
+    ) -> StoreResult<Vec<Outcome>> {
+        if let Some(after) = turn.after {
+            let _ = after.await;
+        }
+        let out = self.commit(events, stream, now).await;
+        if let Some(locked) = turn.locked {
+            let _ = locked.send(());
+        }
+        out
+    }
     /// The `sqlx::Any` pool the shared reads below run on.
     fn database(&self) -> &Database;
     /// The producer's highest durable sequence (0 if none).
@@ -890,9 +923,20 @@ impl EventStore for PgEventStore {
         stream: Option<StreamMark<'_>>,
         now: i64,
     ) -> StoreResult<Vec<Outcome>> {
+        self.commit_in_turn(events, stream, now, CommitTurn::default())
+            .await
+    }
+
+    async fn commit_in_turn(
+        &self,
+        events: &[NewEvent],
+        stream: Option<StreamMark<'_>>,
+        now: i64,
+        turn: CommitTurn,
+    ) -> StoreResult<Vec<Outcome>> {
         let started = std::time::Instant::now();
         let mut lap = started;
-        let mut laps = [0.0f64; 3];
+        let mut laps = [0.0f64; 4];
         let mut mark_lap = |i: usize| {
             let t = std::time::Instant::now();
             laps[i] = (t - lap).as_secs_f64() * 1e3;
@@ -900,13 +944,43 @@ impl EventStore for PgEventStore {
         };
         let mut tx = self.pg.begin().await?;
         let mut existing: Vec<Option<(Vec<u8>, String)>> = vec![None; events.len()];
+        let col = |f: fn(&NewEvent) -> &str| events.iter().map(f).collect::<Vec<_>>();
+        // Before the lock: which keys the log already remembers (`ingest_lookup`, migration
+        // 0005). A key stored by another commit between this lookup and the lock is caught by
+        // the append, which looks it up again under the lock.
+        let mut found: Vec<i64> = Vec::new();
         if !events.is_empty() {
-            // One call (`ingest_append`, migration 0003) under the log lock, held to COMMIT:
-            // commits append one at a time, so `seq` order is commit order (the WatchEvents
-            // cursors and the aggregate follower rely on it), and the keys it reads cannot
-            // change before its append (the erasure takes the same lock). It decides which
-            // candidate delta each event carries from the orders and refunds already counted.
-            let col = |f: fn(&NewEvent) -> &str| events.iter().map(f).collect::<Vec<_>>();
+            let rows = sqlx::query("SELECT o_n, o_hash, o_profile FROM ingest_lookup($1, $2)")
+                .bind(col(|e| &e.source))
+                .bind(col(|e| &e.event_id))
+                .fetch_all(&mut *tx)
+                .await?;
+            for r in rows {
+                let n: i64 = r.try_get(0)?;
+                record_existing(&mut existing, n, r.try_get(1)?, r.try_get(2)?)?;
+                found.push(n);
+            }
+        }
+        mark_lap(0);
+        if let Some(after) = turn.after {
+            let _ = after.await;
+        }
+        // The log lock, held to COMMIT: commits append one at a time, so `seq` order is
+        // commit order (the WatchEvents cursors and the aggregate follower rely on it), and the
+        // erased profiles it reads cannot change before its append (the erasure takes the same
+        // lock).
+        sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
+            .bind(LOG_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(locked) = turn.locked {
+            let _ = locked.send(());
+        }
+        mark_lap(1);
+        if !events.is_empty() {
+            // One call (`ingest_append_looked_up`): the erased profiles, orders and refunds,
+            // the log rows with their deltas, waiting refunds. It decides which candidate delta
+            // each event carries from the orders and refunds already counted.
             let hashes: Vec<&[u8]> = events.iter().map(|e| e.hash.as_slice()).collect();
             let kinds: Vec<i64> = events.iter().map(|e| i64::from(e.kind)).collect();
             let names: Vec<Option<&str>> =
@@ -939,8 +1013,8 @@ impl EventStore for PgEventStore {
                 );
             }
             let rows = sqlx::query(
-                "SELECT o_n, o_hash, o_profile FROM ingest_append($1, $2, $3, $4, $5, $6, $7, $8, \
-                 $9, $10, $11, $12, $13, $14, $15, $16)",
+                "SELECT o_n, o_hash, o_profile FROM ingest_append_looked_up($1, $2, $3, $4, $5, \
+                 $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
             )
             .bind(LOG_LOCK)
             .bind(now)
@@ -958,6 +1032,7 @@ impl EventStore for PgEventStore {
             .bind(&effects)
             .bind(&counted)
             .bind(&plain)
+            .bind(&found)
             .fetch_all(&mut *tx)
             .await?;
             for r in rows {
@@ -967,14 +1042,11 @@ impl EventStore for PgEventStore {
                     // accepted, as when the erasure lands just after the commit).
                     continue;
                 }
-                let slot = usize::try_from(n - 1)
-                    .ok()
-                    .and_then(|i| existing.get_mut(i))
-                    .ok_or_else(|| StoreError::Corrupt(format!("key lookup row {n}")))?;
-                *slot = Some((r.try_get(1)?, r.try_get(2)?));
+                // A key stored by another commit after the lookup above.
+                record_existing(&mut existing, n, r.try_get(1)?, r.try_get(2)?)?;
             }
         }
-        mark_lap(0);
+        mark_lap(2);
         let outcomes = outcomes_from(events, &existing);
         if let Some(mark) = stream {
             let advanced = sqlx::query(
@@ -999,14 +1071,16 @@ impl EventStore for PgEventStore {
                 });
             }
         }
-        mark_lap(1);
+        mark_lap(3);
         tx.commit().await?;
-        mark_lap(2);
+        let commit_ms = lap.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(
             events = events.len(),
-            append_ms = laps[0],
-            mark_ms = laps[1],
-            fsync_ms = laps[2],
+            lookup_ms = laps[0],
+            turn_and_lock_ms = laps[1],
+            append_ms = laps[2],
+            mark_ms = laps[3],
+            commit_ms,
             "commit phases"
         );
         Ok(outcomes)
@@ -1035,6 +1109,21 @@ impl EventStore for PgEventStore {
 // ---------------------------------------------------------------------------------------------
 // SQLite
 // ---------------------------------------------------------------------------------------------
+
+/// Records the stored key found for the event at 1-based position `n`.
+fn record_existing(
+    existing: &mut [Option<(Vec<u8>, String)>],
+    n: i64,
+    hash: Vec<u8>,
+    profile_id: String,
+) -> StoreResult<()> {
+    let slot = usize::try_from(n - 1)
+        .ok()
+        .and_then(|i| existing.get_mut(i))
+        .ok_or_else(|| StoreError::Corrupt(format!("key lookup row {n}")))?;
+    *slot = Some((hash, profile_id));
+    Ok(())
+}
 
 /// The embedded SQLite store: one writer at a time ([`Database::begin_write`]), one
 /// transaction per batch.

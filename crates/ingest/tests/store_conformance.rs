@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use clientele_ingest::EventStore;
-use clientele_ingest::store::{NewEvent, Outcome, StoreError, StreamMark};
+use clientele_ingest::store::{CommitTurn, NewEvent, Outcome, StoreError, StreamMark};
 use clientele_ingest::validate::Effect;
 use clientele_proto::v1 as pb;
 use clientele_runtime::db::DatabaseTarget;
@@ -302,6 +302,138 @@ async fn pruning_forgets_old_keys_and_results(e: Engine) {
     assert_eq!(s.log_end().await.unwrap(), 3);
 }
 
+/// Two stream batches committed side by side, the second started first: the second waits for
+/// the first to hold the log lock, so both advance the producer in sequence order and the log
+/// holds the first batch's events before the second's.
+async fn commits_in_turn_append_in_sequence_order(e: Engine) {
+    let (s, _d) = store(e).await;
+    let result = |o: &[Outcome]| vec![u8::try_from(o.len()).unwrap()];
+    let (first_locked, second_after) = tokio::sync::oneshot::channel();
+    let (gate, first_after) = tokio::sync::oneshot::channel::<()>();
+    let second = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let batch = vec![view("b1", 1), view("b2", 1)];
+            s.commit_in_turn(
+                &batch,
+                Some(StreamMark {
+                    producer_id: "p1",
+                    sequence: 2,
+                    result: &result,
+                }),
+                T0,
+                CommitTurn {
+                    after: Some(second_after),
+                    locked: None,
+                },
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!second.is_finished(), "the second batch waits for its turn");
+    let first = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let batch = vec![view("a1", 1)];
+            s.commit_in_turn(
+                &batch,
+                Some(StreamMark {
+                    producer_id: "p1",
+                    sequence: 1,
+                    result: &result,
+                }),
+                T0,
+                CommitTurn {
+                    after: Some(first_after),
+                    locked: Some(first_locked),
+                },
+            )
+            .await
+        })
+    };
+    gate.send(()).unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), vec![Outcome::Accepted]);
+    assert_eq!(
+        second.await.unwrap().unwrap(),
+        vec![Outcome::Accepted, Outcome::Accepted]
+    );
+    assert_eq!(s.durable_sequence("p1").await.unwrap(), 2);
+    let ids: Vec<String> = s
+        .log_after(0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| event_id(&r.body))
+        .collect();
+    assert_eq!(ids, vec!["a1", "b1", "b2"]);
+}
+
+/// A resend racing its original: the second commit looks up its keys while the first (holding
+/// the same event) waits for its turn, so the key is stored only after that lookup. The second
+/// still reports the event as a duplicate and stores it once.
+async fn a_key_stored_after_the_lookup_is_still_a_duplicate(e: Engine) {
+    let (s, _d) = store(e).await;
+    let (gate, first_after) = tokio::sync::oneshot::channel::<()>();
+    let (first_locked, second_after) = tokio::sync::oneshot::channel();
+    let first = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.commit_in_turn(
+                &[view("x", 1), order("o1", "order-1")],
+                None,
+                T0,
+                CommitTurn {
+                    after: Some(first_after),
+                    locked: Some(first_locked),
+                },
+            )
+            .await
+        })
+    };
+    let second = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.commit_in_turn(
+                &[view("y", 1), view("x", 1), order("o2", "order-1")],
+                None,
+                T0,
+                CommitTurn {
+                    after: Some(second_after),
+                    locked: None,
+                },
+            )
+            .await
+        })
+    };
+    // Both have looked up their keys (PostgreSQL) or wait for their turn (SQLite) by now.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    gate.send(()).unwrap();
+    assert_eq!(
+        first.await.unwrap().unwrap(),
+        vec![Outcome::Accepted, Outcome::Accepted]
+    );
+    assert_eq!(
+        second.await.unwrap().unwrap(),
+        vec![
+            Outcome::Accepted,
+            Outcome::Duplicate(out_pid()),
+            Outcome::Accepted
+        ]
+    );
+    let log = s.log_after(0, 10).await.unwrap();
+    let ids: Vec<String> = log.iter().map(|r| event_id(&r.body)).collect();
+    assert_eq!(ids, vec!["x", "o1", "y", "o2"]);
+    // The first completion of order-1 counts; the second order event carries no delta.
+    let deltas = s.log_deltas_after(0, 10).await.unwrap();
+    let counted: Vec<bool> = deltas.iter().map(|d| d.delta.is_some()).collect();
+    assert_eq!(counted, vec![true, true, true, false]);
+}
+
+fn event_id(body: &[u8]) -> String {
+    pb::Event::decode(body).unwrap().event_id
+}
+
 fn out_pid() -> String {
     "00000000-0000-0000-0000-000000000001".to_string()
 }
@@ -325,4 +457,6 @@ both!(
     stream_batches_advance_one_sequence_at_a_time,
     pruning_forgets_old_keys_and_results,
     the_log_follower_skips_no_event_under_concurrent_commits,
+    commits_in_turn_append_in_sequence_order,
+    a_key_stored_after_the_lookup_is_still_a_duplicate,
 );
