@@ -46,10 +46,13 @@
 //!   `erased` and the event would be SUPPRESSED. With a stale hit the event goes to the store
 //!   under the erased id: if the erasure consumer has already applied the erasure the store's
 //!   `erased_profiles` check does not store it; otherwise it is stored and then deleted by the
-//!   consumer (which deletes the erased id's and its merged ids' events), and its aggregate
-//!   delta, if forwarded first, lands on an erased profile. What changes is the reported
-//!   status: during the feed lag an event for a cached identifier of an erased person is
-//!   reported ACCEPTED (and not kept) instead of SUPPRESSED.
+//!   consumer (which deletes the erased id's and its merged ids' events); its aggregate delta,
+//!   if forwarded before that, is ignored by ApplyAggregates (deltas for erased profiles are).
+//!   Nothing of an erased person is kept and no live person gets the event (services
+//!   following WatchEvents may see it first, exactly as an event committed just before an
+//!   erasure today). What changes is the reported status: during the feed lag an event for a
+//!   cached identifier of an erased person is reported ACCEPTED (and not kept) instead of
+//!   SUPPRESSED.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
