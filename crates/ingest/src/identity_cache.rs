@@ -16,17 +16,22 @@
 //!   left them on another profile; they must never map to this one). Every other identifier of
 //!   the set is on the answered profile: it was in the anchor group, in a merged group, or
 //!   attached (see `crates/profiles/src/stitching.rs`).
-//! - **Merges** (ProfileService's `WatchChanges`, applied by [`crate::erasure`]): the cache
-//!   keeps an alias map `merged-away id → survivor` consulted at look-up, so entries filled
-//!   before the merge answer the survivor without a scan of the entries. Chains (a → b, then
-//!   b → c) are followed. The alias map is bounded like the entries: beyond
-//!   the limit everything is dropped (a cleared cache is always correct, only slower).
+//! - **Merges** (ProfileService's `WatchChanges`, applied by [`crate::erasure`], and the
+//!   `merged_profile_ids` of this replica's own BatchResolve answers): the cache keeps an
+//!   alias map `merged-away id → survivor` consulted at look-up, so entries filled before the
+//!   merge answer the survivor without a scan of the entries (chosen over evicting the
+//!   loser's entries, which would need a reverse index, and turn the person's next sets into
+//!   misses). Chains (a → b, then b → c) are followed. The alias map is bounded like the
+//!   entries: beyond the limit everything is dropped (a cleared cache is always correct, only
+//!   slower).
 //! - **Erasures** drop the whole cache. Erasures are rare, a scan for the erased profile's
 //!   entries (and those of every id merged into it) would need a reverse index, and dropping
 //!   everything is trivially complete.
 //! - A fill races with an erasure (BatchResolve answered before the erasure, the fill lands
 //!   after the cache was cleared): every clear bumps a generation, a fill carries the
-//!   generation read *before* its BatchResolve and is discarded when it changed.
+//!   generation read *before* its BatchResolve and is discarded when it changed. Entries
+//!   record their generation and only the current one's are hits, so a clear is exact
+//!   whatever moka's clock says (`invalidate_all` only frees the memory).
 //! - Entries also expire after a time to live: only the replica leading the ingest background
 //!   jobs follows the change feed, so in the other replicas the TTL is what bounds staleness.
 //!
@@ -76,10 +81,19 @@ pub struct Generation(u64);
 /// them to. Cheap to share: clone the `Arc` it lives in.
 pub struct IdentityCache {
     /// `None` when disabled (0 entries).
-    entries: Option<moka::sync::Cache<Key, Arc<str>>>,
+    entries: Option<moka::sync::Cache<Key, Entry>>,
     /// Most aliases kept before everything is dropped.
     max_aliases: usize,
     state: Mutex<State>,
+}
+
+/// A cached profile id, valid only while the cache is at the generation it was filled in
+/// (a clear bumps the generation, so it never depends on the timing of moka's
+/// `invalidate_all`).
+#[derive(Debug, Clone)]
+struct Entry {
+    generation: u64,
+    profile: Arc<str>,
 }
 
 #[derive(Debug, Default)]
@@ -156,7 +170,7 @@ impl IdentityCache {
         let Some(entries) = &self.entries else {
             return sets.into_iter().map(|_| None).collect();
         };
-        let raw: Vec<Option<Vec<Arc<str>>>> = sets
+        let raw: Vec<Option<Vec<Entry>>> = sets
             .into_iter()
             .map(|set| {
                 if set.identifiers.is_empty() {
@@ -171,7 +185,11 @@ impl IdentityCache {
         let state = self.state();
         raw.into_iter()
             .map(|ids| {
-                let mut heads = ids?.into_iter().map(|p| follow(&state.aliases, p));
+                let mut heads = ids?.into_iter().map(|e| {
+                    (e.generation == state.generation)
+                        .then(|| follow(&state.aliases, e.profile))
+                        .flatten()
+                });
                 let first = heads.next()??;
                 for h in heads {
                     if h? != first {
@@ -184,8 +202,9 @@ impl IdentityCache {
     }
 
     /// Caches what BatchResolve answered for `set`: each identifier not refused by the
-    /// over-merge guard maps to `answer.profile_id`. Nothing is cached for an erased or empty
-    /// answer, nor when the cache was cleared since `generation` was read.
+    /// over-merge guard maps to `answer.profile_id`, and the profiles the call merged
+    /// (`merged_profile_ids`) resolve to it from now on. Nothing is cached for an erased or
+    /// empty answer, nor when the cache was cleared since `generation` was read.
     pub fn fill(
         &self,
         generation: Generation,
@@ -204,7 +223,7 @@ impl IdentityCache {
         let Some(entries) = &self.entries else {
             return;
         };
-        let state = self.state();
+        let mut state = self.state();
         if state.generation != generation.0 {
             return;
         }
@@ -213,17 +232,28 @@ impl IdentityCache {
                 continue;
             }
             let profile: Arc<str> = Arc::from(answer.profile_id.as_str());
+            // The merges this call made are committed: entries of the merged-away profiles
+            // (identifiers not in this set) answer the survivor without waiting for the feed.
+            for m in answer.merged_profile_ids.iter().filter(|m| **m != *profile) {
+                state.aliases.insert(Arc::from(m.as_str()), profile.clone());
+            }
+            let entry = Entry {
+                generation: state.generation,
+                profile,
+            };
             for (i, id) in set.identifiers.iter().enumerate() {
                 let refused = answer
                     .refused_links
                     .iter()
                     .any(|r| usize::try_from(r.identifier_index).ok() == Some(i));
                 if !refused {
-                    entries.insert(key(id), profile.clone());
+                    entries.insert(key(id), entry.clone());
                 }
             }
         }
-        drop(state);
+        if state.aliases.len() > self.max_aliases {
+            self.clear_locked(&mut state);
+        }
     }
 
     /// Records merges from ProfileService's change feed: each id of `merged` (other than
@@ -424,6 +454,24 @@ mod tests {
         // Chains are followed.
         c.merged("head", &["survivor".into()]);
         assert_eq!(one(&c, &set(&[email("a@x.com")])).as_deref(), Some("head"));
+    }
+
+    #[test]
+    fn merges_made_by_a_resolve_redirect_the_merged_away_profiles_entries() {
+        let c = cache();
+        let g = c.generation();
+        c.fill(g, &set(&[device("phone")]), &answer("loser"));
+        c.fill(g, &set(&[email("a@x.com")]), &answer("survivor"));
+        let merging = pb::ResolveResponse {
+            profile_id: "survivor".into(),
+            merged_profile_ids: vec!["loser".into()],
+            ..Default::default()
+        };
+        c.fill(g, &set(&[email("a@x.com"), device("tablet")]), &merging);
+        assert_eq!(
+            one(&c, &set(&[device("phone"), email("a@x.com")])).as_deref(),
+            Some("survivor")
+        );
     }
 
     #[test]
