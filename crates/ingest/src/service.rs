@@ -2,8 +2,8 @@
 //!
 //! Every ingesting RPC runs the same pipeline per batch: validate each event (a bad event is
 //! REJECTED naming its field; the others continue), deduplicate within the batch, resolve all
-//! identifier sets in ONE ProfileService.BatchResolve call (erased identifiers make the event
-//! SUPPRESSED), then commit the batch in one store transaction (the log rows with their dedup
+//! identifier sets in ONE ProfileService.BatchResolve call, except those the
+//! [`crate::identity_cache`] answers (erased identifiers make the event SUPPRESSED), then commit the batch in one store transaction (the log rows with their dedup
 //! keys and aggregate deltas together) before answering. Only committed events are ever acknowledged. A bounded
 //! number of batches is processed at once; beyond it callers get RESOURCE_EXHAUSTED after a
 //! short wait instead of queueing without bound.
