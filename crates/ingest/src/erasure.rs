@@ -8,6 +8,11 @@
 //! re-reads the same changes; re-applying an erasure deletes nothing more. Commits that
 //! resolved a profile just before its erasure cannot leave events behind: the store marks
 //! erased ids and never stores an event for them afterwards.
+//!
+//! The same changes keep the service's [`IdentityCache`] current: merges redirect the
+//! merged-away ids to their survivor, an erasure drops the cache. They are applied to the
+//! cache as soon as they are read, before the store commit (dropping or redirecting entries
+//! early is always safe; a failed commit re-reads and re-applies them).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +20,9 @@ use std::time::Duration;
 use clientele_proto::v1 as pb;
 use tonic::Status;
 
+use crate::identity_cache::IdentityCache;
 use crate::service::ProfileClient;
-use crate::store::EventStore;
+use crate::store::{EventStore, ProfileChange};
 
 /// Feed name of ProfileService.WatchChanges in `feed_cursors`.
 pub const PROFILES_FEED: &str = "profiles";
@@ -30,6 +36,8 @@ pub struct ErasureConsumer {
     profiles: ProfileClient,
     /// How long a quiet feed is waited on before the batch read so far is applied.
     idle: Duration,
+    /// The ingest service's identity cache, kept in step with merges and erasures.
+    identities: Arc<IdentityCache>,
 }
 
 impl ErasureConsumer {
@@ -39,7 +47,16 @@ impl ErasureConsumer {
             store,
             profiles,
             idle: Duration::from_millis(200),
+            identities: Arc::new(IdentityCache::disabled()),
         }
+    }
+
+    /// Also applies the merges and erasures read to `cache` (the one the service resolves
+    /// with).
+    #[must_use]
+    pub fn with_identity_cache(mut self, cache: Arc<IdentityCache>) -> Self {
+        self.identities = cache;
+        self
     }
 
     /// Reads at most [`BATCH`] changes after the stored cursor and applies them with the new
@@ -66,6 +83,14 @@ impl ErasureConsumer {
         let Some(last) = last.filter(|l| *l != expected) else {
             return Ok(0);
         };
+        for change in &changes {
+            match change {
+                ProfileChange::Merged { survivor, merged } => {
+                    self.identities.merged(survivor, merged);
+                }
+                ProfileChange::Erased(profile_id) => self.identities.erased(profile_id),
+            }
+        }
         let out = self
             .store
             .apply_profile_changes(

@@ -5,6 +5,8 @@
 //!   `UNNEST` array writes over a native pool) and an embedded SQLite one.
 //! - [`service`]: the tonic service: validation → one BatchResolve per batch → one commit per
 //!   batch, IngestStream with durable acknowledgements and resume, timelines and the log.
+//! - [`identity_cache`]: identifiers already linked to a live profile, so returning
+//!   customers skip BatchResolve (pure; invalidated by the change feed).
 //! - [`forwarder`]: follows the log (and the outbox of waiting refunds) into
 //!   ProfileService.ApplyAggregates.
 //! - [`erasure`]: follows ProfileService.WatchChanges and deletes erased people's events.
@@ -12,6 +14,7 @@
 
 pub mod erasure;
 pub mod forwarder;
+pub mod identity_cache;
 pub mod service;
 pub mod setup;
 pub mod store;

@@ -2,8 +2,8 @@
 //!
 //! Every ingesting RPC runs the same pipeline per batch: validate each event (a bad event is
 //! REJECTED naming its field; the others continue), deduplicate within the batch, resolve all
-//! identifier sets in ONE ProfileService.BatchResolve call (erased identifiers make the event
-//! SUPPRESSED), then commit the batch in one store transaction (the log rows with their dedup
+//! identifier sets in ONE ProfileService.BatchResolve call, except those the
+//! [`crate::identity_cache`] answers (erased identifiers make the event SUPPRESSED), then commit the batch in one store transaction (the log rows with their dedup
 //! keys and aggregate deltas together) before answering. Only committed events are ever acknowledged. A bounded
 //! number of batches is processed at once; beyond it callers get RESOURCE_EXHAUSTED after a
 //! short wait instead of queueing without bound.
@@ -30,6 +30,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::identity_cache::IdentityCache;
 use crate::store::{CommitTurn, EventQuery, EventStore, NewEvent, Outcome, StoreError, StreamMark};
 use crate::validate::{self, FieldError, Limits, ValidEvent};
 
@@ -90,6 +91,9 @@ struct Inner {
     committed: Arc<Notify>,
     /// Live IngestStream generation per producer id (the newest stream wins).
     producers: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Identifiers already linked to a live profile; shared with the change feed consumer
+    /// ([`Self::erasure`]), which applies merges and erasures to it.
+    identities: Arc<IdentityCache>,
 }
 
 /// One event's path in the pipeline.
@@ -256,6 +260,10 @@ impl IngestServiceImpl {
         settings: IngestSettings,
     ) -> Self {
         let permits = usize::try_from(settings.max_in_flight_batches.max(1)).unwrap_or(1);
+        let identities = Arc::new(IdentityCache::new(
+            settings.identity_cache_entries,
+            Duration::from_secs(settings.identity_cache_ttl_secs.max(1)),
+        ));
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -263,6 +271,7 @@ impl IngestServiceImpl {
                 admission: Semaphore::new(permits),
                 committed: Arc::new(Notify::new()),
                 producers: Mutex::new(HashMap::new()),
+                identities,
                 settings,
             }),
         }
@@ -309,6 +318,12 @@ impl IngestServiceImpl {
     /// tests and tools that want to apply the feed synchronously).
     pub fn erasure(&self) -> crate::erasure::ErasureConsumer {
         crate::erasure::ErasureConsumer::new(self.inner.store.clone(), self.inner.profiles.clone())
+            .with_identity_cache(self.inner.identities.clone())
+    }
+
+    /// The identity cache (for tests and tools).
+    pub fn identity_cache(&self) -> &Arc<IdentityCache> {
+        &self.inner.identities
     }
 
     /// Mounts the service with the scope each method needs.
@@ -377,12 +392,46 @@ impl IngestServiceImpl {
                 }
             }
         }
-        // One BatchResolve for every identifier set; an identifier ProfileService refuses
-        // (say, a malformed phone number) rejects its event and the call is repeated without it.
-        let mut pending: Vec<usize> = (0..valid.len()).collect();
-        let mut resolved: HashMap<usize, pb::ResolveResponse> = HashMap::new();
-        let mut attempts = 0;
+        // Sets the identity cache answers (every identifier cached on one profile) skip
+        // ProfileService; the others go in one BatchResolve. An identifier ProfileService
+        // refuses (say, a malformed phone number) rejects its event and the call is repeated
+        // without it.
         let resolve_started = std::time::Instant::now();
+        let cache = &self.inner.identities;
+        let generation = cache.generation();
+        let mut pending: Vec<usize> = Vec::with_capacity(valid.len());
+        let mut resolved: HashMap<usize, pb::ResolveResponse> = HashMap::new();
+        let empty = pb::IdentifierSet::default();
+        let hits = cache.lookup(
+            valid
+                .iter()
+                .map(|(_, v)| v.event.identifiers.as_ref().unwrap_or(&empty)),
+        );
+        for (v, hit) in hits.into_iter().enumerate() {
+            match hit {
+                Some(profile_id) => {
+                    resolved.insert(
+                        v,
+                        pb::ResolveResponse {
+                            profile_id,
+                            ..Default::default()
+                        },
+                    );
+                }
+                None => pending.push(v),
+            }
+        }
+        let (hits, misses) = (resolved.len(), pending.len());
+        if cache.enabled() {
+            let requests = &clientele_runtime::metrics::METRICS.cache_requests;
+            requests
+                .with_label_values(&["ingest_identity", "hit"])
+                .inc_by(hits as u64);
+            requests
+                .with_label_values(&["ingest_identity", "miss"])
+                .inc_by(misses as u64);
+        }
+        let mut attempts = 0;
         while !pending.is_empty() {
             attempts += 1;
             let sets: Vec<pb::IdentifierSet> = pending
@@ -398,6 +447,12 @@ impl IngestServiceImpl {
                             "identity resolution returned a short reply",
                         ));
                     }
+                    cache.fill_many(
+                        generation,
+                        pending.iter().zip(&results).map(|(&v, res)| {
+                            (valid[v].1.event.identifiers.as_ref().unwrap_or(&empty), res)
+                        }),
+                    );
                     for (&v, res) in pending.iter().zip(results) {
                         resolved.insert(v, res);
                     }
@@ -442,6 +497,8 @@ impl IngestServiceImpl {
         }
         tracing::debug!(
             sets = valid.len(),
+            cache_hits = hits,
+            cache_misses = misses,
             resolve_ms = resolve_started.elapsed().as_secs_f64() * 1e3,
             "batch resolved"
         );

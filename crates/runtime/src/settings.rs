@@ -354,6 +354,12 @@ pub struct IngestSettings {
     pub stream_ack_interval_ms: u32,
     /// Aggregate deltas sent to ProfileService per ApplyAggregates call.
     pub forward_batch_size: u32,
+    /// Identifiers kept in the identity cache (identifier → profile id, so a set whose
+    /// identifiers are all cached on one profile skips BatchResolve); 0 disables it.
+    pub identity_cache_entries: u64,
+    /// Longest life of an identity cache entry, seconds: the staleness bound in replicas that
+    /// do not lead the change feed consumer (the leader applies merges and erasures at once).
+    pub identity_cache_ttl_secs: u64,
 }
 
 impl Default for IngestSettings {
@@ -370,6 +376,8 @@ impl Default for IngestSettings {
             stream_max_unacked_batches: 2,
             stream_ack_interval_ms: 5,
             forward_batch_size: 500,
+            identity_cache_entries: 200_000,
+            identity_cache_ttl_secs: 300,
         }
     }
 }

@@ -7,6 +7,41 @@ use clientele_proto::v1 as pb;
 use clientele_runtime::db::DatabaseTarget;
 use clientele_runtime::settings::TokenConfig;
 use clientele_runtime::{Settings, testing};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+/// A tower wrapper around ProfileService's gRPC server that counts the BatchResolve calls
+/// reaching it (so tests see which batches skipped identity resolution, without mocks).
+#[derive(Clone)]
+pub struct CountBatchResolve<S> {
+    inner: S,
+    calls: Arc<AtomicUsize>,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CountBatchResolve<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CountBatchResolve<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() == "/clientele.v1.ProfileService/BatchResolve" {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.call(req)
+    }
+}
 
 /// Which database a fixture uses.
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +60,8 @@ pub type ProfileClient = pb::profile_service_client::ProfileServiceClient<Interc
 pub struct Served {
     pub endpoint: String,
     pub ingest: IngestServiceImpl,
+    /// BatchResolve calls ProfileService has received.
+    pub batch_resolves: Arc<AtomicUsize>,
     _stop: tokio::sync::oneshot::Sender<()>,
     _dir: tempfile::TempDir,
 }
@@ -76,7 +113,30 @@ pub async fn serve_with(engine: Engine, tweak: impl FnOnce(&mut Settings)) -> Se
     .await
     .expect("ingest service");
     let mut mount = clientele_runtime::server::Mount::default();
-    profiles.mount(&mut mount);
+    let batch_resolves = Arc::new(AtomicUsize::new(0));
+    // As `ProfileServiceImpl::mount`, with BatchResolve calls counted.
+    mount.add(
+        "clientele.v1.ProfileService",
+        CountBatchResolve {
+            inner: pb::profile_service_server::ProfileServiceServer::new(profiles)
+                .max_decoding_message_size(16 * 1024 * 1024),
+            calls: batch_resolves.clone(),
+        },
+        &[
+            ("Resolve", "profiles:write"),
+            ("BatchResolve", "profiles:write"),
+            ("GetProfile", "profiles:read"),
+            ("BatchGetProfiles", "profiles:read"),
+            ("UpdateTraits", "profiles:write"),
+            ("SetConsent", "profiles:write"),
+            ("ListConsentHistory", "profiles:read"),
+            ("ApplyAggregates", "profiles:write"),
+            ("EraseProfile", "profiles:admin"),
+            ("ExportProfile", "profiles:admin"),
+            ("CheckErased", "profiles:read"),
+            ("WatchChanges", "profiles:read"),
+        ],
+    );
     ingest.clone().mount(&mut mount);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -89,6 +149,7 @@ pub async fn serve_with(engine: Engine, tweak: impl FnOnce(&mut Settings)) -> Se
     Served {
         endpoint,
         ingest,
+        batch_resolves,
         _stop: tx,
         _dir: dir,
     }
