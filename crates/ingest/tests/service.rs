@@ -689,7 +689,10 @@ async fn the_log_is_delivered_by_position_and_a_redelivered_page_counts_once(e: 
                 .unwrap()
                 .into_inner()
                 .results;
-            assert!(r.iter().all(|r| r.status == pb::EventStatus::Accepted as i32));
+            assert!(
+                r.iter()
+                    .all(|r| r.status == pb::EventStatus::Accepted as i32)
+            );
         }
     };
     ingest(vec![order("p1", "c-pos", "order-p1", 1000)]).await;

@@ -12,10 +12,10 @@
 //! The batch calls have a PostgreSQL form: with a native pool
 //! ([`SqlProfileStore::with_native_pool`]) `resolve_known` is one array lookup, `resolve_many`
 //! one transaction of two calls (`prof_resolve_read`, then `prof_resolve_write` after the sets
-//! are planned in memory) and `apply_aggregates` one call of `prof_apply_aggregates`
-//! (migration 0002). They take the same advisory locks in the same order as the generic path,
-//! so both can run side by side; `prof_merge` mirrors `merge_profiles` and must change with
-//! it.
+//! are planned in memory), `apply_aggregates` one call of `prof_apply_aggregates` (migration
+//! 0002) and `apply_feed_aggregates` one of `prof_apply_feed_aggregates` (migration 0003).
+//! They take the same advisory locks in the same order as the generic path, so both can run
+//! side by side; `prof_merge` mirrors `merge_profiles` and must change with it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
