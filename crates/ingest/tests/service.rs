@@ -657,6 +657,17 @@ async fn a_delta_profiles_refuses_is_parked_and_the_rest_delivered(e: Engine) {
     )
     .unwrap();
     assert_eq!(parked, 1);
+    // parked without its log position: it goes out again from the outbox, by key
+    let delta: Vec<u8> = sqlx::Row::try_get(
+        &sqlx::query("SELECT delta FROM outbox WHERE idempotency_key = 'web/bad'")
+            .fetch_one(&store.database().pool)
+            .await
+            .unwrap(),
+        0,
+    )
+    .unwrap();
+    let delta = <pb::AggregateDelta as prost::Message>::decode(delta.as_slice()).unwrap();
+    assert_eq!(delta.feed_position, 0);
     assert_eq!(
         store.feed_position(AGGREGATES_FEED).await.unwrap(),
         store.log_end().await.unwrap()
