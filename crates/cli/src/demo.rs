@@ -437,6 +437,7 @@ fn delta(event: &DemoEvent, currency: &str, profile_id: &str, now: i64) -> pb::A
             .iter()
             .map(|(k, n)| ((*k).to_string(), *n))
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -530,6 +531,7 @@ async fn apply_aggregates(
         let r = client
             .apply_aggregates(pb::ApplyAggregatesRequest {
                 deltas: chunk.to_vec(),
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -3,17 +3,21 @@
 //! (written in the event's own log row, in the same transaction) to
 //! ProfileService.ApplyAggregates in batches, moving the cursor only after ProfileService
 //! confirmed them. The log is appended in commit order (the store's log lock), so a cursor
-//! never passes a row that commits later. Refunds that waited in the outbox for their order
-//! are delivered from there and deleted once confirmed. A crash anywhere in between
-//! redelivers, which is safe because ApplyAggregates ignores a repeated idempotency key. Also
-//! prunes expired dedup keys and stream results.
+//! never passes a row that commits later. Log deltas are sent as a feed: the request names
+//! this log ([`EventStore::log_identity`]) and each delta carries its `seq` as its position, so
+//! ProfileService counts a redelivered page (a crash between its apply and the cursor's move)
+//! by one stored position per log instead of one key row per delta; `seq` never goes back
+//! (a sequence: pruning only forgets dedup keys, erasure deletes rows without reusing their
+//! numbers). Refunds that waited in the outbox for their order, and parked refused deltas, are
+//! delivered from there by key (ApplyAggregates ignores a repeated idempotency key) and
+//! deleted once confirmed. Also prunes expired dedup keys and stream results.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use clientele_proto::v1 as pb;
 use prost::Message;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OnceCell};
 use tonic::Status;
 
 use crate::service::ProfileClient;
@@ -25,6 +29,8 @@ pub struct Forwarder {
     store: Arc<dyn EventStore>,
     profiles: ProfileClient,
     batch: i64,
+    /// This log's feed identity, read once.
+    feed: Arc<OnceCell<String>>,
 }
 
 impl Forwarder {
@@ -34,7 +40,17 @@ impl Forwarder {
             store,
             profiles,
             batch: i64::from(batch.clamp(1, 1000)),
+            feed: Arc::new(OnceCell::new()),
         }
+    }
+
+    /// This log's feed identity (read from the store on first use).
+    async fn feed(&self) -> Result<&str, Status> {
+        let feed = self
+            .feed
+            .get_or_try_init(|| self.store.log_identity())
+            .await?;
+        Ok(feed.as_str())
     }
 
     /// Delivers one batch of deliverable outbox rows and one page of the log after the
@@ -56,7 +72,10 @@ impl Forwarder {
         for r in &page {
             let Some(bytes) = &r.delta else { continue };
             match pb::AggregateDelta::decode(bytes.as_slice()) {
-                Ok(d) => deltas.push(d),
+                Ok(d) => deltas.push(pb::AggregateDelta {
+                    feed_position: r.seq,
+                    ..d
+                }),
                 Err(e) => {
                     tracing::error!(seq = r.seq, error = %e, "undecodable aggregate delta parked");
                     self.store.park("", bytes, now).await?;
@@ -64,9 +83,15 @@ impl Forwarder {
             }
         }
         if !deltas.is_empty() {
-            self.deliver(deltas, |d| {
+            let feed = self.feed().await?.to_string();
+            self.deliver(feed, deltas, |d| {
                 let store = self.store.clone();
                 async move {
+                    // Parked deltas go out again from the outbox by key, without a position.
+                    let d = pb::AggregateDelta {
+                        feed_position: 0,
+                        ..d
+                    };
                     store
                         .park(&d.idempotency_key, &d.encode_to_vec(), now)
                         .await
@@ -86,10 +111,11 @@ impl Forwarder {
         }
     }
 
-    /// Sends `deltas` in one call; when ProfileService refuses the call as invalid, sends them
-    /// one by one and hands each refused delta to `refused`.
+    /// Sends `deltas` (positioned in feed `feed`) in one call; when ProfileService refuses the
+    /// call as invalid, sends them one by one and hands each refused delta to `refused`.
     async fn deliver<F, Fut>(
         &self,
+        feed: String,
         deltas: Vec<pb::AggregateDelta>,
         refused: F,
     ) -> Result<(), Status>
@@ -103,6 +129,7 @@ impl Forwarder {
         let sent = client
             .apply_aggregates(pb::ApplyAggregatesRequest {
                 deltas: deltas.clone(),
+                feed: feed.clone(),
             })
             .await;
         tracing::debug!(
@@ -118,6 +145,7 @@ impl Forwarder {
                     match client
                         .apply_aggregates(pb::ApplyAggregatesRequest {
                             deltas: vec![d.clone()],
+                            feed: feed.clone(),
                         })
                         .await
                     {
@@ -156,6 +184,7 @@ impl Forwarder {
         let sent = client
             .apply_aggregates(pb::ApplyAggregatesRequest {
                 deltas: deltas.clone(),
+                ..Default::default()
             })
             .await;
         match sent {
@@ -167,7 +196,10 @@ impl Forwarder {
             Err(s) if s.code() == tonic::Code::InvalidArgument => {
                 for (r, d) in rows.iter().zip(deltas) {
                     match client
-                        .apply_aggregates(pb::ApplyAggregatesRequest { deltas: vec![d] })
+                        .apply_aggregates(pb::ApplyAggregatesRequest {
+                            deltas: vec![d],
+                            ..Default::default()
+                        })
                         .await
                     {
                         Ok(_) => self.store.outbox_done(&[r.id]).await?,

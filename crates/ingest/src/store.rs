@@ -320,6 +320,14 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     async fn prune(&self, keys_before: i64, results_before: i64) -> StoreResult<u64> {
         any_prune(self.database(), keys_before, results_before).await
     }
+    /// This log's identity as a feed of aggregate deltas (migration 0004: random, made once),
+    /// sent as `ApplyAggregatesRequest.feed` with each delta's `seq` as its position.
+    async fn log_identity(&self) -> StoreResult<String> {
+        let row = sqlx::query("SELECT feed FROM log_identity")
+            .fetch_one(&self.database().pool)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
     /// The stored position of feed `feed` (0 if never consumed).
     async fn feed_position(&self, feed: &str) -> StoreResult<i64> {
         let row = sqlx::query("SELECT position FROM feed_cursors WHERE feed = $1")

@@ -34,6 +34,7 @@ both!(
     the_timeline_is_filtered_and_paginated,
     the_log_replays_accepted_events_in_order,
     a_delta_profiles_refuses_is_parked_and_the_rest_delivered,
+    the_log_is_delivered_by_position_and_a_redelivered_page_counts_once,
 );
 
 async fn a_retried_batch_is_all_duplicates_and_changes_no_aggregate(e: Engine) {
@@ -659,8 +660,99 @@ async fn a_delta_profiles_refuses_is_parked_and_the_rest_delivered(e: Engine) {
     )
     .unwrap();
     assert_eq!(parked, 1);
+    // parked without its log position: it goes out again from the outbox, by key
+    let delta: Vec<u8> = sqlx::Row::try_get(
+        &sqlx::query("SELECT delta FROM outbox WHERE idempotency_key = 'web/bad'")
+            .fetch_one(&store.database().pool)
+            .await
+            .unwrap(),
+        0,
+    )
+    .unwrap();
+    let delta = <pb::AggregateDelta as prost::Message>::decode(delta.as_slice()).unwrap();
+    assert_eq!(delta.feed_position, 0);
     assert_eq!(
         store.feed_position(AGGREGATES_FEED).await.unwrap(),
         store.log_end().await.unwrap()
     );
+}
+
+/// The forwarder sends log deltas as a feed (this log's identity, each delta's `seq` as its
+/// position). A crash between ProfileService's apply and the cursor's move (simulated by moving
+/// the cursor back) redelivers a page: with later events in it, only those count.
+async fn the_log_is_delivered_by_position_and_a_redelivered_page_counts_once(e: Engine) {
+    use clientele_ingest::store::AGGREGATES_FEED;
+    let s = serve(e).await;
+    let c = s.client();
+    let store = s.ingest.store();
+    let feed = store.log_identity().await.unwrap();
+    assert!(feed.starts_with("ingest-log:"), "{feed}");
+    assert_eq!(store.log_identity().await.unwrap(), feed, "stable");
+    let other = serve(e).await;
+    assert_ne!(
+        other.ingest.store().log_identity().await.unwrap(),
+        feed,
+        "two logs never share an identity"
+    );
+    let ingest = |events: Vec<pb::Event>| {
+        let mut c = c.clone();
+        async move {
+            let r = c
+                .ingest_batch(pb::IngestBatchRequest { events })
+                .await
+                .unwrap()
+                .into_inner()
+                .results;
+            assert!(
+                r.iter()
+                    .all(|r| r.status == pb::EventStatus::Accepted as i32)
+            );
+        }
+    };
+    ingest(vec![order("p1", "c-pos", "order-p1", 1000)]).await;
+    s.drain().await; // the feed's first call
+    let before = store.log_end().await.unwrap();
+    ingest(vec![
+        order("p2", "c-pos", "order-p2", 500),
+        page_view("p3", "c-pos", "https://shop/a"),
+    ])
+    .await;
+    s.drain().await;
+    let (pid, agg) = s.aggregates("c-pos").await;
+    assert_eq!((agg.order_count, spend(&agg, "USD").0), (2, 1500));
+    // crash after the apply, before the cursor moved: the page goes out again, with a newer
+    // event behind it
+    let end = store.log_end().await.unwrap();
+    store
+        .advance_feed(AGGREGATES_FEED, end, before, 1)
+        .await
+        .unwrap();
+    ingest(vec![page_view("p4", "c-pos", "https://shop/b")]).await;
+    s.drain().await;
+    let (_, agg) = s.aggregates("c-pos").await;
+    assert_eq!((agg.order_count, spend(&agg, "USD").0), (2, 1500));
+    assert_eq!(agg.engagement.get("page_viewed"), Some(&2));
+    assert_eq!(
+        store.feed_position(AGGREGATES_FEED).await.unwrap(),
+        store.log_end().await.unwrap()
+    );
+    // ProfileService holds this log's position: a delta at or below it is not counted, even
+    // under a key it never saw
+    let out = s
+        .profiles()
+        .apply_aggregates(pb::ApplyAggregatesRequest {
+            deltas: vec![pb::AggregateDelta {
+                idempotency_key: "never-seen".into(),
+                profile_id: pid,
+                occurred_at: Some(now_ts()),
+                orders: 1,
+                feed_position: store.log_end().await.unwrap(),
+                ..Default::default()
+            }],
+            feed,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((out.applied, out.duplicates), (0, 1));
 }

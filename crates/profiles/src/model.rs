@@ -138,6 +138,8 @@ pub struct AggregateDelta {
     pub refunded: Option<(String, i64)>,
     /// Engagement counter increments.
     pub engagement: Vec<(String, i64)>,
+    /// Position in its feed (0 = none); see [`crate::ProfileStore::apply_feed_aggregates`].
+    pub position: i64,
 }
 
 /// Counts of one `apply_aggregates` call.

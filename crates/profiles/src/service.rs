@@ -584,7 +584,12 @@ impl ProfileService for ProfileServiceImpl {
                 format!("1 to {MAX_DELTAS} deltas are required"),
             ));
         }
+        if req.feed.len() > 128 {
+            return Err(invalid_field("feed", "must be at most 128 bytes"));
+        }
+        let feed = (!req.feed.is_empty()).then_some(req.feed.as_str());
         let mut deltas = Vec::with_capacity(req.deltas.len());
+        let mut previous = 0;
         for (i, d) in req.deltas.iter().enumerate() {
             let f = |s: &str| format!("deltas[{i}].{s}");
             if d.idempotency_key.is_empty() || d.idempotency_key.len() > 128 {
@@ -592,6 +597,25 @@ impl ProfileService for ProfileServiceImpl {
                     &f("idempotency_key"),
                     "must be 1 to 128 bytes",
                 ));
+            }
+            // With a feed, positions are what makes a delta count once: every delta needs
+            // one, in strictly increasing order (the store keeps only the highest).
+            match feed {
+                Some(_) if d.feed_position <= previous => {
+                    return Err(invalid_field(
+                        &f("feed_position"),
+                        if d.feed_position <= 0 {
+                            "must be positive when `feed` is set".to_string()
+                        } else {
+                            format!("must be greater than deltas[{}].feed_position", i - 1)
+                        },
+                    ));
+                }
+                Some(_) => previous = d.feed_position,
+                None if d.feed_position != 0 => {
+                    return Err(invalid_field(&f("feed_position"), "requires `feed`"));
+                }
+                None => {}
             }
             let profile_id = parse_profile_id(&f("profile_id"), &d.profile_id)?;
             let occurred_at = d
@@ -638,10 +662,18 @@ impl ProfileService for ProfileServiceImpl {
                 gross: money(&d.gross, "gross", true)?,
                 refunded: money(&d.refunded, "refunded", false)?,
                 engagement,
+                position: d.feed_position,
             });
         }
         let started = std::time::Instant::now();
-        let out = self.store.apply_aggregates(&deltas, now_micros()).await?;
+        let out = match feed {
+            Some(feed) => {
+                self.store
+                    .apply_feed_aggregates(feed, &deltas, now_micros())
+                    .await?
+            }
+            None => self.store.apply_aggregates(&deltas, now_micros()).await?,
+        };
         let store_ms = started.elapsed().as_secs_f64() * 1e3;
         // Up to 500 profiles per call: one script call on Redis.
         self.cache.invalidate_many(&out.touched).await;

@@ -12,10 +12,10 @@
 //! The batch calls have a PostgreSQL form: with a native pool
 //! ([`SqlProfileStore::with_native_pool`]) `resolve_known` is one array lookup, `resolve_many`
 //! one transaction of two calls (`prof_resolve_read`, then `prof_resolve_write` after the sets
-//! are planned in memory) and `apply_aggregates` one call of `prof_apply_aggregates`
-//! (migration 0002). They take the same advisory locks in the same order as the generic path,
-//! so both can run side by side; `prof_merge` mirrors `merge_profiles` and must change with
-//! it.
+//! are planned in memory), `apply_aggregates` one call of `prof_apply_aggregates` (migration
+//! 0002) and `apply_feed_aggregates` one of `prof_apply_feed_aggregates` (migration 0003).
+//! They take the same advisory locks in the same order as the generic path, so both can run
+//! side by side; `prof_merge` mirrors `merge_profiles` and must change with it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -138,6 +138,19 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// Applies aggregate deltas, each exactly once per key.
     async fn apply_aggregates(
         &self,
+        deltas: &[AggregateDelta],
+        now: i64,
+    ) -> StoreResult<ApplyOutcome>;
+    /// Applies the deltas of ordered feed `feed` (each with `position > 0`): a delta counts
+    /// iff its position is above the feed's stored position, which the same transaction
+    /// raises to the call's highest, so a redelivered or overlapping page counts only its new
+    /// deltas without a key row per delta. Keys are not checked, except on the feed's first
+    /// call (stored position 0), which also records and checks them (a page delivered by key
+    /// before the sender switched to positions counts once). Concurrent calls for one feed
+    /// are serialised on the feed's row, taken before any profile lock.
+    async fn apply_feed_aggregates(
+        &self,
+        feed: &str,
         deltas: &[AggregateDelta],
         now: i64,
     ) -> StoreResult<ApplyOutcome>;
@@ -1174,9 +1187,11 @@ async fn write_many_pg(
 /// `apply_aggregates` as one call of `prof_apply_aggregates` (PostgreSQL migration 0002): the
 /// survivor locks, the dedup insert into `applied_deltas`, the folded profile, spend and
 /// engagement writes and one changes-feed row per profile counted, in one implicit
-/// transaction. `deltas` repeat no key.
+/// transaction; `deltas` repeat no key. With `feed`, one call of `prof_apply_feed_aggregates`
+/// (migration 0003): the feed row lock and the position filter in place of the key insert.
 async fn apply_aggregates_pg(
     pg: &PgPool,
+    feed: Option<&str>,
     deltas: &[&AggregateDelta],
     now: i64,
 ) -> StoreResult<(u32, u32, Vec<(String, i64)>)> {
@@ -1190,52 +1205,61 @@ async fn apply_aggregates_pg(
             eng_n.push(*n);
         }
     }
-    let (fresh, applied, ids, versions): (i64, i64, Vec<String>, Vec<i64>) = sqlx::query_as(
+    let sql = if feed.is_some() {
+        "SELECT * FROM prof_apply_feed_aggregates($1, $2, $3, $16, $17, $4, $5, $6, $7, $8, \
+         $9, $10, $11, $12, $13, $14, $15)"
+    } else {
         "SELECT * FROM prof_apply_aggregates($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-         $12, $13, $14, $15)",
-    )
-    .bind(CHANGES_LOCK)
-    .bind(ChangeKind::Updated as i64)
-    .bind(now)
-    .bind(deltas.iter().map(|d| d.key.as_str()).collect::<Vec<_>>())
-    .bind(
-        deltas
-            .iter()
-            .map(|d| d.profile_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(deltas.iter().map(|d| d.occurred_at).collect::<Vec<_>>())
-    .bind(deltas.iter().map(|d| d.orders).collect::<Vec<_>>())
-    .bind(deltas.iter().map(|d| d.refunds).collect::<Vec<_>>())
-    .bind(
-        deltas
-            .iter()
-            .map(|d| d.gross.as_ref().map(|g| g.0.as_str()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        deltas
-            .iter()
-            .map(|d| d.gross.as_ref().map(|g| g.1))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        deltas
-            .iter()
-            .map(|d| d.refunded.as_ref().map(|r| r.0.as_str()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        deltas
-            .iter()
-            .map(|d| d.refunded.as_ref().map(|r| r.1))
-            .collect::<Vec<_>>(),
-    )
-    .bind(eng_delta)
-    .bind(eng_kind)
-    .bind(eng_n)
-    .fetch_one(pg)
-    .await?;
+         $12, $13, $14, $15)"
+    };
+    let mut q = sqlx::query_as(sql)
+        .bind(CHANGES_LOCK)
+        .bind(ChangeKind::Updated as i64)
+        .bind(now)
+        .bind(deltas.iter().map(|d| d.key.as_str()).collect::<Vec<_>>())
+        .bind(
+            deltas
+                .iter()
+                .map(|d| d.profile_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(deltas.iter().map(|d| d.occurred_at).collect::<Vec<_>>())
+        .bind(deltas.iter().map(|d| d.orders).collect::<Vec<_>>())
+        .bind(deltas.iter().map(|d| d.refunds).collect::<Vec<_>>())
+        .bind(
+            deltas
+                .iter()
+                .map(|d| d.gross.as_ref().map(|g| g.0.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            deltas
+                .iter()
+                .map(|d| d.gross.as_ref().map(|g| g.1))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            deltas
+                .iter()
+                .map(|d| d.refunded.as_ref().map(|r| r.0.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            deltas
+                .iter()
+                .map(|d| d.refunded.as_ref().map(|r| r.1))
+                .collect::<Vec<_>>(),
+        )
+        .bind(eng_delta)
+        .bind(eng_kind)
+        .bind(eng_n);
+    if let Some(feed) = feed {
+        q = q
+            .bind(feed)
+            .bind(deltas.iter().map(|d| d.position).collect::<Vec<_>>());
+    }
+    let (fresh, applied, ids, versions): (i64, i64, Vec<String>, Vec<i64>) =
+        q.fetch_one(pg).await?;
     let count = |n: i64| u32::try_from(n).map_err(corrupt);
     Ok((
         count(fresh)?,
@@ -1656,6 +1680,285 @@ async fn merge_profiles(
     Ok(())
 }
 
+impl SqlProfileStore {
+    /// Both `apply_aggregates` forms: with `feed`, positioned deltas (see
+    /// [`ProfileStore::apply_feed_aggregates`]); without, key idempotency.
+    async fn apply(
+        &self,
+        feed: Option<&str>,
+        deltas: &[AggregateDelta],
+        now: i64,
+    ) -> StoreResult<ApplyOutcome> {
+        let total = u32::try_from(deltas.len()).map_err(corrupt)?;
+        if let Some(pg) = &self.native {
+            let sent: Vec<&AggregateDelta> = match feed {
+                // Keys new to this call, first occurrence only; the rest are duplicates.
+                None => {
+                    let mut seen: std::collections::HashSet<&str> =
+                        std::collections::HashSet::new();
+                    deltas
+                        .iter()
+                        .filter(|d| seen.insert(d.key.as_str()))
+                        .collect()
+                }
+                Some(_) => deltas.iter().collect(),
+            };
+            let (fresh, applied, touched) = self
+                .retry(|| apply_aggregates_pg(pg, feed, &sent, now))
+                .await?;
+            return Ok(ApplyOutcome {
+                applied,
+                duplicates: total - fresh,
+                unknown_profiles: fresh - applied,
+                touched,
+            });
+        }
+        // Multi-row statements: a call of n deltas costs a handful of statements per chunk,
+        // not several per delta (the ingest forwarder sends up to 500 at a time).
+        let write = || async {
+            let mut w = self.begin_write().await?;
+            let conn: &mut AnyConnection = &mut w.tx;
+            // A feed's row is locked before any profile (only feed calls take it, so no
+            // cycle); the deltas at or below its position were counted before.
+            let stored = match feed {
+                Some(feed) => Some(lock_feed(conn, self.pg(), feed, now).await?),
+                None => None,
+            };
+            let candidates: Vec<&AggregateDelta> = match stored {
+                Some(at) => deltas.iter().filter(|d| d.position > at).collect(),
+                None => deltas.iter().collect(),
+            };
+            // Resolve survivors first and lock them in order, so batches never deadlock.
+            // A merge holds its profiles' locks, so once every survivor read is locked, the
+            // picture is stable; a merge that committed between the read and the lock shows
+            // up on the re-read (its survivor is then locked too).
+            let requested: BTreeSet<&str> =
+                candidates.iter().map(|d| d.profile_id.as_str()).collect();
+            let mut locked: BTreeSet<String> = BTreeSet::new();
+            let live = loop {
+                let live = survivors(conn, &requested).await?;
+                let ids: BTreeSet<String> = live.values().flatten().cloned().collect();
+                let new: Vec<String> = ids.difference(&locked).cloned().collect();
+                if new.is_empty() && !locked.is_empty() || ids.is_empty() {
+                    break live;
+                }
+                self.lock(conn, new.iter().map(|p| format!("p:{p}")))
+                    .await?;
+                locked.extend(new);
+            };
+            // The deltas to count: by key (first occurrence of a key new to the store, which
+            // the insert returns), or by position (also by key on a feed's first call).
+            let fresh: Vec<&AggregateDelta> = match stored {
+                Some(at) if at > 0 => candidates,
+                Some(_) => {
+                    let new = insert_keys(conn, &candidates, now).await?;
+                    candidates
+                        .into_iter()
+                        .filter(|d| new.contains(&d.key))
+                        .collect()
+                }
+                None => {
+                    let mut seen: std::collections::HashSet<&str> =
+                        std::collections::HashSet::new();
+                    let firsts: Vec<&AggregateDelta> = candidates
+                        .into_iter()
+                        .filter(|d| seen.insert(d.key.as_str()))
+                        .collect();
+                    let new = insert_keys(conn, &firsts, now).await?;
+                    firsts
+                        .into_iter()
+                        .filter(|d| new.contains(&d.key))
+                        .collect()
+                }
+            };
+            let mut out = ApplyOutcome {
+                duplicates: total - u32::try_from(fresh.len()).map_err(corrupt)?,
+                ..ApplyOutcome::default()
+            };
+            let mut folds: BTreeMap<String, ProfileFold> = BTreeMap::new();
+            let mut spend: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+            let mut engagement: BTreeMap<(String, String), i64> = BTreeMap::new();
+            for d in fresh {
+                let Some(Some(pid)) = live.get(d.profile_id.as_str()) else {
+                    out.unknown_profiles += 1;
+                    continue;
+                };
+                folds.entry(pid.clone()).or_default().add(d);
+                for (money, gross) in [(&d.gross, true), (&d.refunded, false)] {
+                    if let Some((currency, amount)) = money {
+                        let e = spend.entry((pid.clone(), currency.clone())).or_default();
+                        if gross {
+                            e.0 += *amount;
+                        } else {
+                            e.1 += *amount;
+                        }
+                    }
+                }
+                for (kind, n) in &d.engagement {
+                    *engagement.entry((pid.clone(), kind.clone())).or_default() += *n;
+                }
+                out.applied += 1;
+            }
+            let folds: Vec<(String, ProfileFold)> = folds.into_iter().collect();
+            let mut versions: BTreeMap<String, i64> = BTreeMap::new();
+            for chunk in folds.chunks(APPLY_CHUNK) {
+                let rows = numbered_rows(
+                    chunk.len(),
+                    "(?, CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT))",
+                );
+                let sql = format!(
+                    "WITH v (id, o, r, fo, lo, ls) AS (VALUES {}) \
+                     UPDATE profiles SET order_count = order_count + v.o, refund_count = refund_count + v.r, \
+                     first_order_at = CASE WHEN v.fo < COALESCE(first_order_at, {max}) THEN v.fo ELSE first_order_at END, \
+                     last_order_at = CASE WHEN v.lo > COALESCE(last_order_at, {min}) THEN v.lo ELSE last_order_at END, \
+                     last_seen_at = CASE WHEN v.ls > COALESCE(last_seen_at, {min}) THEN v.ls ELSE last_seen_at END, \
+                     version = version + 1, updated_at = ${now} \
+                     FROM v WHERE profiles.id = v.id RETURNING profiles.id, profiles.version",
+                    rows.join(", "),
+                    max = i64::MAX,
+                    min = i64::MIN + 1,
+                    now = chunk.len() * 6 + 1,
+                );
+                let mut q = sqlx::query(&sql);
+                for (pid, f) in chunk {
+                    q = q
+                        .bind(pid.as_str())
+                        .bind(f.orders)
+                        .bind(f.refunds)
+                        .bind(f.first_order)
+                        .bind(f.last_order)
+                        .bind(f.last_seen);
+                }
+                q = q.bind(now);
+                for r in q.fetch_all(&mut *conn).await? {
+                    versions.insert(r.try_get(0)?, r.try_get(1)?);
+                }
+            }
+            let spend: Vec<_> = spend.into_iter().collect();
+            for chunk in spend.chunks(APPLY_CHUNK) {
+                let rows = numbered_rows(chunk.len(), "(?, ?, ?, ?)");
+                let sql = format!(
+                    "INSERT INTO spend (profile_id, currency, gross_minor, refunded_minor) VALUES {} \
+                     ON CONFLICT (profile_id, currency) DO UPDATE SET \
+                     gross_minor = spend.gross_minor + excluded.gross_minor, \
+                     refunded_minor = spend.refunded_minor + excluded.refunded_minor",
+                    rows.join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for ((pid, currency), (g, r)) in chunk {
+                    q = q
+                        .bind(pid.as_str())
+                        .bind(currency.as_str())
+                        .bind(*g)
+                        .bind(*r);
+                }
+                q.execute(&mut *conn).await?;
+            }
+            let engagement: Vec<_> = engagement.into_iter().collect();
+            for chunk in engagement.chunks(APPLY_CHUNK) {
+                let rows = numbered_rows(chunk.len(), "(?, ?, ?)");
+                let sql = format!(
+                    "INSERT INTO engagement (profile_id, kind, count) VALUES {} \
+                     ON CONFLICT (profile_id, kind) DO UPDATE SET count = engagement.count + excluded.count",
+                    rows.join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for ((pid, kind), n) in chunk {
+                    q = q.bind(pid.as_str()).bind(kind.as_str()).bind(*n);
+                }
+                q.execute(&mut *conn).await?;
+            }
+            if !versions.is_empty() {
+                self.db.lock_id(conn, CHANGES_LOCK).await?;
+                let touched: Vec<(&String, &i64)> = versions.iter().collect();
+                for chunk in touched.chunks(APPLY_CHUNK) {
+                    let rows = numbered_rows(
+                        chunk.len(),
+                        &format!("(?, {}, '', ?)", ChangeKind::Updated as i64),
+                    );
+                    let sql = format!(
+                        "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES {}",
+                        rows.join(", ")
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for (pid, _) in chunk {
+                        q = q.bind(pid.as_str()).bind(now);
+                    }
+                    q.execute(&mut *conn).await?;
+                }
+            }
+            if let (Some(feed), Some(top)) = (feed, deltas.iter().map(|d| d.position).max()) {
+                sqlx::query(
+                    "UPDATE feed_positions SET position = $1, updated_at = $2 \
+                     WHERE feed = $3 AND position < $4",
+                )
+                .bind(top)
+                .bind(now)
+                .bind(feed)
+                .bind(top)
+                .execute(&mut *conn)
+                .await?;
+            }
+            out.touched = versions.into_iter().collect();
+            w.tx.commit().await?;
+            Ok(out)
+        };
+        self.retry(write).await
+    }
+}
+
+/// Locks feed `feed`'s row (created at position 0 when new) and returns its stored position.
+/// On SQLite writers are serialised, so the read is enough.
+async fn lock_feed(conn: &mut AnyConnection, pg: bool, feed: &str, now: i64) -> StoreResult<i64> {
+    let select = if pg {
+        "SELECT position FROM feed_positions WHERE feed = $1 FOR UPDATE"
+    } else {
+        "SELECT position FROM feed_positions WHERE feed = $1"
+    };
+    if let Some(r) = sqlx::query(select)
+        .bind(feed)
+        .fetch_optional(&mut *conn)
+        .await?
+    {
+        return Ok(r.try_get(0)?);
+    }
+    sqlx::query(
+        "INSERT INTO feed_positions (feed, position, updated_at) VALUES ($1, 0, $2) \
+         ON CONFLICT (feed) DO NOTHING",
+    )
+    .bind(feed)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    let r = sqlx::query(select).bind(feed).fetch_one(&mut *conn).await?;
+    Ok(r.try_get(0)?)
+}
+
+/// Records the keys of `deltas` in `applied_deltas`; returns those that were new.
+async fn insert_keys(
+    conn: &mut AnyConnection,
+    deltas: &[&AggregateDelta],
+    now: i64,
+) -> StoreResult<std::collections::HashSet<String>> {
+    let mut fresh = std::collections::HashSet::new();
+    for chunk in deltas.chunks(APPLY_CHUNK) {
+        let rows = numbered_rows(chunk.len(), "(?, ?, ?)");
+        let sql = format!(
+            "INSERT INTO applied_deltas (idempotency_key, profile_id, applied_at) VALUES {} \
+             ON CONFLICT DO NOTHING RETURNING idempotency_key",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for d in chunk {
+            q = q.bind(d.key.as_str()).bind(d.profile_id.as_str()).bind(now);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            fresh.insert(r.try_get(0)?);
+        }
+    }
+    Ok(fresh)
+}
+
 #[async_trait]
 impl ProfileStore for SqlProfileStore {
     async fn resolve(&self, keys: &[IdentifierKey], now: i64) -> StoreResult<ResolveOutcome> {
@@ -1827,191 +2130,16 @@ impl ProfileStore for SqlProfileStore {
         deltas: &[AggregateDelta],
         now: i64,
     ) -> StoreResult<ApplyOutcome> {
-        if let Some(pg) = &self.native {
-            // Keys new to this call, first occurrence only; the rest are duplicates.
-            let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
-            let firsts: Vec<&AggregateDelta> = deltas
-                .iter()
-                .filter(|d| seen.insert(d.key.as_str()))
-                .collect();
-            let (fresh, applied, touched) =
-                self.retry(|| apply_aggregates_pg(pg, &firsts, now)).await?;
-            let total = u32::try_from(deltas.len()).map_err(corrupt)?;
-            return Ok(ApplyOutcome {
-                applied,
-                duplicates: total - fresh,
-                unknown_profiles: fresh - applied,
-                touched,
-            });
-        }
-        // Multi-row statements: a call of n deltas costs a handful of statements per chunk,
-        // not several per delta (the ingest forwarder sends up to 500 at a time).
-        let write = || async {
-            let mut w = self.begin_write().await?;
-            let conn: &mut AnyConnection = &mut w.tx;
-            // Resolve survivors first and lock them in order, so batches never deadlock.
-            // A merge holds its profiles' locks, so once every survivor read is locked, the
-            // picture is stable; a merge that committed between the read and the lock shows
-            // up on the re-read (its survivor is then locked too).
-            let requested: BTreeSet<&str> = deltas.iter().map(|d| d.profile_id.as_str()).collect();
-            let mut locked: BTreeSet<String> = BTreeSet::new();
-            let live = loop {
-                let live = survivors(conn, &requested).await?;
-                let ids: BTreeSet<String> = live.values().flatten().cloned().collect();
-                let new: Vec<String> = ids.difference(&locked).cloned().collect();
-                if new.is_empty() && !locked.is_empty() || ids.is_empty() {
-                    break live;
-                }
-                self.lock(conn, new.iter().map(|p| format!("p:{p}")))
-                    .await?;
-                locked.extend(new);
-            };
-            // Keys new to this call, first occurrence only; then which of them are new to the
-            // store (the insert returns exactly those).
-            let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
-            let firsts: Vec<&AggregateDelta> = deltas
-                .iter()
-                .filter(|d| seen.insert(d.key.as_str()))
-                .collect();
-            let mut fresh: std::collections::HashSet<String> = std::collections::HashSet::new();
-            for chunk in firsts.chunks(APPLY_CHUNK) {
-                let rows = numbered_rows(chunk.len(), "(?, ?, ?)");
-                let sql = format!(
-                    "INSERT INTO applied_deltas (idempotency_key, profile_id, applied_at) VALUES {} \
-                     ON CONFLICT DO NOTHING RETURNING idempotency_key",
-                    rows.join(", ")
-                );
-                let mut q = sqlx::query(&sql);
-                for d in chunk {
-                    q = q.bind(d.key.as_str()).bind(d.profile_id.as_str()).bind(now);
-                }
-                for r in q.fetch_all(&mut *conn).await? {
-                    fresh.insert(r.try_get(0)?);
-                }
-            }
-            let mut out = ApplyOutcome::default();
-            let mut folds: BTreeMap<String, ProfileFold> = BTreeMap::new();
-            let mut spend: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
-            let mut engagement: BTreeMap<(String, String), i64> = BTreeMap::new();
-            let mut counted: std::collections::HashSet<&str> = std::collections::HashSet::new();
-            for d in deltas {
-                if !fresh.contains(&d.key) || !counted.insert(d.key.as_str()) {
-                    out.duplicates += 1;
-                    continue;
-                }
-                let Some(Some(pid)) = live.get(d.profile_id.as_str()) else {
-                    out.unknown_profiles += 1;
-                    continue;
-                };
-                folds.entry(pid.clone()).or_default().add(d);
-                for (money, gross) in [(&d.gross, true), (&d.refunded, false)] {
-                    if let Some((currency, amount)) = money {
-                        let e = spend.entry((pid.clone(), currency.clone())).or_default();
-                        if gross {
-                            e.0 += *amount;
-                        } else {
-                            e.1 += *amount;
-                        }
-                    }
-                }
-                for (kind, n) in &d.engagement {
-                    *engagement.entry((pid.clone(), kind.clone())).or_default() += *n;
-                }
-                out.applied += 1;
-            }
-            let folds: Vec<(String, ProfileFold)> = folds.into_iter().collect();
-            let mut versions: BTreeMap<String, i64> = BTreeMap::new();
-            for chunk in folds.chunks(APPLY_CHUNK) {
-                let rows = numbered_rows(
-                    chunk.len(),
-                    "(?, CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT))",
-                );
-                let sql = format!(
-                    "WITH v (id, o, r, fo, lo, ls) AS (VALUES {}) \
-                     UPDATE profiles SET order_count = order_count + v.o, refund_count = refund_count + v.r, \
-                     first_order_at = CASE WHEN v.fo < COALESCE(first_order_at, {max}) THEN v.fo ELSE first_order_at END, \
-                     last_order_at = CASE WHEN v.lo > COALESCE(last_order_at, {min}) THEN v.lo ELSE last_order_at END, \
-                     last_seen_at = CASE WHEN v.ls > COALESCE(last_seen_at, {min}) THEN v.ls ELSE last_seen_at END, \
-                     version = version + 1, updated_at = ${now} \
-                     FROM v WHERE profiles.id = v.id RETURNING profiles.id, profiles.version",
-                    rows.join(", "),
-                    max = i64::MAX,
-                    min = i64::MIN + 1,
-                    now = chunk.len() * 6 + 1,
-                );
-                let mut q = sqlx::query(&sql);
-                for (pid, f) in chunk {
-                    q = q
-                        .bind(pid.as_str())
-                        .bind(f.orders)
-                        .bind(f.refunds)
-                        .bind(f.first_order)
-                        .bind(f.last_order)
-                        .bind(f.last_seen);
-                }
-                q = q.bind(now);
-                for r in q.fetch_all(&mut *conn).await? {
-                    versions.insert(r.try_get(0)?, r.try_get(1)?);
-                }
-            }
-            let spend: Vec<_> = spend.into_iter().collect();
-            for chunk in spend.chunks(APPLY_CHUNK) {
-                let rows = numbered_rows(chunk.len(), "(?, ?, ?, ?)");
-                let sql = format!(
-                    "INSERT INTO spend (profile_id, currency, gross_minor, refunded_minor) VALUES {} \
-                     ON CONFLICT (profile_id, currency) DO UPDATE SET \
-                     gross_minor = spend.gross_minor + excluded.gross_minor, \
-                     refunded_minor = spend.refunded_minor + excluded.refunded_minor",
-                    rows.join(", ")
-                );
-                let mut q = sqlx::query(&sql);
-                for ((pid, currency), (g, r)) in chunk {
-                    q = q
-                        .bind(pid.as_str())
-                        .bind(currency.as_str())
-                        .bind(*g)
-                        .bind(*r);
-                }
-                q.execute(&mut *conn).await?;
-            }
-            let engagement: Vec<_> = engagement.into_iter().collect();
-            for chunk in engagement.chunks(APPLY_CHUNK) {
-                let rows = numbered_rows(chunk.len(), "(?, ?, ?)");
-                let sql = format!(
-                    "INSERT INTO engagement (profile_id, kind, count) VALUES {} \
-                     ON CONFLICT (profile_id, kind) DO UPDATE SET count = engagement.count + excluded.count",
-                    rows.join(", ")
-                );
-                let mut q = sqlx::query(&sql);
-                for ((pid, kind), n) in chunk {
-                    q = q.bind(pid.as_str()).bind(kind.as_str()).bind(*n);
-                }
-                q.execute(&mut *conn).await?;
-            }
-            if !versions.is_empty() {
-                self.db.lock_id(conn, CHANGES_LOCK).await?;
-                let touched: Vec<(&String, &i64)> = versions.iter().collect();
-                for chunk in touched.chunks(APPLY_CHUNK) {
-                    let rows = numbered_rows(
-                        chunk.len(),
-                        &format!("(?, {}, '', ?)", ChangeKind::Updated as i64),
-                    );
-                    let sql = format!(
-                        "INSERT INTO changes (profile_id, kind, merged_ids, changed_at) VALUES {}",
-                        rows.join(", ")
-                    );
-                    let mut q = sqlx::query(&sql);
-                    for (pid, _) in chunk {
-                        q = q.bind(pid.as_str()).bind(now);
-                    }
-                    q.execute(&mut *conn).await?;
-                }
-            }
-            out.touched = versions.into_iter().collect();
-            w.tx.commit().await?;
-            Ok(out)
-        };
-        self.retry(write).await
+        self.apply(None, deltas, now).await
+    }
+
+    async fn apply_feed_aggregates(
+        &self,
+        feed: &str,
+        deltas: &[AggregateDelta],
+        now: i64,
+    ) -> StoreResult<ApplyOutcome> {
+        self.apply(Some(feed), deltas, now).await
     }
 
     async fn erase(&self, id: &str, reason: &str, now: i64) -> StoreResult<EraseOutcome> {

@@ -137,6 +137,88 @@ async fn bad_input_names_the_field_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_feed_needs_strictly_increasing_positions_on_every_delta() {
+    let f = fixture(Engine::Postgres, 5).await;
+    let s = serve(f.service()).await;
+    let mut c = client(&s.endpoint, Some("admin-token"));
+    let p = c
+        .resolve(pb::ResolveRequest {
+            identifiers: set(vec![id(1, "feed-cust")]),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile_id;
+    let delta = |key: &str, pos: i64| pb::AggregateDelta {
+        idempotency_key: key.into(),
+        profile_id: p.clone(),
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        }),
+        orders: 1,
+        feed_position: pos,
+        ..Default::default()
+    };
+    let request = |feed: &str, deltas: Vec<pb::AggregateDelta>| pb::ApplyAggregatesRequest {
+        deltas,
+        feed: feed.into(),
+    };
+    let cases = vec![
+        (
+            request("log", vec![delta("a", 1), delta("b", 2), delta("c", 0)]),
+            "deltas[2].feed_position",
+        ),
+        (
+            request("log", vec![delta("a", 1), delta("b", 3), delta("c", 3)]),
+            "deltas[2].feed_position",
+        ),
+        (
+            request("log", vec![delta("a", 2), delta("b", 1)]),
+            "deltas[1].feed_position",
+        ),
+        (
+            request("log", vec![delta("a", -1)]),
+            "deltas[0].feed_position",
+        ),
+        (
+            request("", vec![delta("a", 0), delta("b", 7)]),
+            "deltas[1].feed_position",
+        ),
+        (request(&"f".repeat(129), vec![delta("a", 1)]), "feed"),
+    ];
+    for (req, field) in cases {
+        let err = c.apply_aggregates(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert_eq!(violated_field(&err).as_deref(), Some(field));
+    }
+    assert_eq!(
+        c.get_profile(pb::GetProfileRequest {
+            profile_id: p.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap()
+        .aggregates
+        .unwrap_or_default()
+        .order_count,
+        0,
+        "a refused request writes nothing"
+    );
+    // a valid feed request counts, and its redelivery does not
+    for expected in [(2, 0), (0, 2)] {
+        let out = c
+            .apply_aggregates(request("log", vec![delta("a", 4), delta("b", 9)]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((out.applied, out.duplicates), expected);
+    }
+}
+
+#[tokio::test]
 async fn calls_need_a_token_with_the_right_scope_but_health_and_reflection_do_not() {
     let f = fixture(Engine::Sqlite, 5).await;
     let s = serve(f.service()).await;

@@ -829,6 +829,196 @@ async fn deltas_applied_while_profiles_merge_all_land_on_the_survivor(e: Engine)
     }
 }
 
+/// `order` at position `pos` of a feed.
+fn at(pos: i64, key: &str, profile: &str) -> AggregateDelta {
+    AggregateDelta {
+        position: pos,
+        ..order(key, profile, T0 + pos, 10, "USD")
+    }
+}
+
+async fn a_positioned_delta_counts_once_across_retries(e: Engine) {
+    let f = fixture(e, 5).await;
+    let p = f.store.resolve(&[f.customer("pos")], T0).await.unwrap();
+    let gone = f
+        .store
+        .resolve(&[f.customer("pos-gone")], T0)
+        .await
+        .unwrap();
+    f.store.erase(&gone.profile_id, "test", T0).await.unwrap();
+    let pid = p.profile_id.as_str();
+    let page: Vec<AggregateDelta> = (1..=3).map(|i| at(i, &format!("pe-{i}"), pid)).collect();
+    let out = f
+        .store
+        .apply_feed_aggregates("log-a", &page, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.applied, out.duplicates, out.unknown_profiles),
+        (3, 0, 0)
+    );
+    let changes = f.store.changes_after(0, 1000).await.unwrap().len();
+    // the same page again: nothing counted, nothing written
+    let again = f
+        .store
+        .apply_feed_aggregates("log-a", &page, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.applied, again.duplicates, again.unknown_profiles),
+        (0, 3, 0)
+    );
+    assert!(again.touched.is_empty());
+    assert_eq!(f.store.changes_after(0, 1000).await.unwrap().len(), changes);
+    // an overlapping page with more deltas: only those past the stored position count, by
+    // position alone (5 reuses an old key and counts; an erased profile's 6 is recorded)
+    let mut longer: Vec<AggregateDelta> = (2..=4).map(|i| at(i, &format!("pe-{i}"), pid)).collect();
+    longer.push(at(5, "pe-1", pid));
+    longer.push(at(6, "pe-6", &gone.profile_id));
+    let out = f
+        .store
+        .apply_feed_aggregates("log-a", &longer, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.applied, out.duplicates, out.unknown_profiles),
+        (2, 2, 1)
+    );
+    // a new key at or below the stored position is not counted either
+    let stale = [at(6, "pe-new", pid)];
+    let out = f
+        .store
+        .apply_feed_aggregates("log-a", &stale, T0)
+        .await
+        .unwrap();
+    assert_eq!((out.applied, out.duplicates), (0, 1));
+    let r = f.store.get(pid).await.unwrap();
+    assert_eq!(r.order_count, 5);
+    assert_eq!(r.spend[0].gross_minor, 50);
+    assert_eq!(r.last_order_at, Some(T0 + 5));
+}
+
+async fn concurrent_overlapping_pages_count_each_delta_once(e: Engine) {
+    let f = fixture(e, 5).await;
+    let pid = f
+        .store
+        .resolve(&[f.customer("pos-race")], T0)
+        .await
+        .unwrap()
+        .profile_id;
+    let delta = |i: i64| at(i, &format!("race-{i}"), &pid);
+    let first: Vec<AggregateDelta> = (1..=50).map(delta).collect();
+    f.store
+        .apply_feed_aggregates("log-race", &first, T0)
+        .await
+        .unwrap();
+    // pages as followers of the log send them: each starts at or below the stored position
+    // (1, 26, 51) and they overlap; each is also sent twice
+    let mut tasks = Vec::new();
+    for (from, to) in [(1, 100), (26, 150), (51, 200), (1, 120)] {
+        for _ in 0..2 {
+            let store = f.store.clone();
+            let page: Vec<AggregateDelta> = (from..=to).map(delta).collect();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .apply_feed_aggregates("log-race", &page, T0)
+                    .await
+                    .unwrap()
+            }));
+        }
+    }
+    let mut applied = 0;
+    for t in tasks {
+        let out = t.await.unwrap();
+        applied += out.applied;
+    }
+    assert_eq!(applied, 150);
+    let r = f.store.get(&pid).await.unwrap();
+    assert_eq!(r.order_count, 200);
+    assert_eq!(r.spend[0].gross_minor, 2000);
+}
+
+async fn feeds_keep_separate_positions(e: Engine) {
+    let f = fixture(e, 5).await;
+    let pid = f
+        .store
+        .resolve(&[f.customer("pos-feeds")], T0)
+        .await
+        .unwrap()
+        .profile_id;
+    let page = |feed: &str, range: std::ops::RangeInclusive<i64>| -> Vec<AggregateDelta> {
+        range.map(|i| at(i, &format!("{feed}-{i}"), &pid)).collect()
+    };
+    for feed in ["log-x", "log-y"] {
+        let out = f
+            .store
+            .apply_feed_aggregates(feed, &page(feed, 1..=3), T0)
+            .await
+            .unwrap();
+        assert_eq!(out.applied, 3, "{feed}");
+    }
+    let out = f
+        .store
+        .apply_feed_aggregates("log-x", &page("log-x", 1..=3), T0)
+        .await
+        .unwrap();
+    assert_eq!((out.applied, out.duplicates), (0, 3));
+    let out = f
+        .store
+        .apply_feed_aggregates("log-y", &page("log-y", 3..=4), T0)
+        .await
+        .unwrap();
+    assert_eq!((out.applied, out.duplicates), (1, 1));
+    assert_eq!(f.store.get(&pid).await.unwrap().order_count, 7);
+}
+
+async fn unpositioned_deltas_still_use_their_keys(e: Engine) {
+    let f = fixture(e, 5).await;
+    let pid = f
+        .store
+        .resolve(&[f.customer("pos-keys")], T0)
+        .await
+        .unwrap()
+        .profile_id;
+    let pid = pid.as_str();
+    // delivered by key before the sender switched to positions: the feed's first call checks
+    // keys too, so the redelivered k-1 is not counted again
+    let keyed = [order("k-1", pid, T0, 10, "USD")];
+    assert_eq!(
+        f.store.apply_aggregates(&keyed, T0).await.unwrap().applied,
+        1
+    );
+    let out = f
+        .store
+        .apply_feed_aggregates("log-k", &[at(1, "k-1", pid), at(2, "k-2", pid)], T0)
+        .await
+        .unwrap();
+    assert_eq!((out.applied, out.duplicates), (1, 1));
+    // keyed deltas beside a feed keep their keys (k-2 was recorded by the first call)
+    let refunds = [
+        order("k-2", pid, T0, 10, "USD"),
+        order("k-3", pid, T0, 10, "USD"),
+    ];
+    let out = f.store.apply_aggregates(&refunds, T0).await.unwrap();
+    assert_eq!((out.applied, out.duplicates), (1, 1));
+    let out = f.store.apply_aggregates(&refunds, T0).await.unwrap();
+    assert_eq!((out.applied, out.duplicates), (0, 2));
+    // later positioned deltas record no key: the key idempotency of a keyed delta is its own
+    let out = f
+        .store
+        .apply_feed_aggregates("log-k", &[at(3, "k-4", pid)], T0)
+        .await
+        .unwrap();
+    assert_eq!(out.applied, 1);
+    let out = f
+        .store
+        .apply_aggregates(&[order("k-4", pid, T0, 10, "USD")], T0)
+        .await
+        .unwrap();
+    assert_eq!(out.applied, 1);
+    assert_eq!(f.store.get(pid).await.unwrap().order_count, 5);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -863,4 +1053,8 @@ conformance!(
     a_batch_of_deltas_counts_each_key_once_with_one_change_per_profile,
     concurrent_retries_of_the_same_deltas_count_once,
     deltas_applied_while_profiles_merge_all_land_on_the_survivor,
+    a_positioned_delta_counts_once_across_retries,
+    concurrent_overlapping_pages_count_each_delta_once,
+    feeds_keep_separate_positions,
+    unpositioned_deltas_still_use_their_keys,
 );
