@@ -51,6 +51,23 @@ impl From<StoreError> for Status {
     }
 }
 
+/// The scope each ProfileService method needs (the server's authorisation table; tests that
+/// mount the service behind their own layers reuse it).
+pub const METHOD_SCOPES: &[(&str, &str)] = &[
+    ("Resolve", "profiles:write"),
+    ("BatchResolve", "profiles:write"),
+    ("GetProfile", "profiles:read"),
+    ("BatchGetProfiles", "profiles:read"),
+    ("UpdateTraits", "profiles:write"),
+    ("SetConsent", "profiles:write"),
+    ("ListConsentHistory", "profiles:read"),
+    ("ApplyAggregates", "profiles:write"),
+    ("EraseProfile", "profiles:admin"),
+    ("ExportProfile", "profiles:admin"),
+    ("CheckErased", "profiles:read"),
+    ("WatchChanges", "profiles:read"),
+];
+
 /// The ProfileService.
 #[derive(Debug, Clone)]
 pub struct ProfileServiceImpl {
@@ -185,20 +202,7 @@ impl ProfileServiceImpl {
         mount.add(
             "clientele.v1.ProfileService",
             ProfileServiceServer::new(self).max_decoding_message_size(16 * 1024 * 1024),
-            &[
-                ("Resolve", "profiles:write"),
-                ("BatchResolve", "profiles:write"),
-                ("GetProfile", "profiles:read"),
-                ("BatchGetProfiles", "profiles:read"),
-                ("UpdateTraits", "profiles:write"),
-                ("SetConsent", "profiles:write"),
-                ("ListConsentHistory", "profiles:read"),
-                ("ApplyAggregates", "profiles:write"),
-                ("EraseProfile", "profiles:admin"),
-                ("ExportProfile", "profiles:admin"),
-                ("CheckErased", "profiles:read"),
-                ("WatchChanges", "profiles:read"),
-            ],
+            METHOD_SCOPES,
         );
     }
 

@@ -122,20 +122,7 @@ pub async fn serve_with(engine: Engine, tweak: impl FnOnce(&mut Settings)) -> Se
                 .max_decoding_message_size(16 * 1024 * 1024),
             calls: batch_resolves.clone(),
         },
-        &[
-            ("Resolve", "profiles:write"),
-            ("BatchResolve", "profiles:write"),
-            ("GetProfile", "profiles:read"),
-            ("BatchGetProfiles", "profiles:read"),
-            ("UpdateTraits", "profiles:write"),
-            ("SetConsent", "profiles:write"),
-            ("ListConsentHistory", "profiles:read"),
-            ("ApplyAggregates", "profiles:write"),
-            ("EraseProfile", "profiles:admin"),
-            ("ExportProfile", "profiles:admin"),
-            ("CheckErased", "profiles:read"),
-            ("WatchChanges", "profiles:read"),
-        ],
+        clientele_profiles::service::METHOD_SCOPES,
     );
     ingest.clone().mount(&mut mount);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
