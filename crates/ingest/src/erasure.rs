@@ -12,7 +12,9 @@
 //! The same changes keep the service's [`IdentityCache`] current: merges redirect the
 //! merged-away ids to their survivor, an erasure drops the cache. They are applied to the
 //! cache as soon as they are read, before the store commit (dropping or redirecting entries
-//! early is always safe; a failed commit re-reads and re-applies them).
+//! early is always safe; a failed commit re-reads and re-applies them). The consumer runs in
+//! the leading replica only; every replica also runs a [`CacheFollower`], which reads the same
+//! feed into its own cache and writes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,6 +138,89 @@ impl ErasureConsumer {
                 }
                 Err(s) => {
                     tracing::warn!(code = ?s.code(), error = %s.message(), "profile change feed failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
+
+/// Keeps one replica's identity cache in step with ProfileService.WatchChanges, writing
+/// nothing. The [`ErasureConsumer`] runs only in the replica that leads the background jobs;
+/// without this follower the other replicas would learn of merges and erasures only through
+/// the cache entries' time to live (`ingest.identity_cache_ttl_secs`), not within a second.
+#[derive(Debug, Clone)]
+pub struct CacheFollower {
+    profiles: ProfileClient,
+    identities: Arc<IdentityCache>,
+    idle: Duration,
+}
+
+impl CacheFollower {
+    /// A follower applying the feed read from `profiles` to `identities`.
+    pub fn new(profiles: ProfileClient, identities: Arc<IdentityCache>) -> Self {
+        Self {
+            profiles,
+            identities,
+            idle: Duration::from_millis(200),
+        }
+    }
+
+    /// Reads at most [`BATCH`] changes after `after` and applies them to the cache. Returns
+    /// the position to continue from and how many changes it read (0 when caught up).
+    ///
+    /// # Errors
+    /// ProfileService unreachable.
+    pub async fn follow_once(&self, after: i64) -> Result<(i64, usize), Status> {
+        let mut stream = self
+            .profiles
+            .clone()
+            .watch_changes(pb::WatchChangesRequest {
+                after_sequence: after,
+            })
+            .await?
+            .into_inner();
+        let page = clientele_runtime::feed::read_page(&mut stream, BATCH, self.idle).await?;
+        drop(stream);
+        let read = page.len();
+        let (changes, last) = clientele_runtime::feed::identity_changes(page);
+        for change in &changes {
+            match change {
+                ProfileChange::Merged { survivor, merged } => {
+                    self.identities.merged(survivor, merged);
+                }
+                ProfileChange::Erased(profile_id) => self.identities.erased(profile_id),
+            }
+        }
+        Ok((last.unwrap_or(after), read))
+    }
+
+    /// Follows the feed forever from where the leader's consumer stands in `store` (changes
+    /// before this replica started cannot concern its cache, which started empty).
+    pub async fn run(self, store: Arc<dyn EventStore>) {
+        let mut backoff = Duration::from_millis(500);
+        let mut after = loop {
+            match store.feed_position(PROFILES_FEED).await {
+                Ok(p) => break p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "identity cache follower: reading the feed position failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
+        loop {
+            match self.follow_once(after).await {
+                Ok((next, read)) => {
+                    backoff = Duration::from_millis(500);
+                    after = next;
+                    if read < BATCH {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                Err(s) => {
+                    tracing::warn!(code = ?s.code(), error = %s.message(), "identity cache follower: change feed failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }

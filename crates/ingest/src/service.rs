@@ -279,8 +279,11 @@ impl IngestServiceImpl {
 
     /// Starts the background tasks (the aggregate forwarder, the erasure follower and the
     /// pruning of expired keys) in one replica at a time: the holder of the `ingest.background`
-    /// leader lock on `target`.
+    /// leader lock on `target`; and, in every replica, the identity cache's feed follower.
     pub fn spawn_background(&self, target: clientele_runtime::db::DatabaseTarget) {
+        if self.inner.identities.enabled() {
+            tokio::spawn(self.cache_follower().run(self.inner.store.clone()));
+        }
         let svc = self.clone();
         tokio::spawn(async move {
             clientele_runtime::leader::lead(target, "ingest.background", move || {
@@ -319,6 +322,15 @@ impl IngestServiceImpl {
     pub fn erasure(&self) -> crate::erasure::ErasureConsumer {
         crate::erasure::ErasureConsumer::new(self.inner.store.clone(), self.inner.profiles.clone())
             .with_identity_cache(self.inner.identities.clone())
+    }
+
+    /// A follower of the change feed into this replica's identity cache (every replica runs
+    /// one; see [`crate::erasure::CacheFollower`]).
+    pub fn cache_follower(&self) -> crate::erasure::CacheFollower {
+        crate::erasure::CacheFollower::new(
+            self.inner.profiles.clone(),
+            self.inner.identities.clone(),
+        )
     }
 
     /// The identity cache (for tests and tools).

@@ -29,6 +29,7 @@ both!(
     an_identifier_refused_by_the_over_merge_guard_keeps_resolving_to_its_own_profile,
     an_event_after_a_merge_lands_on_the_survivor_timeline,
     an_event_after_erasure_is_not_kept,
+    a_replica_that_does_not_lead_learns_of_an_erasure_from_the_feed,
 );
 
 use pb::IdentifierType::{AnonymousId, CustomerId, DeviceId, Email};
@@ -324,4 +325,42 @@ async fn an_event_after_erasure_is_not_kept(e: Engine) {
     );
     assert_eq!(resolves(&s), 2);
     assert!(log(&s).await.iter().all(|(_, p)| *p != gone));
+}
+
+/// A replica that does not lead the background jobs never runs the erasure consumer; its
+/// cache follower still reads the erasure from the change feed, so the erased person's next
+/// event is SUPPRESSED at once, not ACCEPTED until the cache entry expires.
+async fn a_replica_that_does_not_lead_learns_of_an_erasure_from_the_feed(e: Engine) {
+    let s = serve(e).await;
+    let first = ingest(&s, vec![with_ids("g1", &[(Email, "gone@example.com")])]).await;
+    let gone = first[0].profile_id.clone();
+    let follower = s.ingest.cache_follower();
+    let start = s
+        .ingest
+        .store()
+        .feed_position(clientele_ingest::erasure::PROFILES_FEED)
+        .await
+        .unwrap();
+    let (at, _) = follower.follow_once(start).await.unwrap();
+    s.profiles()
+        .erase_profile(pb::EraseProfileRequest {
+            profile_id: gone.clone(),
+            reason: "gdpr-art17".into(),
+        })
+        .await
+        .unwrap();
+    let (after, read) = follower.follow_once(at).await.unwrap();
+    assert!(
+        read >= 1 && after > at,
+        "the erasure was read from the feed"
+    );
+    let later = ingest(&s, vec![with_ids("g2", &[(Email, "gone@example.com")])]).await;
+    assert_eq!(statuses(&later), vec![pb::EventStatus::Suppressed]);
+    assert_eq!(
+        resolves(&s),
+        2,
+        "the cache no longer answered for the erased person"
+    );
+    // Caught up, the follower reads nothing and keeps its position.
+    assert_eq!(follower.follow_once(after).await.unwrap(), (after, 0));
 }
