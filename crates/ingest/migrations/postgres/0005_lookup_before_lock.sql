@@ -124,7 +124,6 @@ BEGIN
 END;
 $fn$;
 
--- 0003's single-call append is superseded by the two functions above.
-DROP FUNCTION ingest_append(BIGINT, BIGINT, TEXT[], TEXT[], BYTEA[], TEXT[], BIGINT[], TEXT[],
-                            BIGINT[], BYTEA[], TEXT[], TEXT[], TEXT[], BIGINT[], BYTEA[],
-                            BYTEA[]);
+-- 0003's single-call `ingest_append` is superseded by the two functions above but stays: the
+-- previous release calls it while a rolling upgrade runs (migrations only add). A later
+-- release may drop it.
