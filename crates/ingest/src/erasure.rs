@@ -85,14 +85,7 @@ impl ErasureConsumer {
         let Some(last) = last.filter(|l| *l != expected) else {
             return Ok(0);
         };
-        for change in &changes {
-            match change {
-                ProfileChange::Merged { survivor, merged } => {
-                    self.identities.merged(survivor, merged);
-                }
-                ProfileChange::Erased(profile_id) => self.identities.erased(profile_id),
-            }
-        }
+        apply_to_cache(&self.identities, &changes);
         let out = self
             .store
             .apply_profile_changes(
@@ -146,6 +139,16 @@ impl ErasureConsumer {
     }
 }
 
+/// Merges redirect the merged-away ids to their survivor; an erasure drops the cache.
+fn apply_to_cache(cache: &IdentityCache, changes: &[ProfileChange]) {
+    for change in changes {
+        match change {
+            ProfileChange::Merged { survivor, merged } => cache.merged(survivor, merged),
+            ProfileChange::Erased(profile_id) => cache.erased(profile_id),
+        }
+    }
+}
+
 /// Keeps one replica's identity cache in step with ProfileService.WatchChanges, writing
 /// nothing. The [`ErasureConsumer`] runs only in the replica that leads the background jobs;
 /// without this follower the other replicas would learn of merges and erasures only through
@@ -185,14 +188,7 @@ impl CacheFollower {
         drop(stream);
         let read = page.len();
         let (changes, last) = clientele_runtime::feed::identity_changes(page);
-        for change in &changes {
-            match change {
-                ProfileChange::Merged { survivor, merged } => {
-                    self.identities.merged(survivor, merged);
-                }
-                ProfileChange::Erased(profile_id) => self.identities.erased(profile_id),
-            }
-        }
+        apply_to_cache(&self.identities, &changes);
         Ok((last.unwrap_or(after), read))
     }
 

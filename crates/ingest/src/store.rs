@@ -2,7 +2,7 @@
 //!
 //! - [`PgEventStore`] (production): each batch is one transaction: `ingest_lookup` (its keys,
 //!   before the log lock), the log lock, the PL/pgSQL function `ingest_append_looked_up`
-//!   (migration 0005) called with the batch as arrays (`UNNEST` inside, never row by row),
+//!   (migration 0003) called with the batch as arrays (`UNNEST` inside, never row by row),
 //!   then the producer's sequence and the batch result; over a native `sqlx::PgPool`, because
 //!   `sqlx::Any` cannot bind arrays. A [`CommitTurn`] lets one stream's next batch do its
 //!   part before the lock while the previous batch holds it.
@@ -954,7 +954,7 @@ impl EventStore for PgEventStore {
         let mut existing: Vec<Option<(Vec<u8>, String)>> = vec![None; events.len()];
         let col = |f: fn(&NewEvent) -> &str| events.iter().map(f).collect::<Vec<_>>();
         // Before the lock: which keys the log already remembers (`ingest_lookup`, migration
-        // 0005). A key stored by another commit between this lookup and the lock is caught by
+        // 0003). A key stored by another commit between this lookup and the lock is caught by
         // the append, which looks it up again under the lock.
         let mut found: Vec<i64> = Vec::new();
         if !events.is_empty() {

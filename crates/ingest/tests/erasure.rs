@@ -11,19 +11,6 @@ use clientele_ingest::validate::Effect;
 use clientele_proto::v1 as pb;
 use support::*;
 
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Engine::Postgres).await; })*
-        }
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Engine::Sqlite).await; })*
-        }
-    };
-}
-
 both!(
     erasing_a_person_deletes_their_events_and_those_of_merged_ids,
     an_event_committed_after_the_erasure_is_not_stored,

@@ -10,19 +10,6 @@ use std::sync::atomic::Ordering;
 use clientele_proto::v1 as pb;
 use support::*;
 
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Engine::Postgres).await; })*
-        }
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Engine::Sqlite).await; })*
-        }
-    };
-}
-
 both!(
     a_repeat_customer_batch_skips_batch_resolve,
     a_disabled_cache_resolves_every_batch,

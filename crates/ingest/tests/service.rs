@@ -10,19 +10,6 @@ use clientele_runtime::status::violated_field;
 use support::*;
 use tokio_stream::StreamExt;
 
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Engine::Postgres).await; })*
-        }
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Engine::Sqlite).await; })*
-        }
-    };
-}
-
 both!(
     a_retried_batch_is_all_duplicates_and_changes_no_aggregate,
     the_same_id_with_different_content_is_already_exists,

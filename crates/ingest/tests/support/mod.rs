@@ -283,3 +283,21 @@ pub fn spend(a: &pb::ProfileAggregates, currency: &str) -> (i64, i64) {
         .find(|s| s.currency == currency)
         .map_or((0, 0), |s| (s.gross_minor, s.refunded_minor))
 }
+
+/// Declares each listed `async fn(Engine)` as a test on PostgreSQL and one on SQLite (not every
+/// test binary that includes this module uses it).
+#[allow(unused_macros)]
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Engine::Postgres).await; })*
+        }
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Engine::Sqlite).await; })*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use both;

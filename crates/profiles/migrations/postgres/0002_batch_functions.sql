@@ -60,46 +60,26 @@ BEGIN
 END
 $fn$;
 
--- ApplyAggregates in one call. The deltas come as parallel arrays, one element per delta
--- (keys already unique within the call); engagement increments as (delta ordinal, kind, n).
--- Each key new to applied_deltas is counted once on the live survivor of its profile (a delta
--- for a missing or erased profile is recorded but not counted); every profile counted gets one
--- version step and one changes-feed row. Returns how many keys were new, how many of those
--- were counted, and the profiles written with their new versions (sorted by id).
-CREATE FUNCTION prof_apply_aggregates(
+-- The part both ApplyAggregates functions share (this one and 0003's feed version). The deltas that count come as arrays `d_*`
+-- (one element per delta, already moved to its live survivor `d_head`; engagement increments
+-- as (delta ordinal, kind, n) against `d_ord`). They are summed per profile into order counts,
+-- first / last order and last seen, spend per currency and engagement per kind; every profile
+-- counted gets one version step and one changes-feed row (the feed lock taken just before).
+-- Returns the profiles written with their new versions, sorted by id.
+CREATE FUNCTION prof_fold_deltas(
     p_changes_lock BIGINT, p_updated_kind BIGINT, p_now BIGINT,
-    p_key TEXT[], p_profile TEXT[], p_at BIGINT[], p_orders BIGINT[], p_refunds BIGINT[],
-    p_gross_cur TEXT[], p_gross BIGINT[], p_ref_cur TEXT[], p_ref BIGINT[],
+    d_ord BIGINT[], d_head TEXT[], d_at BIGINT[], d_orders BIGINT[], d_refunds BIGINT[],
+    d_gc TEXT[], d_g BIGINT[], d_rc TEXT[], d_r BIGINT[],
     p_eng_delta BIGINT[], p_eng_kind TEXT[], p_eng_n BIGINT[]
-) RETURNS TABLE (fresh_count BIGINT, applied_count BIGINT, touched_ids TEXT[],
-                 touched_versions BIGINT[])
+) RETURNS TABLE (touched_ids TEXT[], touched_versions BIGINT[])
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    v_req TEXT[];
-    v_head TEXT[];
-    v_fresh BIGINT;
-    v_applied BIGINT;
     v_ids TEXT[];
     v_versions BIGINT[];
 BEGIN
-    SELECT array_agg(h.req), array_agg(h.head) INTO v_req, v_head
-    FROM prof_lock_heads(ARRAY(SELECT DISTINCT x FROM unnest(p_profile) AS x)) h
-    WHERE h.erased_at IS NULL;
-
-    WITH heads AS (
-        SELECT * FROM unnest(v_req, v_head) AS h(req, head)
-    ), fresh AS (
-        INSERT INTO applied_deltas (idempotency_key, profile_id, applied_at)
-        SELECT u.k, u.p, p_now FROM unnest(p_key, p_profile) AS u(k, p)
-        ON CONFLICT DO NOTHING
-        RETURNING idempotency_key
-    ), d AS (
-        SELECT u.ord, h.head, u.at, u.orders, u.refunds, u.gc, u.g, u.rc, u.r
-        FROM unnest(p_key, p_profile, p_at, p_orders, p_refunds, p_gross_cur, p_gross,
-                    p_ref_cur, p_ref) WITH ORDINALITY
-             AS u(k, p, at, orders, refunds, gc, g, rc, r, ord)
-        JOIN fresh f ON f.idempotency_key = u.k
-        JOIN heads h ON h.req = u.p
+    WITH d AS (
+        SELECT * FROM unnest(d_ord, d_head, d_at, d_orders, d_refunds, d_gc, d_g, d_rc, d_r)
+             AS u(ord, head, at, orders, refunds, gc, g, rc, r)
     ), fold AS (
         SELECT d.head, SUM(d.orders)::BIGINT AS o, SUM(d.refunds)::BIGINT AS r,
                MIN(d.at) FILTER (WHERE d.orders > 0) AS fo,
@@ -140,10 +120,8 @@ BEGIN
         GROUP BY d.head, x.kind
         ON CONFLICT (profile_id, kind) DO UPDATE SET count = e.count + excluded.count
     )
-    SELECT (SELECT COUNT(*) FROM fresh), (SELECT COUNT(*) FROM d),
-           (SELECT array_agg(upd.id ORDER BY upd.id) FROM upd),
-           (SELECT array_agg(upd.version ORDER BY upd.id) FROM upd)
-    INTO v_fresh, v_applied, v_ids, v_versions;
+    SELECT array_agg(upd.id ORDER BY upd.id), array_agg(upd.version ORDER BY upd.id)
+    INTO v_ids, v_versions FROM upd;
 
     IF v_ids IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(p_changes_lock);
@@ -151,7 +129,63 @@ BEGIN
         SELECT x.id, p_updated_kind, '', p_now
         FROM unnest(v_ids) WITH ORDINALITY AS x(id, ord) ORDER BY x.ord;
     END IF;
-    RETURN QUERY SELECT v_fresh, v_applied, COALESCE(v_ids, '{}'), COALESCE(v_versions, '{}');
+    RETURN QUERY SELECT COALESCE(v_ids, '{}'), COALESCE(v_versions, '{}');
+END
+$fn$;
+
+-- ApplyAggregates in one call. The deltas come as parallel arrays, one element per delta
+-- (keys already unique within the call); engagement increments as (delta ordinal, kind, n).
+-- Each key new to applied_deltas is counted once on the live survivor of its profile (a delta
+-- for a missing or erased profile is recorded but not counted); every profile counted gets one
+-- version step and one changes-feed row. Returns how many keys were new, how many of those
+-- were counted, and the profiles written with their new versions (sorted by id).
+CREATE FUNCTION prof_apply_aggregates(
+    p_changes_lock BIGINT, p_updated_kind BIGINT, p_now BIGINT,
+    p_key TEXT[], p_profile TEXT[], p_at BIGINT[], p_orders BIGINT[], p_refunds BIGINT[],
+    p_gross_cur TEXT[], p_gross BIGINT[], p_ref_cur TEXT[], p_ref BIGINT[],
+    p_eng_delta BIGINT[], p_eng_kind TEXT[], p_eng_n BIGINT[]
+) RETURNS TABLE (fresh_count BIGINT, applied_count BIGINT, touched_ids TEXT[],
+                 touched_versions BIGINT[])
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_req TEXT[];
+    v_head TEXT[];
+    v_fresh BIGINT;
+    v_applied BIGINT;
+    d_ord BIGINT[]; d_head TEXT[]; d_at BIGINT[]; d_orders BIGINT[]; d_refunds BIGINT[];
+    d_gc TEXT[]; d_g BIGINT[]; d_rc TEXT[]; d_r BIGINT[];
+BEGIN
+    SELECT array_agg(h.req), array_agg(h.head) INTO v_req, v_head
+    FROM prof_lock_heads(ARRAY(SELECT DISTINCT x FROM unnest(p_profile) AS x)) h
+    WHERE h.erased_at IS NULL;
+
+    WITH heads AS (
+        SELECT * FROM unnest(v_req, v_head) AS h(req, head)
+    ), fresh AS (
+        INSERT INTO applied_deltas (idempotency_key, profile_id, applied_at)
+        SELECT u.k, u.p, p_now FROM unnest(p_key, p_profile) AS u(k, p)
+        ON CONFLICT DO NOTHING
+        RETURNING idempotency_key
+    ), d AS (
+        SELECT u.ord, h.head, u.at, u.orders, u.refunds, u.gc, u.g, u.rc, u.r
+        FROM unnest(p_key, p_profile, p_at, p_orders, p_refunds, p_gross_cur, p_gross,
+                    p_ref_cur, p_ref) WITH ORDINALITY
+             AS u(k, p, at, orders, refunds, gc, g, rc, r, ord)
+        JOIN fresh f ON f.idempotency_key = u.k
+        JOIN heads h ON h.req = u.p
+    )
+    SELECT (SELECT COUNT(*) FROM fresh), COUNT(*),
+           array_agg(d.ord), array_agg(d.head), array_agg(d.at), array_agg(d.orders),
+           array_agg(d.refunds), array_agg(d.gc), array_agg(d.g), array_agg(d.rc),
+           array_agg(d.r)
+    INTO v_fresh, v_applied, d_ord, d_head, d_at, d_orders, d_refunds, d_gc, d_g, d_rc, d_r
+    FROM d;
+
+    RETURN QUERY
+    SELECT v_fresh, v_applied, f.touched_ids, f.touched_versions
+    FROM prof_fold_deltas(p_changes_lock, p_updated_kind, p_now, d_ord, d_head, d_at,
+                          d_orders, d_refunds, d_gc, d_g, d_rc, d_r,
+                          p_eng_delta, p_eng_kind, p_eng_n) f;
 END
 $fn$;
 
