@@ -70,18 +70,7 @@ impl ErasureConsumer {
     /// another replica applied the same changes first: nothing was written).
     pub async fn consume_once(&self) -> Result<usize, Status> {
         let expected = self.store.feed_position(PROFILES_FEED).await?;
-        let mut stream = self
-            .profiles
-            .clone()
-            .watch_changes(pb::WatchChangesRequest {
-                after_sequence: expected,
-            })
-            .await?
-            .into_inner();
-        let page = clientele_runtime::feed::read_page(&mut stream, BATCH, self.idle).await?;
-        drop(stream);
-        let read = page.len();
-        let (changes, last) = clientele_runtime::feed::identity_changes(page);
+        let (changes, last, read) = read_changes(&self.profiles, expected, self.idle).await?;
         let Some(last) = last.filter(|l| *l != expected) else {
             return Ok(0);
         };
@@ -139,6 +128,26 @@ impl ErasureConsumer {
     }
 }
 
+/// Reads at most [`BATCH`] changes after `after` from WatchChanges (waiting up to `idle` on a
+/// quiet feed): the merges and erasures among them, the last sequence read, and how many.
+async fn read_changes(
+    profiles: &ProfileClient,
+    after: i64,
+    idle: Duration,
+) -> Result<(Vec<ProfileChange>, Option<i64>, usize), Status> {
+    let mut stream = profiles
+        .clone()
+        .watch_changes(pb::WatchChangesRequest {
+            after_sequence: after,
+        })
+        .await?
+        .into_inner();
+    let page = clientele_runtime::feed::read_page(&mut stream, BATCH, idle).await?;
+    let read = page.len();
+    let (changes, last) = clientele_runtime::feed::identity_changes(page);
+    Ok((changes, last, read))
+}
+
 /// Merges redirect the merged-away ids to their survivor; an erasure drops the cache.
 fn apply_to_cache(cache: &IdentityCache, changes: &[ProfileChange]) {
     for change in changes {
@@ -176,18 +185,7 @@ impl CacheFollower {
     /// # Errors
     /// ProfileService unreachable.
     pub async fn follow_once(&self, after: i64) -> Result<(i64, usize), Status> {
-        let mut stream = self
-            .profiles
-            .clone()
-            .watch_changes(pb::WatchChangesRequest {
-                after_sequence: after,
-            })
-            .await?
-            .into_inner();
-        let page = clientele_runtime::feed::read_page(&mut stream, BATCH, self.idle).await?;
-        drop(stream);
-        let read = page.len();
-        let (changes, last) = clientele_runtime::feed::identity_changes(page);
+        let (changes, last, read) = read_changes(&self.profiles, after, self.idle).await?;
         apply_to_cache(&self.identities, &changes);
         Ok((last.unwrap_or(after), read))
     }
