@@ -233,7 +233,10 @@ async fn comeback_order(p: &Platform, profile_id: &str) -> pb::Event {
 /// Counts MERGED changes in the profiles' feed (reading until two quiet seconds).
 async fn merges(p: &Platform) -> usize {
     let mut feed = ProfileServiceClient::new(p.profiles.channel())
-        .watch_changes(pb::WatchChangesRequest { after_sequence: 0 })
+        .watch_changes(pb::WatchChangesRequest {
+            after_sequence: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

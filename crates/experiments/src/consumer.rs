@@ -182,6 +182,8 @@ impl Consumer {
             .clone()
             .watch_changes(pb::WatchChangesRequest {
                 after_sequence: after,
+                // Merges and erasures only (and progress markers), not every aggregate update.
+                kinds: clientele_runtime::feed::IDENTITY_CHANGE_KINDS.to_vec(),
             })
             .await?
             .into_inner();

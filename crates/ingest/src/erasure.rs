@@ -139,6 +139,8 @@ async fn read_changes(
         .clone()
         .watch_changes(pb::WatchChangesRequest {
             after_sequence: after,
+            // Merges and erasures only (and progress markers), not every aggregate update.
+            kinds: clientele_runtime::feed::IDENTITY_CHANGE_KINDS.to_vec(),
         })
         .await?
         .into_inner();

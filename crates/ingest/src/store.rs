@@ -1098,6 +1098,21 @@ impl EventStore for PgEventStore {
         &self.db
     }
 
+    /// The forwarder's page read on the native pool: typed rows, without the `Any` driver's
+    /// per-row conversion (it reads every event the log takes).
+    async fn log_deltas_after(&self, after: i64, limit: i64) -> StoreResult<Vec<LogDelta>> {
+        let rows: Vec<(i64, Option<Vec<u8>>)> =
+            sqlx::query_as("SELECT seq, delta FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.pg)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, delta)| LogDelta { seq, delta })
+            .collect())
+    }
+
     async fn apply_profile_changes(
         &self,
         feed: &str,

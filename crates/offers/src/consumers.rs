@@ -599,6 +599,7 @@ impl Consumers {
             .clone()
             .watch_changes(pb::WatchChangesRequest {
                 after_sequence: after,
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -768,6 +768,18 @@ impl ProfileService for ProfileServiceImpl {
         if after < 0 {
             return Err(invalid_field("after_sequence", "must not be negative"));
         }
+        let mut kinds: Vec<i64> = Vec::new();
+        for &k in &request.get_ref().kinds {
+            match pb::ProfileChangeKind::try_from(k) {
+                Ok(pb::ProfileChangeKind::Unspecified) | Err(_) => {
+                    return Err(invalid_field(
+                        "kinds",
+                        format!("{k} is not a profile change kind"),
+                    ));
+                }
+                Ok(_) => kinds.push(i64::from(k)),
+            }
+        }
         let store = self.store.clone();
         let changed = self.changed.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
@@ -775,14 +787,23 @@ impl ProfileService for ProfileServiceImpl {
             loop {
                 // Register interest before reading, so a change committed meanwhile wakes us.
                 let notified = changed.notified();
-                let batch = match store.changes_after(after, 500).await {
+                let read = if kinds.is_empty() {
+                    store.changes_after(after, 500).await.map(|b| {
+                        let reached = b.last().map(|c| c.seq);
+                        (b, reached)
+                    })
+                } else {
+                    // Few rows of a filtered page come back: look at more per read.
+                    store.changes_of_kinds_after(after, 5000, &kinds).await
+                };
+                let (batch, reached) = match read {
                     Ok(b) => b,
                     Err(e) => {
                         let _ = tx.send(Err(Status::from(e))).await;
                         return;
                     }
                 };
-                let empty = batch.is_empty();
+                let empty = reached.is_none();
                 for c in batch {
                     after = c.seq;
                     let msg = pb::ProfileChange {
@@ -793,6 +814,17 @@ impl ProfileService for ProfileServiceImpl {
                         changed_at: Some(timestamp(c.changed_at)),
                     };
                     if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                if let Some(reached) = reached.filter(|r| *r > after) {
+                    // A filtered page ended on another kind: a progress marker.
+                    after = reached;
+                    let marker = pb::ProfileChange {
+                        sequence: reached,
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(marker)).await.is_err() {
                         return;
                     }
                 }

@@ -162,6 +162,16 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     async fn any_erased(&self, sets: &[Vec<IdentifierKey>]) -> StoreResult<Vec<bool>>;
     /// Up to `limit` changes with sequence above `after`, in order.
     async fn changes_after(&self, after: i64, limit: i64) -> StoreResult<Vec<ChangeRecord>>;
+    /// Of the next `limit` changes after `after` (in order), those whose kind is one of
+    /// `kinds` (`ChangeKind` codes), and the sequence of the last of the `limit` looked at
+    /// (`None` when there is no change after `after`), so a filtered reader moves past the
+    /// others without receiving them.
+    async fn changes_of_kinds_after(
+        &self,
+        after: i64,
+        limit: i64,
+        kinds: &[i64],
+    ) -> StoreResult<(Vec<ChangeRecord>, Option<i64>)>;
 }
 
 /// The SQL implementation of [`ProfileStore`] for PostgreSQL and SQLite.
@@ -2279,24 +2289,65 @@ impl ProfileStore for SqlProfileStore {
         .bind(limit)
         .fetch_all(&self.db.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let merged: String = r.try_get(3)?;
-                Ok(ChangeRecord {
-                    seq: r.try_get(0)?,
-                    profile_id: r.try_get(1)?,
-                    kind: r.try_get(2)?,
-                    merged_ids: merged
-                        .split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string)
-                        .collect(),
-                    changed_at: r.try_get(4)?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(StoreError::from)
+        change_records(&rows)
     }
+
+    async fn changes_of_kinds_after(
+        &self,
+        after: i64,
+        limit: i64,
+        kinds: &[i64],
+    ) -> StoreResult<(Vec<ChangeRecord>, Option<i64>)> {
+        // The page's wanted rows plus its last row (whatever its kind), which marks how far
+        // the page reached; kinds are integers, written into the statement.
+        let wanted = kinds
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let wanted = if wanted.is_empty() {
+            "NULL".to_string()
+        } else {
+            wanted
+        };
+        let rows = sqlx::query(&format!(
+            "WITH page AS (SELECT seq, profile_id, kind, merged_ids, changed_at FROM changes \
+             WHERE seq > $1 ORDER BY seq LIMIT $2) \
+             SELECT seq, profile_id, kind, merged_ids, changed_at FROM page \
+             WHERE kind IN ({wanted}) OR seq = (SELECT MAX(seq) FROM page) ORDER BY seq"
+        ))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut records = change_records(&rows)?;
+        let reached = records.last().map(|c| c.seq);
+        if records.last().is_some_and(|c| !kinds.contains(&c.kind)) {
+            records.pop();
+        }
+        Ok((records, reached))
+    }
+}
+
+/// Rows of `seq, profile_id, kind, merged_ids, changed_at` from `changes`.
+fn change_records(rows: &[sqlx::any::AnyRow]) -> StoreResult<Vec<ChangeRecord>> {
+    rows.iter()
+        .map(|r| {
+            let merged: String = r.try_get(3)?;
+            Ok(ChangeRecord {
+                seq: r.try_get(0)?,
+                profile_id: r.try_get(1)?,
+                kind: r.try_get(2)?,
+                merged_ids: merged
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                changed_at: r.try_get(4)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(StoreError::from)
 }
 
 /// `rows` copies of `row` with each `?` replaced by the next numbered bind parameter (`$1`,

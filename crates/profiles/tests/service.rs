@@ -7,6 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clientele_profiles::ProfileStore;
 use clientele_proto::v1 as pb;
 use clientele_runtime::cache::RedisCache;
 use clientele_runtime::status::violated_field;
@@ -463,7 +464,10 @@ async fn watch_changes_streams_past_and_new_changes() {
         .into_inner()
         .profile_id;
     let mut stream = c
-        .watch_changes(pb::WatchChangesRequest { after_sequence: 0 })
+        .watch_changes(pb::WatchChangesRequest {
+            after_sequence: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -487,6 +491,113 @@ async fn watch_changes_streams_past_and_new_changes() {
         .unwrap();
     assert_eq!(second.profile_id, b);
     assert!(second.sequence > first.sequence);
+}
+
+async fn resolve_new(c: &mut support::Client, value: &str) -> String {
+    c.resolve(pb::ResolveRequest {
+        identifiers: set(vec![id(1, value)]),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .profile_id
+}
+
+async fn erase(c: &mut support::Client, profile_id: &str) {
+    c.erase_profile(pb::EraseProfileRequest {
+        profile_id: profile_id.to_string(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+}
+
+async fn next(stream: &mut tonic::Streaming<pb::ProfileChange>) -> pb::ProfileChange {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a change within 5 s")
+        .unwrap()
+        .unwrap()
+}
+
+/// A filtered watch: only erasures arrive, and a page that ends on another kind sends a
+/// progress marker whose sequence resumes the feed after everything already looked at.
+async fn check_a_filtered_watch(engine: Engine) {
+    let f = fixture(engine, 5).await;
+    let s = serve(f.service()).await;
+    let mut c = client(&s.endpoint, Some("admin-token"));
+    let a = resolve_new(&mut c, "kf-a").await;
+    let b = resolve_new(&mut c, "kf-b").await;
+    erase(&mut c, &a).await;
+    let erasures_only = |after_sequence| pb::WatchChangesRequest {
+        after_sequence,
+        kinds: vec![pb::ProfileChangeKind::Erased as i32],
+    };
+
+    let mut stream = c
+        .watch_changes(erasures_only(0))
+        .await
+        .unwrap()
+        .into_inner();
+    let erased_a = next(&mut stream).await;
+    assert_eq!(
+        (erased_a.profile_id.as_str(), erased_a.kind),
+        (a.as_str(), pb::ProfileChangeKind::Erased as i32),
+        "the two creations before it are not sent"
+    );
+    // A creation only: the stream says how far it looked, and nothing else.
+    resolve_new(&mut c, "kf-c").await;
+    let marker = next(&mut stream).await;
+    assert_eq!(marker.kind, pb::ProfileChangeKind::Unspecified as i32);
+    assert!(marker.profile_id.is_empty());
+    assert!(marker.sequence > erased_a.sequence);
+    let all: Vec<i64> = f
+        .store
+        .changes_after(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(
+        all.last(),
+        Some(&marker.sequence),
+        "the marker is the newest change"
+    );
+    drop(stream);
+
+    // Resuming from the marker: the next erasure is the first thing sent.
+    erase(&mut c, &b).await;
+    let mut stream = c
+        .watch_changes(erasures_only(marker.sequence))
+        .await
+        .unwrap()
+        .into_inner();
+    let erased_b = next(&mut stream).await;
+    assert_eq!(
+        (erased_b.profile_id.as_str(), erased_b.kind),
+        (b.as_str(), pb::ProfileChangeKind::Erased as i32)
+    );
+
+    let err = c
+        .watch_changes(pb::WatchChangesRequest {
+            after_sequence: 0,
+            kinds: vec![0],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_field(&err).as_deref(), Some("kinds"));
+}
+
+#[tokio::test]
+async fn a_watch_for_erasures_gets_erasures_and_markers_only_postgres() {
+    check_a_filtered_watch(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_watch_for_erasures_gets_erasures_and_markers_only_sqlite() {
+    check_a_filtered_watch(Engine::Sqlite).await;
 }
 
 #[tokio::test]

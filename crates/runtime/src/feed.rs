@@ -41,8 +41,16 @@ pub enum IdentityChange {
     Erased(String),
 }
 
+/// The kinds to ask WatchChanges for (`WatchChangesRequest.kinds`) when only
+/// [`identity_changes`] are wanted: the stream then carries merges, erasures and progress
+/// markers, not one message per aggregate update.
+pub const IDENTITY_CHANGE_KINDS: [i32; 2] = [
+    pb::ProfileChangeKind::Merged as i32,
+    pb::ProfileChangeKind::Erased as i32,
+];
+
 /// The merges and erasures of a page of profile changes, in feed order, and the last sequence
-/// read (`None` for an empty page).
+/// read (`None` for an empty page; a progress marker's sequence counts).
 pub fn identity_changes(page: Vec<pb::ProfileChange>) -> (Vec<IdentityChange>, Option<i64>) {
     let last = page.last().map(|c| c.sequence);
     let changes = page

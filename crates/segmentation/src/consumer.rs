@@ -228,6 +228,7 @@ impl Consumer {
             .clone()
             .watch_changes(pb::WatchChangesRequest {
                 after_sequence: after,
+                ..Default::default()
             })
             .await?
             .into_inner();
