@@ -176,6 +176,7 @@ want ingest && CLIENTELE_TOKEN="$token" "$bin/clientele-bench" ingest \
   --endpoint "http://127.0.0.1:$ingest_port" \
   --database-url "$bench_url" \
   --server-pid "$ingest_pid" \
+  --profiles-pid "$server_pid" \
   --json-out "$json_out" \
   ${BENCH_INGEST_ARGS:-}
 

@@ -19,6 +19,29 @@ pub fn process(pid: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(ticks as f64 / USER_HZ))
 }
 
+/// User + system CPU time of every process whose command name is `comm` (e.g. all of
+/// PostgreSQL's backends, `postgres`), or `None` where `/proc` is unavailable. Processes that
+/// exit between two readings take their time with them, so compare readings over a window in
+/// which the processes that matter stay up (a benchmark's own connections).
+pub fn processes_named(comm: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let is_it = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim_end() == comm);
+        if is_it && let Some(t) = process(pid) {
+            total += t;
+        }
+    }
+    Some(total)
+}
+
 /// User + system CPU time Redis reports for its whole process.
 pub async fn redis(conn: &mut redis::aio::MultiplexedConnection) -> Option<Duration> {
     let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await.ok()?;

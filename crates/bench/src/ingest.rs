@@ -19,6 +19,8 @@ use sqlx::Connection;
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 
+use crate::cpu;
+
 /// Arguments of `clientele-bench ingest`.
 #[derive(Debug, clap::Args)]
 pub struct IngestArgs {
@@ -43,9 +45,12 @@ pub struct IngestArgs {
     /// Events per stream batch.
     #[arg(long, default_value_t = 500)]
     pub batch_size: usize,
-    /// PID of the ingest server, for its peak RSS.
+    /// PID of the ingest server, for its peak RSS and CPU time.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// PID of the profiles server (BatchResolve, ApplyAggregates), for its CPU time.
+    #[arg(long)]
+    pub profiles_pid: Option<u32>,
     /// Append the results as JSON lines here.
     #[arg(long)]
     pub json_out: Option<std::path::PathBuf>,
@@ -66,8 +71,9 @@ fn copy_field(s: &str) -> String {
         .replace('\r', "\\r")
 }
 
-/// Raw `COPY` of the events as event-shaped rows; returns rows per second.
-async fn copy_baseline(url: &str, events: &[pb::Event]) -> anyhow::Result<f64> {
+/// Raw `COPY` of the events as event-shaped rows; returns rows per second and PostgreSQL's
+/// CPU microseconds per row (all `postgres` processes, as for the stream).
+async fn copy_baseline(url: &str, events: &[pb::Event]) -> anyhow::Result<(f64, Option<f64>)> {
     let mut conn = sqlx::PgConnection::connect(url)
         .await
         .context("connecting for the COPY baseline")?;
@@ -113,6 +119,7 @@ async fn copy_baseline(url: &str, events: &[pb::Event]) -> anyhow::Result<f64> {
             copy_field(&json)
         ));
     }
+    let pg_before = cpu::processes_named("postgres");
     let started = Instant::now();
     let mut copy = conn
         .copy_in_raw(&format!(
@@ -124,13 +131,41 @@ async fn copy_baseline(url: &str, events: &[pb::Event]) -> anyhow::Result<f64> {
     }
     let rows = copy.finish().await?;
     let secs = started.elapsed().as_secs_f64();
+    let pg_us = per_event(pg_before, cpu::processes_named("postgres"), rows);
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&mut conn)
         .await?;
     if rows != events.len() as u64 {
         bail!("COPY wrote {rows} rows of {}", events.len());
     }
-    Ok(rows as f64 / secs)
+    Ok((rows as f64 / secs, pg_us))
+}
+
+/// CPU microseconds per event between two readings.
+fn per_event(before: Option<Duration>, after: Option<Duration>, events: u64) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    (events > 0).then(|| after.saturating_sub(before).as_secs_f64() * 1e6 / events as f64)
+}
+
+/// CPU time of the processes an ingested event passes through.
+#[derive(Debug, Clone, Copy)]
+struct StreamCpu {
+    ingest: Option<Duration>,
+    profiles: Option<Duration>,
+    postgres: Option<Duration>,
+    client: Option<Duration>,
+}
+
+impl StreamCpu {
+    fn take(args: &IngestArgs) -> Self {
+        let pid = |p: Option<u32>| p.and_then(|p| cpu::process(&p.to_string()));
+        Self {
+            ingest: pid(args.server_pid),
+            profiles: pid(args.profiles_pid),
+            postgres: cpu::processes_named("postgres"),
+            client: cpu::process("self"),
+        }
+    }
 }
 
 /// Waits (at most 10 minutes) until the ingest aggregate follower has passed the end of the
@@ -169,7 +204,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     events.sort_by_key(|e| e.occurred_at.as_ref().map(|t| (t.seconds, t.nanos)));
     let n = events.len();
     eprintln!("{n} events; raw COPY baseline…");
-    let copy_rps = copy_baseline(&args.database_url, &events).await?;
+    let (copy_rps, copy_pg_us) = copy_baseline(&args.database_url, &events).await?;
 
     eprintln!("streaming through IngestStream…");
     let channel = tonic::transport::Endpoint::from_shared(args.endpoint.clone())?
@@ -208,6 +243,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let mut latency = Histogram::<u64>::new(3)?;
     let (mut next, mut acked) = (1u64, 0u64);
     let (mut accepted, mut rejected, mut duplicates) = (0u64, 0u64, 0u64);
+    let cpu_before = StreamCpu::take(&args);
     let started = Instant::now();
     while acked < total {
         while next <= total && next - acked <= window {
@@ -248,6 +284,28 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     // Acknowledged means stored; the aggregate deltas follow asynchronously through the
     // log and the outbox. Report how long after the last acknowledgement ProfileService had them all.
     let drain_secs = outbox_drained(&args.database_url, started).await? - secs;
+    // CPU from the first batch to the aggregates' arrival in ProfileService: everything an
+    // event costs, not only what precedes its acknowledgement.
+    let cpu_after = StreamCpu::take(&args);
+    let events_u64 = n as u64;
+    let cpu_us = [
+        (
+            "ingest",
+            per_event(cpu_before.ingest, cpu_after.ingest, events_u64),
+        ),
+        (
+            "profiles",
+            per_event(cpu_before.profiles, cpu_after.profiles, events_u64),
+        ),
+        (
+            "postgres",
+            per_event(cpu_before.postgres, cpu_after.postgres, events_u64),
+        ),
+        (
+            "client",
+            per_event(cpu_before.client, cpu_after.client, events_u64),
+        ),
+    ];
     let rps = n as f64 / secs;
     let p = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
     let rss = args.server_pid.and_then(peak_rss_mb);
@@ -303,6 +361,20 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         "note: aggregates applied in ProfileService {drain_secs:.1} s after the last acknowledgement ({:.0} events/s including them)",
         n as f64 / (secs + drain_secs)
     );
+    let shown = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
+    let total_us: Option<f64> = cpu_us[..3].iter().map(|(_, v)| *v).sum();
+    println!(
+        "note: CPU per event (µs, first batch to aggregates applied): ingest {}, profiles {}, PostgreSQL {}, bench client {}; servers and PostgreSQL together {} = {} x the PostgreSQL CPU per row of the COPY ({})",
+        shown(cpu_us[0].1),
+        shown(cpu_us[1].1),
+        shown(cpu_us[2].1),
+        shown(cpu_us[3].1),
+        shown(total_us),
+        total_us
+            .zip(copy_pg_us)
+            .map_or("n/a".into(), |(t, c)| format!("{:.1}", t / c)),
+        shown(copy_pg_us),
+    );
     if let Some(path) = &args.json_out {
         use std::io::Write as _;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -321,6 +393,11 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
             "duplicates": duplicates,
             "not_accepted": rejected,
             "aggregates_lag_secs": drain_secs,
+            "cpu_us_per_event_ingest": cpu_us[0].1,
+            "cpu_us_per_event_profiles": cpu_us[1].1,
+            "cpu_us_per_event_postgres": cpu_us[2].1,
+            "cpu_us_per_event_client": cpu_us[3].1,
+            "copy_postgres_cpu_us_per_row": copy_pg_us,
         });
         let mut f = std::fs::OpenOptions::new()
             .create(true)
