@@ -45,6 +45,18 @@ def baseline_of(r):
     return ""
 
 
+def ingest_cpu_rows(r):
+    """The ingest run's CPU per event by process, beside PostgreSQL's CPU per COPY row."""
+    parts = [r.get(f"cpu_us_per_event_{p}") for p in ("ingest", "profiles", "postgres")]
+    copy = r.get("copy_postgres_cpu_us_per_row")
+    if any(p is None for p in parts) or not copy:
+        return []
+    total = sum(parts)
+    return [["ingest", f"CPU per event: ingest {parts[0]:.1f} + profiles {parts[1]:.1f} + "
+             f"PostgreSQL {parts[2]:.1f} µs", f"{total:.1f} µs", "–", "–", fmt(total / copy),
+             f"PostgreSQL CPU per COPY row ({copy:.1f} µs)"]]
+
+
 def describe(r):
     """Table lines (lists of cells) for one JSON row of any suite."""
     suite, name = r.get("suite", ""), r.get("benchmark", "")
@@ -56,7 +68,7 @@ def describe(r):
              "raw PostgreSQL COPY of the same events"],
             [suite, "raw PostgreSQL COPY, same events", f"{fmt(r.get('copy_rows_per_sec'), 1)} rows/s",
              "–", "–", "1.00", ""],
-        ]
+        ] + ingest_cpu_rows(r)
     if "value" in r:
         unit = r.get("unit", "")
         base = r.get("baseline")
