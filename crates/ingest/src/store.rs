@@ -25,7 +25,7 @@ use clientele_proto::v1 as pb;
 use clientele_runtime::db::Database;
 use prost::Message;
 use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 
 use crate::validate::Effect;
 use clientele_runtime::time::timestamp;
@@ -915,8 +915,7 @@ impl PgEventStore {
         max_connections: u32,
     ) -> StoreResult<Self> {
         let opts = PgConnectOptions::from_str(url)?.options([("search_path", schema)]);
-        let pg = PgPoolOptions::new()
-            .max_connections(max_connections)
+        let pg = clientele_runtime::db::pg_pool_options::<sqlx::Postgres>(max_connections)
             .connect_with(opts)
             .await?;
         Ok(Self { db, pg })

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use async_trait::async_trait;
 use clientele_runtime::db::{Database, WriteTx};
 use sqlx::any::AnyRow;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
 use sqlx::{AnyConnection, Row};
 
 use crate::identifiers::{IdentifierHasher, IdentifierKey};
@@ -216,8 +216,7 @@ impl SqlProfileStore {
     ) -> StoreResult<Self> {
         use std::str::FromStr as _;
         let opts = PgConnectOptions::from_str(url)?.options([("search_path", schema)]);
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
+        let pool = clientele_runtime::db::pg_pool_options::<sqlx::Postgres>(max_connections)
             .min_connections(0)
             .connect_with(opts)
             .await?;

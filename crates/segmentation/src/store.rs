@@ -35,7 +35,7 @@ use clientele_proto::v1 as pb;
 use clientele_runtime::db::{Database, WriteTx};
 use prost::Message;
 use sqlx::any::{AnyArguments, AnyRow};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::{Any, AnyConnection, Row};
 
 use crate::scoring::{ProfileData, RunModel, StoredOrder};
@@ -1293,8 +1293,7 @@ impl SqlSegmentationStore {
     ) -> StoreResult<Self> {
         use std::str::FromStr as _;
         let opts = PgConnectOptions::from_str(url)?.options([("search_path", schema)]);
-        let pg = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
+        let pg = clientele_runtime::db::pg_pool_options::<sqlx::Postgres>(max_connections)
             .min_connections(0)
             .connect_with(opts)
             .await?;
