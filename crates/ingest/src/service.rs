@@ -94,6 +94,9 @@ struct Inner {
     /// Identifiers already linked to a live profile; shared with the change feed consumer
     /// ([`Self::erasure`]), which applies merges and erasures to it.
     identities: Arc<IdentityCache>,
+    /// Set once this process has checked that the log hands out positions above the ones
+    /// ProfileService already holds for it ([`IngestServiceImpl::check_log_positions`]).
+    positions_checked: tokio::sync::OnceCell<()>,
 }
 
 /// One event's path in the pipeline.
@@ -273,8 +276,48 @@ impl IngestServiceImpl {
                 producers: Mutex::new(HashMap::new()),
                 identities,
                 settings,
+                positions_checked: tokio::sync::OnceCell::new(),
             }),
         }
+    }
+
+    /// Before this process's first append: asks ProfileService for the highest position it
+    /// holds for this log (a position probe of ApplyAggregates) and, when the log's sequence is
+    /// below it (the log was restored to an older point), moves the sequence past it, so new
+    /// events are not ignored as already counted. Runs once per process; a failure (e.g.
+    /// ProfileService unreachable) fails the batch with UNAVAILABLE and is retried by the next.
+    async fn check_log_positions(&self) -> Result<(), Status> {
+        self.inner
+            .positions_checked
+            .get_or_try_init(|| async {
+                let feed = self.inner.store.log_identity().await?;
+                let held = self
+                    .inner
+                    .profiles
+                    .clone()
+                    .apply_aggregates(pb::ApplyAggregatesRequest {
+                        deltas: Vec::new(),
+                        feed,
+                    })
+                    .await
+                    .map_err(|s| {
+                        Status::unavailable(format!(
+                            "checking the log's positions with ProfileService: {}",
+                            s.message()
+                        ))
+                    })?
+                    .into_inner()
+                    .feed_position;
+                if self.inner.store.ensure_positions_above(held).await? {
+                    tracing::warn!(
+                        position = held,
+                        "the event log's sequence was below the position ProfileService holds for it (restored from an older backup?); moved it past"
+                    );
+                }
+                Ok::<(), Status>(())
+            })
+            .await?;
+        Ok(())
     }
 
     /// Starts the background tasks (the aggregate forwarder, the erasure follower and the
@@ -560,6 +603,7 @@ impl IngestServiceImpl {
         stream: Option<(&str, u64)>,
         turn: CommitTurn,
     ) -> Result<Vec<pb::EventResult>, Status> {
+        self.check_log_positions().await?;
         let now = now_micros();
         let commit_started = std::time::Instant::now();
         let outcomes = match stream {

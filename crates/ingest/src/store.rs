@@ -328,6 +328,10 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
             .await?;
         Ok(row.try_get(0)?)
     }
+    /// Makes the log hand out positions (`seq`) above `position` from now on; returns whether
+    /// it had to move (the log's sequence was at or below it: restored to an older point).
+    /// Taken under the log lock, so no append runs meanwhile.
+    async fn ensure_positions_above(&self, position: i64) -> StoreResult<bool>;
     /// The stored position of feed `feed` (0 if never consumed).
     async fn feed_position(&self, feed: &str) -> StoreResult<i64> {
         let row = sqlx::query("SELECT position FROM feed_cursors WHERE feed = $1")
@@ -1097,6 +1101,25 @@ impl EventStore for PgEventStore {
         &self.db
     }
 
+    async fn ensure_positions_above(&self, position: i64) -> StoreResult<bool> {
+        let mut tx = self.pg.begin().await?;
+        sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
+            .bind(LOG_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        // `setval(.., p)` makes the next value p + 1; only ever forwards.
+        let moved: Option<i64> = sqlx::query_scalar(
+            "SELECT setval(pg_get_serial_sequence('events', 'seq'), $1) \
+             FROM pg_sequences WHERE schemaname = current_schema() \
+             AND sequencename = 'events_seq_seq' AND COALESCE(last_value, 0) < $1",
+        )
+        .bind(position)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(moved.is_some())
+    }
+
     /// The forwarder's page read on the native pool: typed rows, without the `Any` driver's
     /// per-row conversion (it reads every event the log takes).
     async fn log_deltas_after(&self, after: i64, limit: i64) -> StoreResult<Vec<LogDelta>> {
@@ -1310,6 +1333,34 @@ impl EventStore for SqliteEventStore {
         }
         write.tx.commit().await?;
         Ok(outcomes)
+    }
+
+    async fn ensure_positions_above(&self, position: i64) -> StoreResult<bool> {
+        // AUTOINCREMENT hands out MAX(sqlite_sequence.seq, MAX(seq)) + 1.
+        let mut write = self.db.begin_write().await?;
+        let tx: &mut sqlx::AnyConnection = &mut write.tx;
+        let current: i64 = sqlx::query_scalar(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0), \
+             COALESCE((SELECT MAX(seq) FROM events), 0))",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if current >= position {
+            return Ok(false);
+        }
+        let updated = sqlx::query("UPDATE sqlite_sequence SET seq = $1 WHERE name = 'events'")
+            .bind(position)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if updated == 0 {
+            sqlx::query("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', $1)")
+                .bind(position)
+                .execute(&mut *tx)
+                .await?;
+        }
+        write.tx.commit().await?;
+        Ok(true)
     }
 
     fn database(&self) -> &Database {

@@ -22,7 +22,88 @@ both!(
     the_log_replays_accepted_events_in_order,
     a_delta_profiles_refuses_is_parked_and_the_rest_delivered,
     the_log_is_delivered_by_position_and_a_redelivered_page_counts_once,
+    a_log_restored_to_an_older_point_still_counts_new_events,
 );
+
+/// Restoring ingest's schema alone to an older point sets its sequence back below the position
+/// ProfileService holds for the log. The restarted service moves the sequence past it before
+/// its first append, so a new event is counted instead of being skipped as delivered.
+async fn a_log_restored_to_an_older_point_still_counts_new_events(e: Engine) {
+    use pb::ingest_service_server::IngestService as _;
+    let s = serve(e).await;
+    let mut c = s.client();
+    for id in ["r1", "r2"] {
+        let r = c
+            .ingest_batch(pb::IngestBatchRequest {
+                events: vec![page_view(id, "c-r", "u")],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert_eq!(statuses(&r), vec![pb::EventStatus::Accepted]);
+    }
+    s.drain().await;
+    assert_eq!(
+        s.aggregates("c-r").await.1.engagement.get("page_viewed"),
+        Some(&2)
+    );
+
+    // The backup was taken after r1: r2 is gone, the sequence and the forwarder's cursor are
+    // back at r1's position.
+    let pool = &s.ingest.store().database().pool;
+    sqlx::query("DELETE FROM events WHERE event_id = 'r2'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let restored: i64 = sqlx::query_scalar("SELECT MAX(seq) FROM events")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    match e {
+        Engine::Postgres => {
+            sqlx::query("SELECT setval(pg_get_serial_sequence('events', 'seq'), $1)")
+                .bind(restored)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        Engine::Sqlite => {
+            sqlx::query("UPDATE sqlite_sequence SET seq = $1 WHERE name = 'events'")
+                .bind(restored)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+    sqlx::query("UPDATE feed_cursors SET position = $1 WHERE feed = 'aggregates'")
+        .bind(restored)
+        .execute(pool)
+        .await
+        .unwrap();
+
+    // The restored service starts on that schema.
+    let restarted = clientele_ingest::IngestServiceImpl::new(
+        s.ingest.store().clone(),
+        s.profiles(),
+        Default::default(),
+    );
+    let r = restarted
+        .ingest_batch(tonic::Request::new(pb::IngestBatchRequest {
+            events: vec![page_view("r3", "c-r", "u")],
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(statuses(&r), vec![pb::EventStatus::Accepted]);
+    restarted.forwarder().drain().await.unwrap();
+    assert_eq!(
+        s.aggregates("c-r").await.1.engagement.get("page_viewed"),
+        Some(&3),
+        "r3 counts (r1 and r2 were counted before the restore)"
+    );
+}
 
 async fn a_retried_batch_is_all_duplicates_and_changes_no_aggregate(e: Engine) {
     let s = serve(e).await;

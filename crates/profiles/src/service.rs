@@ -582,16 +582,23 @@ impl ProfileService for ProfileServiceImpl {
         request: Request<pb::ApplyAggregatesRequest>,
     ) -> Result<Response<pb::ApplyAggregatesResponse>, Status> {
         let req = request.into_inner();
-        if req.deltas.is_empty() || req.deltas.len() > MAX_DELTAS {
-            return Err(invalid_field(
-                "deltas",
-                format!("1 to {MAX_DELTAS} deltas are required"),
-            ));
-        }
         if req.feed.len() > 128 {
             return Err(invalid_field("feed", "must be at most 128 bytes"));
         }
         let feed = (!req.feed.is_empty()).then_some(req.feed.as_str());
+        if (req.deltas.is_empty() && feed.is_none()) || req.deltas.len() > MAX_DELTAS {
+            return Err(invalid_field(
+                "deltas",
+                format!("1 to {MAX_DELTAS} deltas are required (0 only with `feed`)"),
+            ));
+        }
+        if let (Some(feed), true) = (feed, req.deltas.is_empty()) {
+            // A position probe.
+            return Ok(Response::new(pb::ApplyAggregatesResponse {
+                feed_position: self.store.feed_position(feed).await?,
+                ..Default::default()
+            }));
+        }
         let mut deltas = Vec::with_capacity(req.deltas.len());
         let mut previous = 0;
         for (i, d) in req.deltas.iter().enumerate() {
@@ -670,13 +677,16 @@ impl ProfileService for ProfileServiceImpl {
             });
         }
         let started = std::time::Instant::now();
-        let out = match feed {
+        let (out, feed_position) = match feed {
             Some(feed) => {
-                self.store
+                let out = self
+                    .store
                     .apply_feed_aggregates(feed, &deltas, now_micros())
-                    .await?
+                    .await?;
+                // Read after the commit: the position only grows.
+                (out, self.store.feed_position(feed).await?)
             }
-            None => self.store.apply_aggregates(&deltas, now_micros()).await?,
+            None => (self.store.apply_aggregates(&deltas, now_micros()).await?, 0),
         };
         let store_ms = started.elapsed().as_secs_f64() * 1e3;
         // Up to 500 profiles per call: one script call on Redis.
@@ -696,6 +706,7 @@ impl ProfileService for ProfileServiceImpl {
             applied: out.applied,
             duplicates: out.duplicates,
             unknown_profiles: out.unknown_profiles,
+            feed_position,
         }))
     }
 

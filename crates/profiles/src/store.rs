@@ -160,6 +160,9 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     async fn export(&self, id: &str) -> StoreResult<serde_json::Value>;
     /// For each set: does any identifier belong to an erased person?
     async fn any_erased(&self, sets: &[Vec<IdentifierKey>]) -> StoreResult<Vec<bool>>;
+    /// The stored position of feed `feed` (0 if never applied): the highest position
+    /// [`ProfileStore::apply_feed_aggregates`] has counted or skipped.
+    async fn feed_position(&self, feed: &str) -> StoreResult<i64>;
     /// Up to `limit` changes with sequence above `after`, in order.
     async fn changes_after(&self, after: i64, limit: i64) -> StoreResult<Vec<ChangeRecord>>;
     /// Of the next `limit` changes after `after` (in order), those whose kind is one of
@@ -2277,6 +2280,15 @@ impl ProfileStore for SqlProfileStore {
             out.push(self.tombstoned(&mut conn, set).await?);
         }
         Ok(out)
+    }
+
+    async fn feed_position(&self, feed: &str) -> StoreResult<i64> {
+        let position: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM feed_positions WHERE feed = $1")
+                .bind(feed)
+                .fetch_optional(&self.db.pool)
+                .await?;
+        Ok(position.unwrap_or(0))
     }
 
     async fn changes_after(&self, after: i64, limit: i64) -> StoreResult<Vec<ChangeRecord>> {

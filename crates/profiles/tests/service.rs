@@ -187,6 +187,7 @@ async fn a_feed_needs_strictly_increasing_positions_on_every_delta() {
             "deltas[1].feed_position",
         ),
         (request(&"f".repeat(129), vec![delta("a", 1)]), "feed"),
+        (request("", Vec::new()), "deltas"),
     ];
     for (req, field) in cases {
         let err = c.apply_aggregates(req).await.unwrap_err();
@@ -208,7 +209,13 @@ async fn a_feed_needs_strictly_increasing_positions_on_every_delta() {
         0,
         "a refused request writes nothing"
     );
-    // a valid feed request counts, and its redelivery does not
+    // a position probe (no deltas) of a feed never applied
+    let probe = c
+        .apply_aggregates(request("log", Vec::new()))
+        .await
+        .unwrap();
+    assert_eq!(probe.into_inner().feed_position, 0);
+    // a valid feed request counts, and its redelivery does not; both report the position
     for expected in [(2, 0), (0, 2)] {
         let out = c
             .apply_aggregates(request("log", vec![delta("a", 4), delta("b", 9)]))
@@ -216,7 +223,13 @@ async fn a_feed_needs_strictly_increasing_positions_on_every_delta() {
             .unwrap()
             .into_inner();
         assert_eq!((out.applied, out.duplicates), expected);
+        assert_eq!(out.feed_position, 9);
     }
+    let probe = c
+        .apply_aggregates(request("log", Vec::new()))
+        .await
+        .unwrap();
+    assert_eq!(probe.into_inner().feed_position, 9);
 }
 
 #[tokio::test]
