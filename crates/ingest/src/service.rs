@@ -291,7 +291,7 @@ impl IngestServiceImpl {
             .positions_checked
             .get_or_try_init(|| async {
                 let feed = self.inner.store.log_identity().await?;
-                let held = self
+                let probe = self
                     .inner
                     .profiles
                     .clone()
@@ -299,15 +299,22 @@ impl IngestServiceImpl {
                         deltas: Vec::new(),
                         feed,
                     })
-                    .await
-                    .map_err(|s| {
-                        Status::unavailable(format!(
+                    .await;
+                let held = match probe {
+                    Ok(r) => r.into_inner().feed_position,
+                    // A ProfileService older than the probe (during a rolling upgrade) refuses
+                    // an empty call: nothing to check against; the next process start checks.
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                        tracing::warn!(error = %s.message(), "ProfileService does not answer position probes yet; the log's positions are not checked by this process");
+                        return Ok(());
+                    }
+                    Err(s) => {
+                        return Err(Status::unavailable(format!(
                             "checking the log's positions with ProfileService: {}",
                             s.message()
-                        ))
-                    })?
-                    .into_inner()
-                    .feed_position;
+                        )));
+                    }
+                };
                 if self.inner.store.ensure_positions_above(held).await? {
                     tracing::warn!(
                         position = held,
