@@ -579,10 +579,11 @@ impl IngestServiceImpl {
                 });
                 continue;
             }
-            let (stored, redacted) = validate::redact(&ev.event);
+            let aggregate_key = ev.aggregate_key();
+            let (stored, redacted) = validate::redact(ev.event);
             slots[i] = Slot::New(new.len());
             new.push(NewEvent {
-                aggregate_key: ev.aggregate_key(),
+                aggregate_key,
                 source: ev.source,
                 event_id: ev.event_id,
                 hash: ev.hash.to_vec(),

@@ -720,8 +720,7 @@ pub fn validate_event(mut event: pb::Event, limits: &Limits) -> Result<ValidEven
 
 /// The event as stored: EMAIL and PHONE identifiers removed (their types are returned, one
 /// entry per removed identifier), so raw contact details never reach the event log.
-pub fn redact(event: &pb::Event) -> (pb::Event, Vec<i32>) {
-    let mut e = event.clone();
+pub fn redact(mut e: pb::Event) -> (pb::Event, Vec<i32>) {
     let mut removed = Vec::new();
     if let Some(set) = &mut e.identifiers {
         set.identifiers.retain(|i| {
@@ -1074,7 +1073,7 @@ mod tests {
                 },
             ],
         });
-        let (r, removed) = redact(&e);
+        let (r, removed) = redact(e);
         assert_eq!(removed, vec![2, 3]);
         assert_eq!(r.identifiers.unwrap().identifiers.len(), 1);
     }
