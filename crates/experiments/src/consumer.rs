@@ -180,11 +180,7 @@ impl Consumer {
         let mut stream = self
             .profiles
             .clone()
-            .watch_changes(pb::WatchChangesRequest {
-                after_sequence: after,
-                // Merges and erasures only (and progress markers), not every aggregate update.
-                kinds: clientele_runtime::feed::IDENTITY_CHANGE_KINDS.to_vec(),
-            })
+            .watch_changes(clientele_runtime::feed::identity_changes_request(after))
             .await?
             .into_inner();
         let page = clientele_runtime::feed::read_page(&mut stream, BATCH, self.idle).await?;

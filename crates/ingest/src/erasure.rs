@@ -19,7 +19,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clientele_proto::v1 as pb;
 use tonic::Status;
 
 use crate::identity_cache::IdentityCache;
@@ -137,11 +136,7 @@ async fn read_changes(
 ) -> Result<(Vec<ProfileChange>, Option<i64>, usize), Status> {
     let mut stream = profiles
         .clone()
-        .watch_changes(pb::WatchChangesRequest {
-            after_sequence: after,
-            // Merges and erasures only (and progress markers), not every aggregate update.
-            kinds: clientele_runtime::feed::IDENTITY_CHANGE_KINDS.to_vec(),
-        })
+        .watch_changes(clientele_runtime::feed::identity_changes_request(after))
         .await?
         .into_inner();
     let page = clientele_runtime::feed::read_page(&mut stream, BATCH, idle).await?;

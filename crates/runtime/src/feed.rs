@@ -49,6 +49,15 @@ pub const IDENTITY_CHANGE_KINDS: [i32; 2] = [
     pb::ProfileChangeKind::Erased as i32,
 ];
 
+/// The WatchChanges request of a consumer that needs only [`identity_changes`]: merges,
+/// erasures and progress markers after `after_sequence`, not every aggregate update.
+pub fn identity_changes_request(after_sequence: i64) -> pb::WatchChangesRequest {
+    pb::WatchChangesRequest {
+        after_sequence,
+        kinds: IDENTITY_CHANGE_KINDS.to_vec(),
+    }
+}
+
 /// The merges and erasures of a page of profile changes, in feed order, and the last sequence
 /// read (`None` for an empty page; a progress marker's sequence counts).
 pub fn identity_changes(page: Vec<pb::ProfileChange>) -> (Vec<IdentityChange>, Option<i64>) {
