@@ -677,16 +677,13 @@ impl ProfileService for ProfileServiceImpl {
             });
         }
         let started = std::time::Instant::now();
-        let (out, feed_position) = match feed {
+        let out = match feed {
             Some(feed) => {
-                let out = self
-                    .store
+                self.store
                     .apply_feed_aggregates(feed, &deltas, now_micros())
-                    .await?;
-                // Read after the commit: the position only grows.
-                (out, self.store.feed_position(feed).await?)
+                    .await?
             }
-            None => (self.store.apply_aggregates(&deltas, now_micros()).await?, 0),
+            None => self.store.apply_aggregates(&deltas, now_micros()).await?,
         };
         let store_ms = started.elapsed().as_secs_f64() * 1e3;
         // Up to 500 profiles per call: one script call on Redis.
@@ -706,7 +703,7 @@ impl ProfileService for ProfileServiceImpl {
             applied: out.applied,
             duplicates: out.duplicates,
             unknown_profiles: out.unknown_profiles,
-            feed_position,
+            ..Default::default()
         }))
     }
 
@@ -798,22 +795,16 @@ impl ProfileService for ProfileServiceImpl {
             loop {
                 // Register interest before reading, so a change committed meanwhile wakes us.
                 let notified = changed.notified();
-                let read = if kinds.is_empty() {
-                    store.changes_after(after, 500).await.map(|b| {
-                        let reached = b.last().map(|c| c.seq);
-                        (b, reached)
-                    })
-                } else {
-                    // Few rows of a filtered page come back: look at more per read.
-                    store.changes_of_kinds_after(after, 5000, &kinds).await
-                };
-                let (batch, reached) = match read {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                };
+                // Few rows of a filtered page come back: look at more per read.
+                let limit = if kinds.is_empty() { 500 } else { 5000 };
+                let (batch, reached) =
+                    match store.changes_of_kinds_after(after, limit, &kinds).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            return;
+                        }
+                    };
                 let empty = reached.is_none();
                 for c in batch {
                     after = c.seq;

@@ -166,9 +166,9 @@ pub trait ProfileStore: Send + Sync + std::fmt::Debug {
     /// Up to `limit` changes with sequence above `after`, in order.
     async fn changes_after(&self, after: i64, limit: i64) -> StoreResult<Vec<ChangeRecord>>;
     /// Of the next `limit` changes after `after` (in order), those whose kind is one of
-    /// `kinds` (`ChangeKind` codes), and the sequence of the last of the `limit` looked at
-    /// (`None` when there is no change after `after`), so a filtered reader moves past the
-    /// others without receiving them.
+    /// `kinds` (`ChangeKind` codes; empty: every kind), and the sequence of the last of the
+    /// `limit` looked at (`None` when there is no change after `after`), so a filtered reader
+    /// moves past the others without receiving them.
     async fn changes_of_kinds_after(
         &self,
         after: i64,
@@ -2309,6 +2309,11 @@ impl ProfileStore for SqlProfileStore {
         limit: i64,
         kinds: &[i64],
     ) -> StoreResult<(Vec<ChangeRecord>, Option<i64>)> {
+        if kinds.is_empty() {
+            let records = self.changes_after(after, limit).await?;
+            let reached = records.last().map(|c| c.seq);
+            return Ok((records, reached));
+        }
         // The page's wanted rows plus its last row (whatever its kind), which marks how far
         // the page reached; kinds are integers, written into the statement.
         let wanted = kinds
@@ -2316,11 +2321,6 @@ impl ProfileStore for SqlProfileStore {
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        let wanted = if wanted.is_empty() {
-            "NULL".to_string()
-        } else {
-            wanted
-        };
         let rows = sqlx::query(&format!(
             "WITH page AS (SELECT seq, profile_id, kind, merged_ids, changed_at FROM changes \
              WHERE seq > $1 ORDER BY seq LIMIT $2) \
