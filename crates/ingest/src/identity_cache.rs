@@ -170,6 +170,9 @@ impl IdentityCache {
         let Some(entries) = &self.entries else {
             return sets.into_iter().map(|_| None).collect();
         };
+        // A batch carries each returning customer's identifiers several times (a session's
+        // events): each distinct identifier is hashed and looked up once per call.
+        let mut seen: HashMap<(i32, &str, &str), Option<Entry>> = HashMap::new();
         let raw: Vec<Option<Vec<Entry>>> = sets
             .into_iter()
             .map(|set| {
@@ -178,7 +181,11 @@ impl IdentityCache {
                 }
                 set.identifiers
                     .iter()
-                    .map(|id| entries.get(&key(id)))
+                    .map(|id| {
+                        seen.entry((id.r#type, id.namespace.as_str(), id.value.as_str()))
+                            .or_insert_with(|| entries.get(&key(id)))
+                            .clone()
+                    })
                     .collect::<Option<Vec<_>>>()
             })
             .collect();
@@ -363,6 +370,37 @@ mod tests {
         assert_eq!(one(&c, &s).as_deref(), Some("p1"));
         // A subset is a hit too: every identifier in it is known on p1.
         assert_eq!(one(&c, &set(&[device("d1")])).as_deref(), Some("p1"));
+    }
+
+    #[test]
+    fn one_call_answers_each_set_when_sets_repeat_identifiers() {
+        let c = cache();
+        let g = c.generation();
+        c.fill(g, &set(&[email("a@x.com"), device("d1")]), &answer("p1"));
+        c.fill(g, &set(&[email("b@x.com")]), &answer("p2"));
+        let sets = [
+            set(&[email("a@x.com"), device("d1")]),
+            set(&[device("d1")]),
+            set(&[email("b@x.com")]),
+            set(&[device("d1"), email("b@x.com")]),
+            set(&[email("a@x.com"), device("unknown")]),
+            set(&[email("a@x.com")]),
+        ];
+        let answers = c.lookup(&sets);
+        assert_eq!(
+            answers,
+            vec![
+                Some("p1".to_string()),
+                Some("p1".to_string()),
+                Some("p2".to_string()),
+                None,
+                None,
+                Some("p1".to_string()),
+            ]
+        );
+        // The same answers as one call per set.
+        let one_by_one: Vec<_> = sets.iter().map(|s| one(&c, s)).collect();
+        assert_eq!(answers, one_by_one);
     }
 
     #[test]
