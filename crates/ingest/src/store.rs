@@ -1,7 +1,8 @@
 //! Event storage: the [`EventStore`] trait and its two implementations.
 //!
 //! - [`PgEventStore`] (production): each batch is one transaction: `ingest_lookup` (its keys,
-//!   before the log lock), the log lock, the PL/pgSQL function `ingest_append_looked_up`
+//!   before the log lock; the service runs it beside the batch's BatchResolve through
+//!   [`EventStore::look_up_keys`] and hands the answer in with the [`CommitTurn`]), the log lock, the PL/pgSQL function `ingest_append_looked_up`
 //!   (migration 0003) called with the batch as arrays (`UNNEST` inside, never row by row),
 //!   then the producer's sequence and the batch result; over a native `sqlx::PgPool`, because
 //!   `sqlx::Any` cannot bind arrays. A [`CommitTurn`] lets one stream's next batch do its
@@ -163,7 +164,16 @@ pub struct CommitTurn {
     pub after: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Sent once this commit holds the log lock; dropped (releasing the next) if it fails first.
     pub locked: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The batch's keys already looked up by [`EventStore::look_up_keys`] (run beside the
+    /// batch's BatchResolve), so the commit skips its own lookup. Advisory like that lookup:
+    /// a key stored after it is still caught under the log lock.
+    pub looked_up: Option<LookedUpKeys>,
 }
+
+/// Keys the log remembers among a batch's, looked up ahead of its commit: (source, event_id)
+/// → (stored payload hash, stored profile id).
+#[derive(Debug, Default)]
+pub struct LookedUpKeys(HashMap<(String, String), (Vec<u8>, String)>);
 
 /// A page of a timeline.
 #[derive(Debug, Clone, Default)]
@@ -250,6 +260,12 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     }
     /// The `sqlx::Any` pool the shared reads below run on.
     fn database(&self) -> &Database;
+    /// Which of `keys` ((source, event_id)) the log remembers, read outside any commit so that
+    /// it can run beside the batch's identity resolution; `None` for stores whose commits look
+    /// up keys inside their own transaction (SQLite, one writer at a time).
+    async fn look_up_keys(&self, _keys: &[(&str, &str)]) -> StoreResult<Option<LookedUpKeys>> {
+        Ok(None)
+    }
     /// The producer's highest durable sequence (0 if none).
     async fn durable_sequence(&self, producer_id: &str) -> StoreResult<u64> {
         any_durable_sequence(self.database(), producer_id).await
@@ -960,7 +976,16 @@ impl EventStore for PgEventStore {
         // 0003). A key stored by another commit between this lookup and the lock is caught by
         // the append, which looks it up again under the lock.
         let mut found: Vec<i64> = Vec::new();
-        if !events.is_empty() {
+        if let Some(LookedUpKeys(mut known)) = turn.looked_up {
+            for (i, e) in events.iter().enumerate() {
+                if let Some((hash, profile)) = known.remove(&(e.source.clone(), e.event_id.clone()))
+                {
+                    let n = i64::try_from(i + 1).unwrap_or(i64::MAX);
+                    record_existing(&mut existing, n, hash, profile)?;
+                    found.push(n);
+                }
+            }
+        } else if !events.is_empty() {
             let rows = sqlx::query("SELECT o_n, o_hash, o_profile FROM ingest_lookup($1, $2)")
                 .bind(col(|e| &e.source))
                 .bind(col(|e| &e.event_id))
@@ -1099,6 +1124,29 @@ impl EventStore for PgEventStore {
 
     fn database(&self) -> &Database {
         &self.db
+    }
+
+    async fn look_up_keys(&self, keys: &[(&str, &str)]) -> StoreResult<Option<LookedUpKeys>> {
+        let mut known = HashMap::new();
+        if keys.is_empty() {
+            return Ok(Some(LookedUpKeys(known)));
+        }
+        let sources: Vec<&str> = keys.iter().map(|k| k.0).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.1).collect();
+        let rows: Vec<(i64, Vec<u8>, String)> =
+            sqlx::query_as("SELECT o_n, o_hash, o_profile FROM ingest_lookup($1, $2)")
+                .bind(&sources)
+                .bind(&ids)
+                .fetch_all(&self.pg)
+                .await?;
+        for (n, hash, profile) in rows {
+            let (source, id) = usize::try_from(n - 1)
+                .ok()
+                .and_then(|i| keys.get(i))
+                .ok_or_else(|| StoreError::Corrupt(format!("key lookup row {n}")))?;
+            known.insert((source.to_string(), id.to_string()), (hash, profile));
+        }
+        Ok(Some(LookedUpKeys(known)))
     }
 
     async fn ensure_positions_above(&self, position: i64) -> StoreResult<bool> {

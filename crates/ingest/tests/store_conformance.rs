@@ -325,6 +325,7 @@ async fn commits_in_turn_append_in_sequence_order(e: Engine) {
                 CommitTurn {
                     after: Some(second_after),
                     locked: None,
+                    looked_up: None,
                 },
             )
             .await
@@ -347,6 +348,7 @@ async fn commits_in_turn_append_in_sequence_order(e: Engine) {
                 CommitTurn {
                     after: Some(first_after),
                     locked: Some(first_locked),
+                    looked_up: None,
                 },
             )
             .await
@@ -386,6 +388,7 @@ async fn a_key_stored_after_the_lookup_is_still_a_duplicate(e: Engine) {
                 CommitTurn {
                     after: Some(first_after),
                     locked: Some(first_locked),
+                    looked_up: None,
                 },
             )
             .await
@@ -401,6 +404,7 @@ async fn a_key_stored_after_the_lookup_is_still_a_duplicate(e: Engine) {
                 CommitTurn {
                     after: Some(second_after),
                     locked: None,
+                    looked_up: None,
                 },
             )
             .await
@@ -428,6 +432,52 @@ async fn a_key_stored_after_the_lookup_is_still_a_duplicate(e: Engine) {
     let deltas = s.log_deltas_after(0, 10).await.unwrap();
     let counted: Vec<bool> = deltas.iter().map(|d| d.delta.is_some()).collect();
     assert_eq!(counted, vec![true, true, true, false]);
+}
+
+/// Keys looked up ahead of the commit (beside the batch's BatchResolve): the commit reports
+/// what that lookup found, and a key stored after it is still caught under the log lock.
+async fn keys_looked_up_ahead_count_like_the_commits_own_lookup(e: Engine) {
+    let (s, _d) = store(e).await;
+    s.commit(&[view("a", 1), view("b", 1)], None, T0)
+        .await
+        .unwrap();
+    let batch = [view("a", 1), view("b", 2), view("c", 1), view("d", 1)];
+    let keys: Vec<(&str, &str)> = batch
+        .iter()
+        .map(|e| (e.source.as_str(), e.event_id.as_str()))
+        .collect();
+    let looked_up = s.look_up_keys(&keys).await.unwrap();
+    assert_eq!(
+        looked_up.is_some(),
+        matches!(e, Engine::Postgres),
+        "only PostgreSQL looks keys up outside the commit"
+    );
+    // `c` is stored after the lookup (a resend racing its original).
+    s.commit(&[view("c", 1)], None, T0).await.unwrap();
+    let out = s
+        .commit_in_turn(
+            &batch,
+            None,
+            T0,
+            CommitTurn {
+                looked_up,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            Outcome::Duplicate(out_pid()),
+            Outcome::Conflict(out_pid()),
+            Outcome::Duplicate(out_pid()),
+            Outcome::Accepted,
+        ]
+    );
+    let log = s.log_after(0, 10).await.unwrap();
+    let ids: Vec<String> = log.iter().map(|r| event_id(&r.body)).collect();
+    assert_eq!(ids, vec!["a", "b", "c", "d"], "each event stored once");
 }
 
 fn event_id(body: &[u8]) -> String {
@@ -459,4 +509,5 @@ both!(
     the_log_follower_skips_no_event_under_concurrent_commits,
     commits_in_turn_append_in_sequence_order,
     a_key_stored_after_the_lookup_is_still_a_duplicate,
+    keys_looked_up_ahead_count_like_the_commits_own_lookup,
 );
