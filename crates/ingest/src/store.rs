@@ -1,12 +1,12 @@
 //! Event storage: the [`EventStore`] trait and its two implementations.
 //!
-//! - [`PgEventStore`] (production): each batch is one transaction: `ingest_lookup` (its keys,
-//!   before the log lock; the service runs it beside the batch's BatchResolve through
-//!   [`EventStore::look_up_keys`] and hands the answer in with the [`CommitTurn`]), the log lock, the PL/pgSQL function `ingest_append_looked_up`
-//!   (migration 0003) called with the batch as arrays (`UNNEST` inside, never row by row),
-//!   then the producer's sequence and the batch result; over a native `sqlx::PgPool`, because
-//!   `sqlx::Any` cannot bind arrays. A [`CommitTurn`] lets one stream's next batch do its
-//!   part before the lock while the previous batch holds it.
+//! - [`PgEventStore`] (production): `ingest_lookup` finds the batch's keys the log remembers
+//!   ([`EventStore::look_up_keys`], which the service runs beside the batch's BatchResolve and
+//!   hands in with the [`CommitTurn`]); then one transaction: the log lock, the PL/pgSQL
+//!   function `ingest_append_looked_up` (migration 0003) called with the batch as arrays
+//!   (`UNNEST` inside, never row by row), then the producer's sequence and the batch result;
+//!   over a native `sqlx::PgPool`, because `sqlx::Any` cannot bind arrays. A [`CommitTurn`]
+//!   lets one stream's next batch send its rows while the previous batch holds the lock.
 //! - [`SqliteEventStore`] (the embedded default): the same transaction, statement by
 //!   statement, behind one writer lock.
 //!
@@ -170,10 +170,10 @@ pub struct CommitTurn {
     pub looked_up: Option<LookedUpKeys>,
 }
 
-/// Keys the log remembers among a batch's, looked up ahead of its commit: (source, event_id)
-/// → (stored payload hash, stored profile id).
+/// The keys the log remembers among a batch's, looked up ahead of its commit: (source,
+/// event_id, stored payload hash, stored profile id) for each key found (usually none).
 #[derive(Debug, Default)]
-pub struct LookedUpKeys(HashMap<(String, String), (Vec<u8>, String)>);
+pub struct LookedUpKeys(Vec<(String, String, Vec<u8>, String)>);
 
 /// A page of a timeline.
 #[derive(Debug, Clone, Default)]
@@ -969,34 +969,38 @@ impl EventStore for PgEventStore {
             laps[i] = (t - lap).as_secs_f64() * 1e3;
             lap = t;
         };
-        let mut tx = self.pg.begin().await?;
+        // Before the lock: which keys the log already remembers ([`EventStore::look_up_keys`],
+        // usually run beside the batch's BatchResolve and handed in with the turn). A key stored
+        // by another commit after that lookup is caught by the append, which looks it up again
+        // under the lock.
+        let looked_up = match turn.looked_up {
+            Some(l) => l,
+            None => {
+                let keys: Vec<(&str, &str)> = events
+                    .iter()
+                    .map(|e| (e.source.as_str(), e.event_id.as_str()))
+                    .collect();
+                self.look_up_keys(&keys).await?.unwrap_or_default()
+            }
+        };
         let mut existing: Vec<Option<(Vec<u8>, String)>> = vec![None; events.len()];
-        let col = |f: fn(&NewEvent) -> &str| events.iter().map(f).collect::<Vec<_>>();
-        // Before the lock: which keys the log already remembers (`ingest_lookup`, migration
-        // 0003). A key stored by another commit between this lookup and the lock is caught by
-        // the append, which looks it up again under the lock.
-        let mut found: Vec<i64> = Vec::new();
-        if let Some(LookedUpKeys(mut known)) = turn.looked_up {
-            for (i, e) in events.iter().enumerate() {
-                if let Some((hash, profile)) = known.remove(&(e.source.clone(), e.event_id.clone()))
-                {
-                    let n = i64::try_from(i + 1).unwrap_or(i64::MAX);
+        let mut found: Vec<i64> = Vec::with_capacity(looked_up.0.len());
+        if !looked_up.0.is_empty() {
+            let position: HashMap<(&str, &str), usize> = events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| ((e.source.as_str(), e.event_id.as_str()), i + 1))
+                .collect();
+            for (source, event_id, hash, profile) in looked_up.0 {
+                if let Some(&n) = position.get(&(source.as_str(), event_id.as_str())) {
+                    let n = i64::try_from(n).unwrap_or(i64::MAX);
                     record_existing(&mut existing, n, hash, profile)?;
                     found.push(n);
                 }
             }
-        } else if !events.is_empty() {
-            let rows = sqlx::query("SELECT o_n, o_hash, o_profile FROM ingest_lookup($1, $2)")
-                .bind(col(|e| &e.source))
-                .bind(col(|e| &e.event_id))
-                .fetch_all(&mut *tx)
-                .await?;
-            for r in rows {
-                let n: i64 = r.try_get(0)?;
-                record_existing(&mut existing, n, r.try_get(1)?, r.try_get(2)?)?;
-                found.push(n);
-            }
         }
+        let mut tx = self.pg.begin().await?;
+        let col = |f: fn(&NewEvent) -> &str| events.iter().map(f).collect::<Vec<_>>();
         mark_lap(0);
         if let Some(after) = turn.after {
             let _ = after.await;
@@ -1127,7 +1131,7 @@ impl EventStore for PgEventStore {
     }
 
     async fn look_up_keys(&self, keys: &[(&str, &str)]) -> StoreResult<Option<LookedUpKeys>> {
-        let mut known = HashMap::new();
+        let mut known = Vec::new();
         if keys.is_empty() {
             return Ok(Some(LookedUpKeys(known)));
         }
@@ -1144,7 +1148,7 @@ impl EventStore for PgEventStore {
                 .ok()
                 .and_then(|i| keys.get(i))
                 .ok_or_else(|| StoreError::Corrupt(format!("key lookup row {n}")))?;
-            known.insert((source.to_string(), id.to_string()), (hash, profile));
+            known.push((source.to_string(), id.to_string(), hash, profile));
         }
         Ok(Some(LookedUpKeys(known)))
     }
