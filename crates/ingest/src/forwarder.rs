@@ -8,12 +8,16 @@
 //! ProfileService counts a redelivered page (a crash between its apply and the cursor's move)
 //! by one stored position per log instead of one key row per delta; `seq` never goes back
 //! (a sequence: pruning only forgets dedup keys, erasure deletes rows without reusing their
-//! numbers). Refunds that waited in the outbox for their order, and parked refused deltas, are
-//! delivered from there by key (ApplyAggregates ignores a repeated idempotency key) and
-//! deleted once confirmed. Also prunes expired dedup keys and stream results.
+//! numbers). Since the positions make redelivery harmless, the cursor is cheap to keep: it is
+//! read with its page in one statement and moved without waiting for the WAL flush on
+//! PostgreSQL ([`EventStore::advance_feed`]). Refunds that waited in the outbox for their
+//! order, and parked refused deltas, are delivered from there by key (ApplyAggregates ignores a
+//! repeated idempotency key) and deleted once confirmed; the outbox is looked at once the log
+//! is caught up, and at least every [`OUTBOX_EVERY`] while it is not. Also prunes expired
+//! dedup keys and stream results.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clientele_proto::v1 as pb;
 use prost::Message;
@@ -31,7 +35,14 @@ pub struct Forwarder {
     batch: i64,
     /// This log's feed identity, read once.
     feed: Arc<OnceCell<String>>,
+    /// When the outbox was last looked at: while the log has pages to deliver it is looked at
+    /// once per [`OUTBOX_EVERY`], not before every page.
+    outbox_checked: Arc<Mutex<Option<Instant>>>,
 }
+
+/// How often the outbox (refunds whose order arrived, parked deltas) is looked at while the
+/// log keeps the forwarder busy; it is always looked at once the log is caught up.
+const OUTBOX_EVERY: Duration = Duration::from_secs(1);
 
 impl Forwarder {
     /// A forwarder sending up to `batch` deltas per call.
@@ -41,6 +52,7 @@ impl Forwarder {
             profiles,
             batch: i64::from(batch.clamp(1, 1000)),
             feed: Arc::new(OnceCell::new()),
+            outbox_checked: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -53,17 +65,33 @@ impl Forwarder {
         Ok(feed.as_str())
     }
 
-    /// Delivers one batch of deliverable outbox rows and one page of the log after the
-    /// cursor; returns how many rows it settled (0 when both are caught up). Fails, leaving
-    /// the rows and the cursor in place, when ProfileService is unreachable.
+    /// Delivers one page of the log after the cursor and, when the log is caught up or the
+    /// outbox was not looked at for [`OUTBOX_EVERY`], one batch of deliverable outbox rows;
+    /// returns how many rows it settled (0 when both are caught up). Fails, leaving the rows
+    /// and the cursor in place, when ProfileService is unreachable.
     pub async fn run_once(&self) -> Result<usize, Status> {
-        Ok(self.outbox_once().await? + self.log_once().await?)
+        let logged = self.log_once().await?;
+        let outbox_due = logged == 0
+            || self
+                .outbox_checked
+                .lock()
+                .map_or(true, |t| t.is_none_or(|t| t.elapsed() >= OUTBOX_EVERY));
+        if !outbox_due {
+            return Ok(logged);
+        }
+        let settled = self.outbox_once().await?;
+        if let Ok(mut t) = self.outbox_checked.lock() {
+            *t = Some(Instant::now());
+        }
+        Ok(logged + settled)
     }
 
-    /// One page of the log after the stored cursor.
+    /// One page of the log after the cursor.
     async fn log_once(&self) -> Result<usize, Status> {
-        let at = self.store.feed_position(AGGREGATES_FEED).await?;
-        let page = self.store.log_deltas_after(at, self.batch).await?;
+        let (at, page) = self
+            .store
+            .log_deltas_after_cursor(AGGREGATES_FEED, self.batch)
+            .await?;
         let Some(last) = page.last().map(|r| r.seq) else {
             return Ok(0);
         };

@@ -295,8 +295,22 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     async fn log_deltas_after(&self, after: i64, limit: i64) -> StoreResult<Vec<LogDelta>> {
         any_log_deltas_after(self.database(), after, limit).await
     }
+    /// Feed `feed`'s stored position and up to `limit` log records after it with their
+    /// aggregate deltas, in log order, read together (the forwarder's page: one round trip on
+    /// PostgreSQL).
+    async fn log_deltas_after_cursor(
+        &self,
+        feed: &str,
+        limit: i64,
+    ) -> StoreResult<(i64, Vec<LogDelta>)> {
+        let at = self.feed_position(feed).await?;
+        Ok((at, self.log_deltas_after(at, limit).await?))
+    }
     /// Moves feed `feed`'s stored position from `expected` to `position`; fails with
-    /// [`StoreError::CursorMoved`], writing nothing, when it is no longer `expected`.
+    /// [`StoreError::CursorMoved`], writing nothing, when it is no longer `expected`. The move
+    /// may be lost in a crash (PostgreSQL commits it without waiting for the WAL flush), so use
+    /// it only for a feed whose consumer ignores a redelivered page (the aggregates feed:
+    /// ProfileService's feed positions).
     async fn advance_feed(
         &self,
         feed: &str,
@@ -1170,6 +1184,70 @@ impl EventStore for PgEventStore {
         .await?;
         tx.commit().await?;
         Ok(moved.is_some())
+    }
+
+    /// The forwarder's cursor move in one round trip, committed without waiting for the WAL
+    /// flush (`synchronous_commit = off` for this transaction only): a move lost in a crash
+    /// only makes the forwarder deliver that page again, which ProfileService ignores by the
+    /// page's feed positions, so it need not cost an fsync per page.
+    async fn advance_feed(
+        &self,
+        feed: &str,
+        expected: i64,
+        position: i64,
+        now: i64,
+    ) -> StoreResult<()> {
+        if expected == 0 {
+            sqlx::query(
+                "INSERT INTO feed_cursors (feed, position, updated_at) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(feed)
+            .bind(now)
+            .execute(&self.pg)
+            .await?;
+        }
+        // One statement, its own transaction: the `set_config` (local to that transaction,
+        // evaluated once as an init plan) is in force when it commits.
+        let moved = sqlx::query(
+            "UPDATE feed_cursors SET position = $1, updated_at = $2 WHERE feed = $3 AND position = $4 \
+             AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'",
+        )
+        .bind(position)
+        .bind(now)
+        .bind(feed)
+        .bind(expected)
+        .execute(&self.pg)
+        .await?
+        .rows_affected();
+        if moved != 1 {
+            return Err(StoreError::CursorMoved(feed.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn log_deltas_after_cursor(
+        &self,
+        feed: &str,
+        limit: i64,
+    ) -> StoreResult<(i64, Vec<LogDelta>)> {
+        // One statement, one snapshot: the cursor, then the page after it (a row with a NULL
+        // `seq` when the log has nothing after the cursor).
+        let rows: Vec<(i64, Option<i64>, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT c.position, e.seq, e.delta \
+             FROM (SELECT COALESCE((SELECT position FROM feed_cursors WHERE feed = $1), 0) AS position) c \
+             LEFT JOIN LATERAL (SELECT seq, delta FROM events WHERE seq > c.position ORDER BY seq LIMIT $2) e ON true",
+        )
+        .bind(feed)
+        .bind(limit)
+        .fetch_all(&self.pg)
+        .await?;
+        let at = rows.first().map_or(0, |r| r.0);
+        Ok((
+            at,
+            rows.into_iter()
+                .filter_map(|(_, seq, delta)| seq.map(|seq| LogDelta { seq, delta }))
+                .collect(),
+        ))
     }
 
     /// The forwarder's page read on the native pool: typed rows, without the `Any` driver's

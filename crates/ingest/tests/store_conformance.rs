@@ -488,6 +488,52 @@ fn out_pid() -> String {
     "00000000-0000-0000-0000-000000000001".to_string()
 }
 
+/// The forwarder reads its cursor and the page after it together, and moves the cursor only
+/// from where it read it: a page another replica already moved past is not moved back.
+async fn the_forwarders_page_starts_at_its_stored_cursor(e: Engine) {
+    use clientele_ingest::store::AGGREGATES_FEED;
+    let (s, _d) = store(e).await;
+    // A new log: the cursor is 0 and there is nothing after it.
+    let (at, page) = s
+        .log_deltas_after_cursor(AGGREGATES_FEED, 10)
+        .await
+        .unwrap();
+    assert_eq!((at, page.len()), (0, 0));
+    let batch: Vec<NewEvent> = (0..5).map(|i| view(&format!("c{i}"), 1)).collect();
+    s.commit(&batch, None, T0).await.unwrap();
+    let (at, page) = s.log_deltas_after_cursor(AGGREGATES_FEED, 3).await.unwrap();
+    assert_eq!((at, page.len()), (0, 3));
+    let third = page[2].seq;
+    s.advance_feed(AGGREGATES_FEED, 0, third, T0).await.unwrap();
+    let (at, page) = s
+        .log_deltas_after_cursor(AGGREGATES_FEED, 10)
+        .await
+        .unwrap();
+    assert_eq!(at, third);
+    let keys: Vec<String> = page
+        .iter()
+        .map(|r| {
+            pb::AggregateDelta::decode(r.delta.as_deref().unwrap())
+                .unwrap()
+                .idempotency_key
+        })
+        .collect();
+    assert_eq!(keys, ["web/c3", "web/c4"]);
+    // A second forwarder that read the cursor at 0 cannot move it: nothing is written.
+    let stale = s.advance_feed(AGGREGATES_FEED, 0, page[1].seq, T0).await;
+    assert!(matches!(stale, Err(StoreError::CursorMoved(_))));
+    assert_eq!(s.feed_position(AGGREGATES_FEED).await.unwrap(), third);
+    // The cursor's move is visible at once to every reader.
+    s.advance_feed(AGGREGATES_FEED, third, page[1].seq, T0)
+        .await
+        .unwrap();
+    let (at, page) = s
+        .log_deltas_after_cursor(AGGREGATES_FEED, 10)
+        .await
+        .unwrap();
+    assert_eq!((at, page.len()), (s.log_end().await.unwrap(), 0));
+}
+
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -510,4 +556,5 @@ both!(
     commits_in_turn_append_in_sequence_order,
     a_key_stored_after_the_lookup_is_still_a_duplicate,
     keys_looked_up_ahead_count_like_the_commits_own_lookup,
+    the_forwarders_page_starts_at_its_stored_cursor,
 );
