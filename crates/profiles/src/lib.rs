@@ -6,7 +6,9 @@
 //! - [`store`]: the [`store::ProfileStore`] trait and its SQL implementation for PostgreSQL and
 //!   SQLite.
 //! - [`service`]: the tonic service, request validation and the read-through cache.
+//! - [`change_signal`]: wakes `WatchChanges` streams by the kinds of this process's writes.
 
+pub mod change_signal;
 pub mod identifiers;
 pub mod model;
 pub mod service;

@@ -17,6 +17,7 @@ use prost::Message;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::change_signal::{ChangeSignal, KindSet};
 use crate::identifiers::{IdentifierHasher, IdentifierKey, MAX_SET_SIZE};
 use crate::model::{AggregateDelta, ConsentRecord, ProfileRecord, TraitValue};
 use crate::store::{ProfileStore, StoreError};
@@ -74,7 +75,7 @@ pub struct ProfileServiceImpl {
     store: Arc<dyn ProfileStore>,
     hasher: IdentifierHasher,
     cache: Arc<dyn VersionedCache>,
-    changed: Arc<tokio::sync::Notify>,
+    changed: Arc<ChangeSignal>,
 }
 
 fn parse_profile_id(field: &str, id: &str) -> Result<String, Status> {
@@ -193,7 +194,7 @@ impl ProfileServiceImpl {
             store,
             hasher,
             cache,
-            changed: Arc::new(tokio::sync::Notify::new()),
+            changed: Arc::new(ChangeSignal::default()),
         }
     }
 
@@ -261,7 +262,7 @@ impl ProfileServiceImpl {
         );
         if let Some(v) = out.version {
             self.cache.invalidate(&out.profile_id, v).await;
-            self.changed.notify_waiters();
+            self.changed.wrote(KindSet::ALL);
         }
         for m in &out.merged {
             self.cache.invalidate(m, i64::MAX).await;
@@ -285,7 +286,7 @@ impl ProfileServiceImpl {
 
     async fn after_write(&self, record: &ProfileRecord) {
         self.cache.invalidate(&record.id, record.version).await;
-        self.changed.notify_waiters();
+        self.changed.wrote(KindSet::ALL);
     }
 }
 
@@ -375,7 +376,16 @@ impl ProfileService for ProfileServiceImpl {
         let merges = outcomes.iter().map(|o| o.merged.len()).sum::<usize>();
         self.cache.invalidate_many(&stale).await;
         if !stale.is_empty() {
-            self.changed.notify_waiters();
+            // The feed rows this call wrote: CREATED for a new profile, MERGED for a set that
+            // merged, UPDATED otherwise (the store's `plan_many`).
+            let mut kinds = vec![pb::ProfileChangeKind::Updated];
+            if outcomes.iter().any(|o| o.created) {
+                kinds.push(pb::ProfileChangeKind::Created);
+            }
+            if merges > 0 {
+                kinds.push(pb::ProfileChangeKind::Merged);
+            }
+            self.changed.wrote(KindSet::of(&kinds));
         }
         let mut resolved: Vec<pb::ResolveResponse> = known
             .into_iter()
@@ -689,7 +699,9 @@ impl ProfileService for ProfileServiceImpl {
         // Up to 500 profiles per call: one script call on Redis.
         self.cache.invalidate_many(&out.touched).await;
         if !out.touched.is_empty() {
-            self.changed.notify_waiters();
+            // The fold writes UPDATED rows only: streams for other kinds sleep on.
+            self.changed
+                .wrote(KindSet::of(&[pb::ProfileChangeKind::Updated]));
         }
         tracing::debug!(
             deltas = deltas.len(),
@@ -723,7 +735,7 @@ impl ProfileService for ProfileServiceImpl {
         for pid in &out.profile_ids {
             self.cache.invalidate(pid, i64::MAX).await;
         }
-        self.changed.notify_waiters();
+        self.changed.wrote(KindSet::ALL);
         tracing::info!(profile_id = %id, identifiers = out.identifiers_tombstoned, "profile erased");
         Ok(Response::new(pb::EraseProfileResponse {
             identifiers_tombstoned: out.identifiers_tombstoned,
@@ -789,12 +801,12 @@ impl ProfileService for ProfileServiceImpl {
             }
         }
         let store = self.store.clone();
-        let changed = self.changed.clone();
+        let mut written = self.changed.waiter(KindSet::of_filter(&kinds));
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             loop {
-                // Register interest before reading, so a change committed meanwhile wakes us.
-                let notified = changed.notified();
+                // Forget earlier writes before reading, so a change committed meanwhile wakes us.
+                written.mark_read();
                 // Few rows of a filtered page come back: look at more per read.
                 let limit = if kinds.is_empty() { 500 } else { 5000 };
                 let (batch, reached) =
@@ -833,7 +845,7 @@ impl ProfileService for ProfileServiceImpl {
                 if empty {
                     // Other replicas write too: poll at least every 500 ms.
                     tokio::select! {
-                        () = notified => {},
+                        () = written.written() => {},
                         () = tokio::time::sleep(Duration::from_millis(500)) => {},
                         () = tx.closed() => return,
                     }
