@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
 use clientele_proto::v1 as pb;
-use clientele_runtime::db::Database;
+use clientele_runtime::db::{Backend, Database};
 use prost::Message;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool};
@@ -835,16 +835,25 @@ async fn any_advance_feed(
     position: i64,
     now: i64,
 ) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO feed_cursors (feed, position, updated_at) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(feed)
-    .bind(now)
-    .execute(&db.pool)
-    .await?;
-    let moved = sqlx::query(
-        "UPDATE feed_cursors SET position = $1, updated_at = $2 WHERE feed = $3 AND position = $4",
-    )
+    if expected == 0 {
+        sqlx::query(
+            "INSERT INTO feed_cursors (feed, position, updated_at) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(feed)
+        .bind(now)
+        .execute(&db.pool)
+        .await?;
+    }
+    // On PostgreSQL the move commits without waiting for the WAL flush: one statement, its
+    // own transaction, and the `set_config` (local to that transaction, evaluated once as an
+    // init plan) is in force when it commits. A move lost in a crash only resends a page.
+    let unflushed = match db.backend {
+        Backend::Postgres => " AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'",
+        Backend::Sqlite => "",
+    };
+    let moved = sqlx::query(&format!(
+        "UPDATE feed_cursors SET position = $1, updated_at = $2 WHERE feed = $3 AND position = $4{unflushed}"
+    ))
     .bind(position)
     .bind(now)
     .bind(feed)
@@ -1184,45 +1193,6 @@ impl EventStore for PgEventStore {
         .await?;
         tx.commit().await?;
         Ok(moved.is_some())
-    }
-
-    /// The forwarder's cursor move in one round trip, committed without waiting for the WAL
-    /// flush (`synchronous_commit = off` for this transaction only): a move lost in a crash
-    /// only makes the forwarder deliver that page again, which ProfileService ignores by the
-    /// page's feed positions, so it need not cost an fsync per page.
-    async fn advance_feed(
-        &self,
-        feed: &str,
-        expected: i64,
-        position: i64,
-        now: i64,
-    ) -> StoreResult<()> {
-        if expected == 0 {
-            sqlx::query(
-                "INSERT INTO feed_cursors (feed, position, updated_at) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
-            )
-            .bind(feed)
-            .bind(now)
-            .execute(&self.pg)
-            .await?;
-        }
-        // One statement, its own transaction: the `set_config` (local to that transaction,
-        // evaluated once as an init plan) is in force when it commits.
-        let moved = sqlx::query(
-            "UPDATE feed_cursors SET position = $1, updated_at = $2 WHERE feed = $3 AND position = $4 \
-             AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'",
-        )
-        .bind(position)
-        .bind(now)
-        .bind(feed)
-        .bind(expected)
-        .execute(&self.pg)
-        .await?
-        .rows_affected();
-        if moved != 1 {
-            return Err(StoreError::CursorMoved(feed.to_string()));
-        }
-        Ok(())
     }
 
     async fn log_deltas_after_cursor(
