@@ -112,7 +112,20 @@ impl Forwarder {
         }
         if !deltas.is_empty() {
             let feed = self.feed().await?.to_string();
-            self.deliver(feed, deltas, |d| {
+            // The page's deltas again, for the one-by-one path after a refusal (the
+            // undecodable ones are parked above already).
+            let again = || {
+                page.iter()
+                    .filter_map(|r| {
+                        let d = pb::AggregateDelta::decode(r.delta.as_deref()?).ok()?;
+                        Some(pb::AggregateDelta {
+                            feed_position: r.seq,
+                            ..d
+                        })
+                    })
+                    .collect()
+            };
+            self.deliver(feed, deltas, again, |d| {
                 let store = self.store.clone();
                 async move {
                     // Parked deltas go out again from the outbox by key, without a position.
@@ -140,14 +153,18 @@ impl Forwarder {
     }
 
     /// Sends `deltas` (positioned in feed `feed`) in one call; when ProfileService refuses the
-    /// call as invalid, sends them one by one and hands each refused delta to `refused`.
-    async fn deliver<F, Fut>(
+    /// call as invalid, sends them one by one (as `again` makes them once more: the call took
+    /// the page's copy, which is not cloned on the way out) and hands each refused delta to
+    /// `refused`.
+    async fn deliver<A, F, Fut>(
         &self,
         feed: String,
         deltas: Vec<pb::AggregateDelta>,
+        again: A,
         refused: F,
     ) -> Result<(), Status>
     where
+        A: FnOnce() -> Vec<pb::AggregateDelta>,
         F: Fn(pb::AggregateDelta) -> Fut,
         Fut: std::future::Future<Output = Result<(), Status>>,
     {
@@ -156,7 +173,7 @@ impl Forwarder {
         let n = deltas.len();
         let sent = client
             .apply_aggregates(pb::ApplyAggregatesRequest {
-                deltas: deltas.clone(),
+                deltas,
                 feed: feed.clone(),
             })
             .await;
@@ -169,7 +186,7 @@ impl Forwarder {
             Ok(_) => Ok(()),
             Err(s) if s.code() == tonic::Code::InvalidArgument => {
                 // One bad delta must not block the rest: deliver one by one, park refusals.
-                for d in deltas {
+                for d in again() {
                     match client
                         .apply_aggregates(pb::ApplyAggregatesRequest {
                             deltas: vec![d.clone()],
