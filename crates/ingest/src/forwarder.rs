@@ -10,7 +10,7 @@
 //! (a sequence: pruning only forgets dedup keys, erasure deletes rows without reusing their
 //! numbers). Since the positions make redelivery harmless, the cursor is cheap to keep: it is
 //! read with its page in one statement and moved without waiting for the WAL flush on
-//! PostgreSQL ([`EventStore::advance_feed`]). Refunds that waited in the outbox for their
+//! PostgreSQL ([`EventStore::advance_redeliverable_feed`]). Refunds that waited in the outbox for their
 //! order, and parked refused deltas, are delivered from there by key (ApplyAggregates ignores a
 //! repeated idempotency key) and deleted once confirmed; the outbox is looked at once the log
 //! is caught up, and at least every [`OUTBOX_EVERY`] while it is not. Also prunes expired
@@ -143,7 +143,7 @@ impl Forwarder {
         }
         match self
             .store
-            .advance_feed(AGGREGATES_FEED, at, last, now)
+            .advance_redeliverable_feed(AGGREGATES_FEED, at, last, now)
             .await
         {
             // Another replica delivered the same page first: nothing is lost.

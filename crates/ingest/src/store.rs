@@ -308,17 +308,18 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     }
     /// Moves feed `feed`'s stored position from `expected` to `position`; fails with
     /// [`StoreError::CursorMoved`], writing nothing, when it is no longer `expected`. The move
-    /// may be lost in a crash (PostgreSQL commits it without waiting for the WAL flush), so use
-    /// it only for a feed whose consumer ignores a redelivered page (the aggregates feed:
-    /// ProfileService's feed positions).
-    async fn advance_feed(
+    /// may be lost in a crash (PostgreSQL commits it without waiting for the WAL flush), hence
+    /// the name: only for a feed whose consumer ignores a redelivered page (the aggregates
+    /// feed, by ProfileService's feed positions). A cursor that must survive a crash is moved
+    /// in the transaction of its effect instead (as [`EventStore::apply_profile_changes`]).
+    async fn advance_redeliverable_feed(
         &self,
         feed: &str,
         expected: i64,
         position: i64,
         now: i64,
     ) -> StoreResult<()> {
-        any_advance_feed(self.database(), feed, expected, position, now).await
+        any_advance_redeliverable_feed(self.database(), feed, expected, position, now).await
     }
     /// Parks a log delta that ProfileService refused as invalid (an outbox row with ready 2).
     async fn park(&self, key: &str, delta: &[u8], now: i64) -> StoreResult<()> {
@@ -828,7 +829,7 @@ async fn any_log_deltas_after(db: &Database, after: i64, limit: i64) -> StoreRes
         .collect()
 }
 
-async fn any_advance_feed(
+async fn any_advance_redeliverable_feed(
     db: &Database,
     feed: &str,
     expected: i64,
@@ -1218,21 +1219,6 @@ impl EventStore for PgEventStore {
                 .filter_map(|(_, seq, delta)| seq.map(|seq| LogDelta { seq, delta }))
                 .collect(),
         ))
-    }
-
-    /// The forwarder's page read on the native pool: typed rows, without the `Any` driver's
-    /// per-row conversion (it reads every event the log takes).
-    async fn log_deltas_after(&self, after: i64, limit: i64) -> StoreResult<Vec<LogDelta>> {
-        let rows: Vec<(i64, Option<Vec<u8>>)> =
-            sqlx::query_as("SELECT seq, delta FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
-                .bind(after)
-                .bind(limit)
-                .fetch_all(&self.pg)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(seq, delta)| LogDelta { seq, delta })
-            .collect())
     }
 
     async fn apply_profile_changes(

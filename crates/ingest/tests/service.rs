@@ -792,7 +792,7 @@ async fn the_log_is_delivered_by_position_and_a_redelivered_page_counts_once(e: 
     // event behind it
     let end = store.log_end().await.unwrap();
     store
-        .advance_feed(AGGREGATES_FEED, end, before, 1)
+        .advance_redeliverable_feed(AGGREGATES_FEED, end, before, 1)
         .await
         .unwrap();
     ingest(vec![page_view("p4", "c-pos", "https://shop/b")]).await;

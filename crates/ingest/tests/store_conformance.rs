@@ -504,7 +504,9 @@ async fn the_forwarders_page_starts_at_its_stored_cursor(e: Engine) {
     let (at, page) = s.log_deltas_after_cursor(AGGREGATES_FEED, 3).await.unwrap();
     assert_eq!((at, page.len()), (0, 3));
     let third = page[2].seq;
-    s.advance_feed(AGGREGATES_FEED, 0, third, T0).await.unwrap();
+    s.advance_redeliverable_feed(AGGREGATES_FEED, 0, third, T0)
+        .await
+        .unwrap();
     let (at, page) = s
         .log_deltas_after_cursor(AGGREGATES_FEED, 10)
         .await
@@ -520,11 +522,13 @@ async fn the_forwarders_page_starts_at_its_stored_cursor(e: Engine) {
         .collect();
     assert_eq!(keys, ["web/c3", "web/c4"]);
     // A second forwarder that read the cursor at 0 cannot move it: nothing is written.
-    let stale = s.advance_feed(AGGREGATES_FEED, 0, page[1].seq, T0).await;
+    let stale = s
+        .advance_redeliverable_feed(AGGREGATES_FEED, 0, page[1].seq, T0)
+        .await;
     assert!(matches!(stale, Err(StoreError::CursorMoved(_))));
     assert_eq!(s.feed_position(AGGREGATES_FEED).await.unwrap(), third);
     // The cursor's move is visible at once to every reader.
-    s.advance_feed(AGGREGATES_FEED, third, page[1].seq, T0)
+    s.advance_redeliverable_feed(AGGREGATES_FEED, third, page[1].seq, T0)
         .await
         .unwrap();
     let (at, page) = s
