@@ -493,24 +493,31 @@ fn out_pid() -> String {
 async fn the_forwarders_page_starts_at_its_stored_cursor(e: Engine) {
     use clientele_ingest::store::AGGREGATES_FEED;
     let (s, _d) = store(e).await;
+    let page_of = |limit: i64| {
+        let s = s.clone();
+        async move {
+            s.log_deltas_after_cursor(AGGREGATES_FEED, limit)
+                .await
+                .unwrap()
+        }
+    };
+    let advance = |from: i64, to: i64| {
+        let s = s.clone();
+        async move {
+            s.advance_redeliverable_feed(AGGREGATES_FEED, from, to, T0)
+                .await
+        }
+    };
     // A new log: the cursor is 0 and there is nothing after it.
-    let (at, page) = s
-        .log_deltas_after_cursor(AGGREGATES_FEED, 10)
-        .await
-        .unwrap();
+    let (at, page) = page_of(10).await;
     assert_eq!((at, page.len()), (0, 0));
     let batch: Vec<NewEvent> = (0..5).map(|i| view(&format!("c{i}"), 1)).collect();
     s.commit(&batch, None, T0).await.unwrap();
-    let (at, page) = s.log_deltas_after_cursor(AGGREGATES_FEED, 3).await.unwrap();
+    let (at, page) = page_of(3).await;
     assert_eq!((at, page.len()), (0, 3));
     let third = page[2].seq;
-    s.advance_redeliverable_feed(AGGREGATES_FEED, 0, third, T0)
-        .await
-        .unwrap();
-    let (at, page) = s
-        .log_deltas_after_cursor(AGGREGATES_FEED, 10)
-        .await
-        .unwrap();
+    advance(0, third).await.unwrap();
+    let (at, page) = page_of(10).await;
     assert_eq!(at, third);
     let keys: Vec<String> = page
         .iter()
@@ -522,19 +529,12 @@ async fn the_forwarders_page_starts_at_its_stored_cursor(e: Engine) {
         .collect();
     assert_eq!(keys, ["web/c3", "web/c4"]);
     // A second forwarder that read the cursor at 0 cannot move it: nothing is written.
-    let stale = s
-        .advance_redeliverable_feed(AGGREGATES_FEED, 0, page[1].seq, T0)
-        .await;
+    let stale = advance(0, page[1].seq).await;
     assert!(matches!(stale, Err(StoreError::CursorMoved(_))));
     assert_eq!(s.feed_position(AGGREGATES_FEED).await.unwrap(), third);
     // The cursor's move is visible at once to every reader.
-    s.advance_redeliverable_feed(AGGREGATES_FEED, third, page[1].seq, T0)
-        .await
-        .unwrap();
-    let (at, page) = s
-        .log_deltas_after_cursor(AGGREGATES_FEED, 10)
-        .await
-        .unwrap();
+    advance(third, page[1].seq).await.unwrap();
+    let (at, page) = page_of(10).await;
     assert_eq!((at, page.len()), (s.log_end().await.unwrap(), 0));
 }
 
