@@ -60,10 +60,21 @@ def ingest_cpu_rows(r):
 def describe(r):
     """Table lines (lists of cells) for one JSON row of any suite."""
     suite, name = r.get("suite", ""), r.get("benchmark", "")
+    if suite == "ingest" and "events_per_sec" in r and r.get("scenario"):
+        # A run beside the main one: its rate, latency and how far the aggregates trailed.
+        return [
+            [suite, f"IngestStream, {r['scenario']} ({r.get('events', 0):,} events; aggregates "
+             f"applied {r.get('aggregates_lag_secs', 0):.1f} s after the last ack)",
+             f"{fmt(r['events_per_sec'], 1)} events/s", fmt(r.get("ack_p50_ms"), 1),
+             fmt(r.get("ack_p99_ms"), 1), fmt(r.get("ratio_to_copy")),
+             "raw PostgreSQL COPY of the same events"],
+        ]
     if suite == "ingest" and "events_per_sec" in r:
         return [
             [suite, f"IngestStream end to end ({r.get('events', 0):,} events, peak RSS "
-             f"{r.get('peak_rss_mb', 0):.0f} MB)", f"{fmt(r['events_per_sec'], 1)} events/s",
+             f"{r.get('peak_rss_mb', 0):.0f} MB; aggregates applied "
+             f"{r.get('aggregates_lag_secs', 0):.1f} s after the last ack)",
+             f"{fmt(r['events_per_sec'], 1)} events/s",
              fmt(r.get("ack_p50_ms"), 1), fmt(r.get("ack_p99_ms"), 1), fmt(r.get("ratio_to_copy")),
              "raw PostgreSQL COPY of the same events"],
             [suite, "raw PostgreSQL COPY, same events", f"{fmt(r.get('copy_rows_per_sec'), 1)} rows/s",
@@ -108,7 +119,7 @@ def main() -> int:
             out.append("| " + " | ".join(line) + " |")
         for g in r.get("goals") or []:
             goals[(r.get("suite", ""), g["goal"])] = g["status"]
-        if r.get("suite") == "ingest" and "ratio_to_copy" in r:
+        if r.get("suite") == "ingest" and "ratio_to_copy" in r and not r.get("scenario"):
             goals[("ingest", "events/s ≥ 0.6 × raw COPY (measured %.2f)" % r["ratio_to_copy"])] = (
                 "PASS" if r["ratio_to_copy"] >= 0.6 else "MISS")
             goals[("ingest", "p99 acknowledgement < 50 ms (measured %.1f ms)" % r["ack_p99_ms"])] = (
