@@ -173,25 +173,24 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 
-want ingest && CLIENTELE_TOKEN="$token" "$bin/clientele-bench" ingest \
-  --endpoint "http://127.0.0.1:$ingest_port" \
-  --database-url "$bench_url" \
-  --server-pid "$ingest_pid" \
-  --profiles-pid "$server_pid" \
-  --json-out "$json_out" \
-  ${BENCH_INGEST_ARGS:-}
-# The same servers again with ten times the customers over a shorter history: fewer events per
-# customer per page, so the aggregates fold has less to coalesce. Reported beside the main run
-# (rate, latency, how long after the last acknowledgement the aggregates had all arrived); the
-# issue's goals are judged on the main run. BENCH_INGEST_MANY=0 skips it.
-if want ingest && [ "${BENCH_INGEST_MANY:-1}" != 0 ]; then
+# One `clientele-bench ingest` run against the servers above; extra arguments are its own.
+ingest_bench() {
   CLIENTELE_TOKEN="$token" "$bin/clientele-bench" ingest \
     --endpoint "http://127.0.0.1:$ingest_port" \
     --database-url "$bench_url" \
     --server-pid "$ingest_pid" \
     --profiles-pid "$server_pid" \
     --json-out "$json_out" \
-    --customers 30000 --days 40 --seed 43 --scenario "30,000 customers"
+    "$@"
+}
+# shellcheck disable=SC2086 # BENCH_INGEST_ARGS is a list of arguments
+want ingest && ingest_bench ${BENCH_INGEST_ARGS:-}
+# The same servers again with ten times the customers over a shorter history: fewer events per
+# customer per page, so the aggregates fold has less to coalesce. Reported beside the main run
+# (rate, latency, how long after the last acknowledgement the aggregates had all arrived); the
+# issue's goals are judged on the main run. BENCH_INGEST_MANY=0 skips it.
+if want ingest && [ "${BENCH_INGEST_MANY:-1}" != 0 ]; then
+  ingest_bench --customers 30000 --days 40 --seed 43 --scenario "30,000 customers"
 fi
 
 # --- experiments (clientele-bench assign) -----------------------------------------------------
