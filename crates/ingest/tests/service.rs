@@ -23,7 +23,60 @@ both!(
     a_delta_profiles_refuses_is_parked_and_the_rest_delivered,
     the_log_is_delivered_by_position_and_a_redelivered_page_counts_once,
     a_log_restored_to_an_older_point_still_counts_new_events,
+    a_backlog_of_several_full_pages_is_counted_once,
 );
+
+/// The forwarder's default page is as large as ProfileService takes in one ApplyAggregates
+/// call: larger, every page would be refused; smaller, a forwarder that is behind would fold
+/// fewer deltas per profile row than it could.
+#[test]
+fn the_default_forward_page_is_profile_services_limit() {
+    let settings = clientele_runtime::settings::IngestSettings::default();
+    assert_eq!(
+        usize::try_from(settings.forward_batch_size).unwrap(),
+        clientele_profiles::service::MAX_DELTAS
+    );
+}
+
+/// A forwarder that is behind (2,300 events logged before it runs) delivers full pages of the
+/// default size and a last short one; each event counts once.
+async fn a_backlog_of_several_full_pages_is_counted_once(e: Engine) {
+    use clientele_ingest::store::AGGREGATES_FEED;
+    let s = serve(e).await;
+    let mut c = s.client();
+    for b in 0..5 {
+        let events = (0..460)
+            .map(|i| page_view(&format!("bk-{b}-{i}"), "c-backlog", "https://shop/x"))
+            .collect();
+        let r = c
+            .ingest_batch(pb::IngestBatchRequest { events })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert!(
+            r.iter()
+                .all(|r| r.status == pb::EventStatus::Accepted as i32)
+        );
+    }
+    let forwarder = s.ingest.forwarder();
+    let mut pages = Vec::new();
+    loop {
+        let n = forwarder.run_once().await.unwrap();
+        if n == 0 {
+            break;
+        }
+        pages.push(n);
+    }
+    assert_eq!(pages, vec![1000, 1000, 300]);
+    let (_, agg) = s.aggregates("c-backlog").await;
+    assert_eq!(agg.engagement.get("page_viewed"), Some(&2300));
+    let store = s.ingest.store();
+    assert_eq!(
+        store.feed_position(AGGREGATES_FEED).await.unwrap(),
+        store.log_end().await.unwrap()
+    );
+}
 
 /// Restoring ingest's schema alone to an older point sets its sequence back below the position
 /// ProfileService holds for the log. The restarted service moves the sequence past it before

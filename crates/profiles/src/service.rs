@@ -696,7 +696,7 @@ impl ProfileService for ProfileServiceImpl {
             None => self.store.apply_aggregates(&deltas, now_micros()).await?,
         };
         let store_ms = started.elapsed().as_secs_f64() * 1e3;
-        // Up to 500 profiles per call: one script call on Redis.
+        // Up to MAX_DELTAS profiles per call, invalidated a few hundred per Redis script call.
         self.cache.invalidate_many(&out.touched).await;
         if !out.touched.is_empty() {
             // The fold writes UPDATED rows only: streams for other kinds sleep on.
