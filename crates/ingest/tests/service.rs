@@ -43,21 +43,11 @@ fn the_default_forward_page_is_profile_services_limit() {
 async fn a_backlog_of_several_full_pages_is_counted_once(e: Engine) {
     use clientele_ingest::store::AGGREGATES_FEED;
     let s = serve(e).await;
-    let mut c = s.client();
     for b in 0..5 {
         let events = (0..460)
             .map(|i| page_view(&format!("bk-{b}-{i}"), "c-backlog", "https://shop/x"))
             .collect();
-        let r = c
-            .ingest_batch(pb::IngestBatchRequest { events })
-            .await
-            .unwrap()
-            .into_inner()
-            .results;
-        assert!(
-            r.iter()
-                .all(|r| r.status == pb::EventStatus::Accepted as i32)
-        );
+        s.ingest_accepted(events).await;
     }
     let forwarder = s.ingest.forwarder();
     let mut pages = Vec::new();
@@ -804,7 +794,6 @@ async fn a_delta_profiles_refuses_is_parked_and_the_rest_delivered(e: Engine) {
 async fn the_log_is_delivered_by_position_and_a_redelivered_page_counts_once(e: Engine) {
     use clientele_ingest::store::AGGREGATES_FEED;
     let s = serve(e).await;
-    let c = s.client();
     let store = s.ingest.store();
     let feed = store.log_identity().await.unwrap();
     assert!(feed.starts_with("ingest-log:"), "{feed}");
@@ -815,21 +804,7 @@ async fn the_log_is_delivered_by_position_and_a_redelivered_page_counts_once(e: 
         feed,
         "two logs never share an identity"
     );
-    let ingest = |events: Vec<pb::Event>| {
-        let mut c = c.clone();
-        async move {
-            let r = c
-                .ingest_batch(pb::IngestBatchRequest { events })
-                .await
-                .unwrap()
-                .into_inner()
-                .results;
-            assert!(
-                r.iter()
-                    .all(|r| r.status == pb::EventStatus::Accepted as i32)
-            );
-        }
-    };
+    let ingest = |events: Vec<pb::Event>| s.ingest_accepted(events);
     ingest(vec![order("p1", "c-pos", "order-p1", 1000)]).await;
     s.drain().await; // the feed's first call
     let before = store.log_end().await.unwrap();

@@ -162,6 +162,21 @@ impl Served {
         let (c, i) = self.channel();
         pb::profile_service_client::ProfileServiceClient::with_interceptor(c, i)
     }
+    /// Sends `events` in one IngestBatch and asserts every one was accepted.
+    pub async fn ingest_accepted(&self, events: Vec<pb::Event>) {
+        let r = self
+            .client()
+            .ingest_batch(pb::IngestBatchRequest { events })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert!(
+            r.iter()
+                .all(|r| r.status == pb::EventStatus::Accepted as i32),
+            "{r:?}"
+        );
+    }
     /// Delivers every pending aggregate delta.
     pub async fn drain(&self) {
         self.ingest.forwarder().drain().await.unwrap();
