@@ -743,6 +743,29 @@ mod tests {
 
     const NOW: i64 = 1_750_000_000_000_000;
 
+    #[test]
+    fn every_behaviour_kind_is_counted_in_the_profile_row() {
+        // ProfileService keeps these counters as columns of the profile row; a kind missing
+        // from its list would still count, but as an extra engagement row per profile.
+        for code in 1..=15 {
+            let kind = pb::EventKind::try_from(code).unwrap();
+            if matches!(
+                kind,
+                pb::EventKind::OrderCompleted | pb::EventKind::OrderRefunded
+            ) {
+                continue;
+            }
+            assert!(
+                clientele_profiles::row_engagement::row_counter(kind_name(kind)).is_some(),
+                "{kind:?}"
+            );
+        }
+        assert!(
+            pb::EventKind::try_from(16).is_err(),
+            "a new kind: list it here and there"
+        );
+    }
+
     fn limits() -> Limits {
         Limits {
             now: NOW,

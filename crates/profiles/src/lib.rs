@@ -6,11 +6,13 @@
 //! - [`store`]: the [`store::ProfileStore`] trait and its SQL implementation for PostgreSQL and
 //!   SQLite.
 //! - [`service`]: the tonic service, request validation and the read-through cache.
+//! - [`row_engagement`]: which engagement counters live in the profile row (pure).
 //! - [`change_signal`]: wakes `WatchChanges` streams by the kinds of this process's writes.
 
 pub mod change_signal;
 pub mod identifiers;
 pub mod model;
+pub mod row_engagement;
 pub mod service;
 pub mod setup;
 pub mod stitching;

@@ -30,6 +30,7 @@ use crate::model::{
     AggregateDelta, ApplyOutcome, ChangeKind, ChangeRecord, ConsentRecord, EraseOutcome,
     IdentifierRecord, ProfileRecord, ResolveOutcome, SpendRecord, TraitRecord, TraitValue,
 };
+use crate::row_engagement::{self, RowCounters};
 use crate::stitching::{self, KnownIdentifier};
 
 /// Most traits one profile may hold.
@@ -826,10 +827,11 @@ impl SqlProfileStore {
             return Err(StoreError::Erased(requested.to_string()));
         }
         let id = s.id;
-        let row = sqlx::query(
+        let row = sqlx::query(&format!(
             "SELECT created_at, updated_at, version, first_order_at, last_order_at, last_seen_at, \
-             order_count, refund_count FROM profiles WHERE id = $1",
-        )
+             order_count, refund_count, {} FROM profiles WHERE id = $1",
+            row_engagement::column_list()
+        ))
         .bind(&id)
         .fetch_one(&mut *conn)
         .await?;
@@ -897,13 +899,20 @@ impl SqlProfileStore {
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let engagement = sqlx::query("SELECT kind, count FROM engagement WHERE profile_id = $1")
-            .bind(&id)
-            .fetch_all(&mut *conn)
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<BTreeMap<String, i64>, sqlx::Error>>()?;
+        let mut engagement =
+            sqlx::query("SELECT kind, count FROM engagement WHERE profile_id = $1")
+                .bind(&id)
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<BTreeMap<String, i64>, sqlx::Error>>()?;
+        for (i, (kind, _)) in row_engagement::ROW_ENGAGEMENT.iter().enumerate() {
+            let n: i64 = row.try_get(8 + i)?;
+            if n != 0 {
+                *engagement.entry((*kind).to_string()).or_default() += n;
+            }
+        }
         Ok(ProfileRecord {
             id,
             merged_ids,
@@ -1347,6 +1356,7 @@ struct ProfileFold {
     first_order: i64,
     last_order: i64,
     last_seen: i64,
+    engagement: RowCounters,
 }
 
 impl Default for ProfileFold {
@@ -1357,6 +1367,7 @@ impl Default for ProfileFold {
             first_order: i64::MAX,
             last_order: i64::MIN,
             last_seen: i64::MIN,
+            engagement: [0; row_engagement::ROW_ENGAGEMENT.len()],
         }
     }
 }
@@ -1640,9 +1651,9 @@ async fn merge_profiles(
                 .await?;
         }
     }
-    // Counts add up; first order takes the earlier time, last order and last seen the later
-    // (a NULL side yields the other).
-    sqlx::query(
+    // Counts and row engagement counters add up; first order takes the earlier time, last
+    // order and last seen the later (a NULL side yields the other).
+    sqlx::query(&format!(
         "UPDATE profiles SET order_count = profiles.order_count + l.order_count, \
          refund_count = profiles.refund_count + l.refund_count, \
          first_order_at = CASE WHEN l.first_order_at IS NULL THEN profiles.first_order_at \
@@ -1653,19 +1664,20 @@ async fn merge_profiles(
            THEN l.last_order_at ELSE profiles.last_order_at END, \
          last_seen_at = CASE WHEN l.last_seen_at IS NULL THEN profiles.last_seen_at \
            WHEN profiles.last_seen_at IS NULL OR l.last_seen_at > profiles.last_seen_at \
-           THEN l.last_seen_at ELSE profiles.last_seen_at END \
-         FROM (SELECT order_count, refund_count, first_order_at, last_order_at, last_seen_at \
-               FROM profiles WHERE id = $1) AS l \
+           THEN l.last_seen_at ELSE profiles.last_seen_at END, {} \
+         FROM (SELECT * FROM profiles WHERE id = $1) AS l \
          WHERE profiles.id = $2",
-    )
+        row_engagement::set_list(|c| format!("profiles.{c} + l.{c}"))
+    ))
     .bind(loser)
     .bind(survivor)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    sqlx::query(&format!(
         "UPDATE profiles SET merged_into = $1, updated_at = $2, version = version + 1, \
-         order_count = 0, refund_count = 0 WHERE id = $3 OR merged_into = $4",
-    )
+         order_count = 0, refund_count = 0, {} WHERE id = $3 OR merged_into = $4",
+        row_engagement::set_list(|_| "0".to_string())
+    ))
     .bind(survivor)
     .bind(now)
     .bind(loser)
@@ -1795,7 +1807,8 @@ impl SqlProfileStore {
                     out.unknown_profiles += 1;
                     continue;
                 };
-                folds.entry(pid.clone()).or_default().add(d);
+                let fold = folds.entry(pid.clone()).or_default();
+                fold.add(d);
                 for (money, gross) in [(&d.gross, true), (&d.refunded, false)] {
                     if let Some((currency, amount)) = money {
                         let e = spend.entry((pid.clone(), currency.clone())).or_default();
@@ -1807,29 +1820,34 @@ impl SqlProfileStore {
                     }
                 }
                 for (kind, n) in &d.engagement {
-                    *engagement.entry((pid.clone(), kind.clone())).or_default() += *n;
+                    match row_engagement::row_counter(kind) {
+                        Some(i) => fold.engagement[i] += *n,
+                        None => *engagement.entry((pid.clone(), kind.clone())).or_default() += *n,
+                    }
                 }
                 out.applied += 1;
             }
             let folds: Vec<(String, ProfileFold)> = folds.into_iter().collect();
             let mut versions: BTreeMap<String, i64> = BTreeMap::new();
             for chunk in folds.chunks(APPLY_CHUNK) {
-                let rows = numbered_rows(
-                    chunk.len(),
-                    "(?, CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT))",
-                );
+                // Per profile: id, five order columns, then the row engagement counters.
+                let params = 6 + row_engagement::ROW_ENGAGEMENT.len();
+                let row = format!("(?{})", ", CAST(? AS BIGINT)".repeat(params - 1));
+                let rows = numbered_rows(chunk.len(), &row);
                 let sql = format!(
-                    "WITH v (id, o, r, fo, lo, ls) AS (VALUES {}) \
+                    "WITH v (id, o, r, fo, lo, ls, {cols}) AS (VALUES {}) \
                      UPDATE profiles SET order_count = order_count + v.o, refund_count = refund_count + v.r, \
                      first_order_at = CASE WHEN v.fo < COALESCE(first_order_at, {max}) THEN v.fo ELSE first_order_at END, \
                      last_order_at = CASE WHEN v.lo > COALESCE(last_order_at, {min}) THEN v.lo ELSE last_order_at END, \
                      last_seen_at = CASE WHEN v.ls > COALESCE(last_seen_at, {min}) THEN v.ls ELSE last_seen_at END, \
-                     version = version + 1, updated_at = ${now} \
+                     {counters}, version = version + 1, updated_at = ${now} \
                      FROM v WHERE profiles.id = v.id RETURNING profiles.id, profiles.version",
                     rows.join(", "),
+                    cols = row_engagement::column_list(),
+                    counters = row_engagement::set_list(|c| format!("profiles.{c} + v.{c}")),
                     max = i64::MAX,
                     min = i64::MIN + 1,
-                    now = chunk.len() * 6 + 1,
+                    now = chunk.len() * params + 1,
                 );
                 let mut q = sqlx::query(&sql);
                 for (pid, f) in chunk {
@@ -1840,6 +1858,9 @@ impl SqlProfileStore {
                         .bind(f.first_order)
                         .bind(f.last_order)
                         .bind(f.last_seen);
+                    for n in f.engagement {
+                        q = q.bind(n);
+                    }
                 }
                 q = q.bind(now);
                 for r in q.fetch_all(&mut *conn).await? {
@@ -2220,11 +2241,12 @@ impl ProfileStore for SqlProfileStore {
                 .bind(&pid)
                 .execute(&mut *conn)
                 .await?;
-            sqlx::query(
+            sqlx::query(&format!(
                 "UPDATE profiles SET erased_at = $1, updated_at = $2, version = version + 1, \
                  first_order_at = NULL, last_order_at = NULL, last_seen_at = NULL, \
-                 order_count = 0, refund_count = 0 WHERE id = $3 OR merged_into = $4",
-            )
+                 order_count = 0, refund_count = 0, {} WHERE id = $3 OR merged_into = $4",
+                row_engagement::set_list(|_| "0".to_string())
+            ))
             .bind(now)
             .bind(now)
             .bind(&pid)

@@ -6,6 +6,7 @@ mod support;
 
 use clientele_profiles::ProfileStore;
 use clientele_profiles::model::{AggregateDelta, ConsentRecord, TraitValue};
+use clientele_profiles::row_engagement::ROW_ENGAGEMENT;
 use clientele_profiles::store::StoreError;
 use support::{Engine, fixture};
 
@@ -1019,6 +1020,77 @@ async fn unpositioned_deltas_still_use_their_keys(e: Engine) {
     assert_eq!(f.store.get(pid).await.unwrap().order_count, 5);
 }
 
+/// One delta per profile carrying every row counter (the `i`-th kind counted `(i + 1) * scale`)
+/// and one name outside the row (`loyalty.quiz_done`, counted `scale`).
+fn every_counter(key: &str, profile: &str, scale: i64) -> AggregateDelta {
+    let mut engagement: Vec<(String, i64)> = ROW_ENGAGEMENT
+        .iter()
+        .zip(1..)
+        .map(|((kind, _), i)| ((*kind).to_string(), i * scale))
+        .collect();
+    engagement.push(("loyalty.quiz_done".into(), scale));
+    AggregateDelta {
+        key: key.into(),
+        profile_id: profile.into(),
+        occurred_at: T0,
+        engagement,
+        ..AggregateDelta::default()
+    }
+}
+
+fn counters_times(scale: i64) -> std::collections::BTreeMap<String, i64> {
+    every_counter("", "", scale)
+        .engagement
+        .into_iter()
+        .collect()
+}
+
+async fn every_engagement_counter_adds_up_across_a_merge(e: Engine) {
+    let f = fixture(e, 5).await;
+    let a = f.store.resolve(&[f.customer("ea")], T0).await.unwrap();
+    let b = f
+        .store
+        .resolve(&[f.email("eb@x.io")], T0 + 1)
+        .await
+        .unwrap();
+    // keyed deltas and a feed page: the two ways ApplyAggregates folds
+    f.store
+        .apply_aggregates(&[every_counter("ka", &a.profile_id, 1)], T0)
+        .await
+        .unwrap();
+    let mut positioned = every_counter("kb", &b.profile_id, 10);
+    positioned.position = 1;
+    f.store
+        .apply_feed_aggregates("log-e", &[positioned], T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.get(&a.profile_id).await.unwrap().engagement,
+        counters_times(1)
+    );
+    assert_eq!(
+        f.store.get(&b.profile_id).await.unwrap().engagement,
+        counters_times(10)
+    );
+
+    let merged = f
+        .store
+        .resolve(&[f.customer("ea"), f.email("eb@x.io")], T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(merged.merged, vec![b.profile_id.clone()]);
+    let p = f.store.get(&a.profile_id).await.unwrap();
+    assert_eq!(p.engagement, counters_times(11));
+    // counted after the merge, through the loser's id: lands on the survivor once
+    f.store
+        .apply_aggregates(&[every_counter("kc", &b.profile_id, 100)], T0 + 3)
+        .await
+        .unwrap();
+    let p = f.store.get(&b.profile_id).await.unwrap();
+    assert_eq!(p.id, a.profile_id);
+    assert_eq!(p.engagement, counters_times(111));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -1057,4 +1129,5 @@ conformance!(
     concurrent_overlapping_pages_count_each_delta_once,
     feeds_keep_separate_positions,
     unpositioned_deltas_still_use_their_keys,
+    every_engagement_counter_adds_up_across_a_merge,
 );
