@@ -907,6 +907,7 @@ impl SqlProfileStore {
                 .iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
                 .collect::<Result<BTreeMap<String, i64>, sqlx::Error>>()?;
+        // The row counters follow the eight columns read above, in ROW_ENGAGEMENT order.
         for (i, (kind, _)) in row_engagement::ROW_ENGAGEMENT.iter().enumerate() {
             let n: i64 = row.try_get(8 + i)?;
             if n != 0 {
