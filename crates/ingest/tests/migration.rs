@@ -11,22 +11,9 @@ use clientele_proto::v1 as pb;
 use clientele_runtime::db::{self, DatabaseTarget};
 use clientele_runtime::{Settings, testing};
 use prost::Message;
-use sqlx::migrate::Migrator;
 
 const T0: i64 = 1_700_000_000_000_000;
 const PID: &str = "00000000-0000-0000-0000-000000000001";
-
-fn through_0002(m: &Migrator) -> Migrator {
-    let mut old = Migrator::DEFAULT;
-    old.migrations = m
-        .migrations
-        .iter()
-        .filter(|m| m.version <= 2)
-        .cloned()
-        .collect::<Vec<_>>()
-        .into();
-    old
-}
 
 fn view(id: &str, hash: u8) -> NewEvent {
     NewEvent {
@@ -52,8 +39,8 @@ async fn old_data_moves_over(target: DatabaseTarget) {
     let old = db::open(
         &target,
         2,
-        &through_0002(&POSTGRES_MIGRATIONS),
-        &through_0002(&SQLITE_MIGRATIONS),
+        &testing::migrations_through(&POSTGRES_MIGRATIONS, 2),
+        &testing::migrations_through(&SQLITE_MIGRATIONS, 2),
         "ingest",
     )
     .await

@@ -11,29 +11,16 @@ use clientele_profiles::{POSTGRES_MIGRATIONS, ProfileStore, SQLITE_MIGRATIONS, S
 use clientele_runtime::db::{self, DatabaseTarget};
 use clientele_runtime::testing;
 use sqlx::Row;
-use sqlx::migrate::Migrator;
 
 const T0: i64 = 1_700_000_000_000_000;
 const PID: &str = "00000000-0000-0000-0000-00000000000a";
-
-fn through_0003(m: &Migrator) -> Migrator {
-    let mut old = Migrator::DEFAULT;
-    old.migrations = m
-        .migrations
-        .iter()
-        .filter(|m| m.version <= 3)
-        .cloned()
-        .collect::<Vec<_>>()
-        .into();
-    old
-}
 
 async fn counters_move_into_the_profile_row(target: DatabaseTarget) {
     let old = db::open(
         &target,
         2,
-        &through_0003(&POSTGRES_MIGRATIONS),
-        &through_0003(&SQLITE_MIGRATIONS),
+        &testing::migrations_through(&POSTGRES_MIGRATIONS, 3),
+        &testing::migrations_through(&SQLITE_MIGRATIONS, 3),
         "profiles",
     )
     .await

@@ -36,3 +36,21 @@ pub fn unique_schema(service: &str) -> String {
 pub fn unique_prefix() -> String {
     format!("test:{}:", unique())
 }
+
+/// The migrations of `migrator` up to and including `version`: opens a store as an older
+/// release left it, so a test can write old-shaped data and check what a later migration makes
+/// of it.
+pub fn migrations_through(
+    migrator: &sqlx::migrate::Migrator,
+    version: i64,
+) -> sqlx::migrate::Migrator {
+    let mut old = sqlx::migrate::Migrator::DEFAULT;
+    old.migrations = migrator
+        .migrations
+        .iter()
+        .filter(|m| m.version <= version)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    old
+}
