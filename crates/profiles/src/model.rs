@@ -92,7 +92,8 @@ pub struct ProfileRecord {
     pub refund_count: i64,
     /// Spend per currency, sorted by currency.
     pub spend: Vec<SpendRecord>,
-    /// Engagement counters by event kind.
+    /// Engagement counters by event kind: the profile row's built-in counters that are not
+    /// zero plus the `engagement` table's rows (see [`crate::row_engagement`]).
     pub engagement: BTreeMap<String, i64>,
     /// Created, µs.
     pub created_at: i64,

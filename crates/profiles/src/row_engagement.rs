@@ -8,7 +8,10 @@
 //! it when it is not zero, as a table counter appears once it has been incremented.
 //!
 //! The list must match the columns of migration 0004 and the kind lists in its PostgreSQL
-//! functions (`prof_fold_deltas`, `prof_merge`); a test reads the schema to check.
+//! functions (`prof_fold_deltas`, `prof_merge`). The store conformance test
+//! `every_engagement_counter_adds_up_across_a_merge` counts every listed kind and one other
+//! name on each engine, so a kind missing from a function's list shows as a lost or doubled
+//! count.
 
 /// (engagement name, column in `profiles`) of every counter kept in the profile row.
 pub const ROW_ENGAGEMENT: [(&str, &str); 13] = [
